@@ -1,0 +1,244 @@
+"""The content-addressed artifact store.
+
+Layout under the cache root:
+  objects/<key>/        a published artifact; it exists only if manifest.json is valid
+  units/<key>/<unit>/   finished work units of a node not yet published (resume point)
+  tmp/                  staging dirs; renamed into place, so readers never see partial files
+  locks/<key>.lock      one builder per key across processes and nodes
+  used/<key>            mtime = last use, for least-recently-used eviction
+  pins/<name>.json      roots gc keeps (exports, user pins)
+  statcache.json        (path, size, mtime, inode) -> sha256 of source files, so plans don't rehash
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from filelock import FileLock
+
+from loadgraph.errors import InputError
+
+MANIFEST = "manifest.json"
+UNIT_RECORD = "unit.json"
+MANIFEST_FORMAT = "loadgraph-artifact/1"
+
+
+def default_cache_root() -> Path:
+    return Path(os.environ.get("LOADGRAPH_CACHE") or Path.home() / ".cache" / "loadgraph")
+
+
+def write_json_atomic(path: Path, doc: object) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(doc, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """A published cache entry: a checkpoint directory plus its manifest."""
+
+    key: str
+    path: Path
+    manifest: dict
+
+    @property
+    def tensors(self) -> dict[str, dict]:
+        return self.manifest.get("tensors", {})
+
+    @property
+    def files(self) -> dict[str, dict]:
+        return self.manifest.get("files", {})
+
+
+class Cache:
+    def __init__(self, root: str | os.PathLike | None = None):
+        self.root = Path(root) if root else default_cache_root()
+        self.root = self.root.expanduser().absolute()
+        for sub in ("objects", "units", "tmp", "locks", "used", "pins"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+
+    # -- published artifacts -------------------------------------------------
+    def object_dir(self, key: str) -> Path:
+        return self.root / "objects" / key
+
+    def get(self, key: str) -> Artifact | None:
+        """The artifact under `key`, or None if absent or visibly damaged (missing/resized file)."""
+        path = self.object_dir(key)
+        try:
+            manifest = json.loads((path / MANIFEST).read_text())
+        except (OSError, ValueError):
+            return None
+        if manifest.get("key") != key or manifest.get("format") != MANIFEST_FORMAT:
+            return None
+        for rel, meta in manifest.get("files", {}).items():
+            try:
+                if (path / rel).stat().st_size != meta["size"]:
+                    return None
+            except OSError:
+                return None
+        return Artifact(key, path, manifest)
+
+    def touch(self, key: str) -> None:
+        marker = self.root / "used" / key
+        marker.touch()
+        os.utime(marker)
+
+    def new_tmp_dir(self, label: str) -> Path:
+        path = self.root / "tmp" / f"{label}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        path.mkdir(parents=True)
+        return path
+
+    def publish(self, key: str, staged: Path, manifest: dict) -> Artifact:
+        """Write the manifest last, then rename the staged dir into place atomically."""
+        manifest = {**manifest, "key": key, "format": MANIFEST_FORMAT}
+        write_json_atomic(staged / MANIFEST, manifest)
+        for p in staged.rglob("*"):
+            if p.is_file():
+                p.chmod(0o444)  # published artifacts are immutable; hardlinked exports share them
+        dest = self.object_dir(key)
+        if dest.exists():
+            # A stale or damaged entry (get() returned None): move it aside before replacing it.
+            trash = self.root / "tmp" / f"stale-{key[:16]}-{uuid.uuid4().hex[:8]}"
+            os.rename(dest, trash)
+            shutil.rmtree(trash, ignore_errors=True)
+        os.rename(staged, dest)
+        self.touch(key)
+        return Artifact(key, dest, manifest)
+
+    # -- work units ----------------------------------------------------------
+    def unit_dir(self, key: str, unit_id: str) -> Path:
+        return self.root / "units" / key / unit_id
+
+    def unit_result(self, key: str, unit_id: str) -> dict | None:
+        record = self.unit_dir(key, unit_id) / UNIT_RECORD
+        try:
+            result = json.loads(record.read_text())
+        except (OSError, ValueError):
+            return None
+        for rel, meta in result.get("files", {}).items():
+            try:
+                if (record.parent / rel).stat().st_size != meta["size"]:
+                    return None
+            except OSError:
+                return None
+        return result
+
+    def publish_unit(self, key: str, unit_id: str, staged: Path, result: dict) -> None:
+        write_json_atomic(staged / UNIT_RECORD, result)
+        dest = self.unit_dir(key, unit_id)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.rename(staged, dest)
+
+    def drop_units(self, key: str) -> None:
+        shutil.rmtree(self.root / "units" / key, ignore_errors=True)
+
+    # -- locking -------------------------------------------------------------
+    @contextmanager
+    def lock(self, key: str, timeout: float = -1) -> Iterator[None]:
+        with FileLock(str(self.root / "locks" / f"{key}.lock"), timeout=timeout):
+            yield
+
+    # -- listing, verification, eviction --------------------------------------
+    def entries(self) -> list[dict]:
+        out = []
+        for path in sorted((self.root / "objects").iterdir()):
+            art = self.get(path.name)
+            used = self.root / "used" / path.name
+            out.append(
+                {
+                    "key": path.name,
+                    "valid": art is not None,
+                    "stage": art.manifest.get("stage") if art else None,
+                    "size": dir_size(path),
+                    "last_used": used.stat().st_mtime if used.exists() else path.stat().st_mtime,
+                    "pinned": path.name in self.pinned_keys(),
+                }
+            )
+        return out
+
+    def pin(self, name: str, key: str, **info: str) -> None:
+        write_json_atomic(self.root / "pins" / f"{name}.json", {"key": key, **info})
+
+    def pinned_keys(self) -> set[str]:
+        keys = set()
+        for pin in (self.root / "pins").glob("*.json"):
+            try:
+                keys.add(json.loads(pin.read_text())["key"])
+            except (OSError, ValueError, KeyError):
+                continue
+        return keys
+
+    def verify(self, key: str) -> list[str]:
+        """Re-hash every file of an entry; returns the problems found (empty = intact)."""
+        from loadgraph.formats.safetensors import sha256_file
+
+        path = self.object_dir(key)
+        try:
+            manifest = json.loads((path / MANIFEST).read_text())
+        except (OSError, ValueError):
+            return [f"{key[:12]}: manifest missing or unreadable"]
+        problems = []
+        for rel, meta in manifest.get("files", {}).items():
+            f = path / rel
+            if not f.exists():
+                problems.append(f"{key[:12]}/{rel}: missing")
+            elif f.stat().st_size != meta["size"]:
+                problems.append(f"{key[:12]}/{rel}: size {f.stat().st_size} != {meta['size']}")
+            elif sha256_file(f) != meta["sha256"]:
+                problems.append(f"{key[:12]}/{rel}: sha256 mismatch")
+        return problems
+
+    def evict(self, key: str) -> None:
+        path = self.object_dir(key)
+        trash = self.root / "tmp" / f"evict-{key[:16]}-{uuid.uuid4().hex[:8]}"
+        os.rename(path, trash)  # atomic: readers see it present or absent, never half-deleted
+        shutil.rmtree(trash, ignore_errors=True)
+        (self.root / "used" / key).unlink(missing_ok=True)
+
+    def gc(self, budget_bytes: int, *, min_tmp_age_s: float = 3600.0) -> dict:
+        """Drop leftovers, invalid entries, then unpinned entries LRU-first until under budget."""
+        removed_tmp = 0
+        now = time.time()
+        for leftover in (self.root / "tmp").iterdir():
+            if now - leftover.stat().st_mtime >= min_tmp_age_s:
+                shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink(missing_ok=True)
+                removed_tmp += 1
+        entries = self.entries()
+        evicted = []
+        for e in entries:
+            if not e["valid"]:
+                self.evict(e["key"])
+                evicted.append(e["key"])
+        live = [e for e in entries if e["valid"]]
+        total = sum(e["size"] for e in live)
+        for e in sorted((e for e in live if not e["pinned"]), key=lambda e: e["last_used"]):
+            if total <= budget_bytes:
+                break
+            self.evict(e["key"])
+            evicted.append(e["key"])
+            total -= e["size"]
+        return {"evicted": evicted, "removed_tmp": removed_tmp, "size_after": total}
+
+
+def dir_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def check_cache_outside(cache: Cache, dest: Path, field: str) -> None:
+    """A cache inside an export destination (or vice versa) would be overwritten by a publish."""
+    c, d = cache.root.resolve(), dest.expanduser().absolute().resolve()
+    if c == d or d in c.parents or c in d.parents:
+        raise InputError(f"{field}: {d} overlaps the cache at {c}; export somewhere outside the cache")

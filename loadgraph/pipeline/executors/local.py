@@ -1,0 +1,18 @@
+"""In-process executor: units run one after another in this process (tests, debugging, tiny models)."""
+
+from __future__ import annotations
+
+from loadgraph.pipeline.executors.base import OnResult
+from loadgraph.pipeline.stage import Unit
+from loadgraph.pipeline.units import execute_unit, unit_dict
+
+
+class LocalExecutor:
+    name = "local"
+
+    def run_units(self, cache_root: str, desc: dict, units: list[Unit], on_result: OnResult) -> None:
+        for unit in units:
+            on_result(unit, execute_unit(cache_root, desc, unit_dict(unit)))
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,203 @@
+"""Runs a compiled graph: cached nodes are skipped, the rest run unit by unit through an executor.
+
+A node is built under its key's lock (two builders compute it once), from its finished
+units (a killed build resumes), and published atomically with its manifest last.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Protocol
+
+from loadgraph.formats.safetensors import sha256_file
+from loadgraph.pipeline.cache import UNIT_RECORD, Artifact, Cache
+from loadgraph.pipeline.executors.base import Executor
+from loadgraph.pipeline.graph import Graph, Node
+from loadgraph.pipeline.publish import check_destination, publish_export
+from loadgraph.pipeline.stage import Unit, get_stage, stage_version
+from loadgraph.pipeline.units import node_context
+
+
+@dataclass
+class NodeReport:
+    key: str
+    stage: str
+    labels: list[str]
+    status: str  # cached | built
+    units_total: int = 0
+    units_reused: int = 0
+    seconds: float = 0.0
+    bytes: int = 0
+
+
+@dataclass
+class BuildReport:
+    ok: bool = True
+    executor: str = ""
+    seconds: float = 0.0
+    nodes: list[NodeReport] = field(default_factory=list)
+    targets: list[dict] = field(default_factory=list)
+    error: str | None = None
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+class Reporter(Protocol):
+    def node_started(self, node: Node, units: list[Unit], done: int) -> None: ...
+    def unit_finished(self, node: Node, unit: Unit, result: dict) -> None: ...
+    def node_finished(self, node: Node, report: NodeReport) -> None: ...
+
+
+class NullReporter:
+    def node_started(self, node: Node, units: list[Unit], done: int) -> None: ...
+    def unit_finished(self, node: Node, unit: Unit, result: dict) -> None: ...
+    def node_finished(self, node: Node, report: NodeReport) -> None: ...
+
+
+def node_status(graph: Graph, node: Node, cache: Cache) -> tuple[str, int, int | None]:
+    """(cached | partial | to build, finished units, total units if knowable without building)."""
+    if cache.get(node.key) is not None:
+        return "cached", 0, 0
+    unit_root = cache.root / "units" / node.key
+    done = sum(1 for p in unit_root.glob(f"*/{UNIT_RECORD}")) if unit_root.exists() else 0
+    if all(cache.get(k) is not None for k in node.inputs.values()):
+        total = len(get_stage(node.stage).units(node_context(cache, node.describe())))
+        return ("partial" if done else "to build"), done, total
+    return ("partial" if done else "to build"), done, None
+
+
+def preflight(graph: Graph, cache: Cache, overwrite: bool) -> None:
+    for target in graph.targets:
+        if target.export_path:
+            check_destination(target.export_path, cache, overwrite)
+
+
+def build(graph: Graph, cache: Cache, executor_factory, reporter: Reporter | None = None, overwrite: bool = False) -> BuildReport:
+    """Build every target. `executor_factory` is called only if some node needs building,
+    so a fully cached build never starts Ray."""
+    reporter = reporter or NullReporter()
+    report = BuildReport()
+    start = time.perf_counter()
+    preflight(graph, cache, overwrite)
+    executor: Executor | None = None
+    try:
+        for node in graph.nodes.values():
+            art = cache.get(node.key)
+            if art is not None:
+                cache.touch(node.key)
+                nr = NodeReport(node.key, node.stage, node.labels, "cached")
+                reporter.node_finished(node, nr)
+            else:
+                if executor is None:
+                    executor = executor_factory()
+                    report.executor = executor.name
+                nr = _build_node(node, cache, executor, reporter)
+            report.nodes.append(nr)
+        for target in graph.targets:
+            entry: dict = {"name": target.name, "key": target.final, "path": str(cache.object_dir(target.final))}
+            if target.export_path:
+                entry["export"] = target.export_path
+                entry["export_status"] = publish_export(cache.get(target.final), target.export_path, cache)
+            report.targets.append(entry)
+    finally:
+        if executor is not None:
+            executor.close()
+        report.seconds = time.perf_counter() - start
+    return report
+
+
+def _build_node(node: Node, cache: Cache, executor: Executor, reporter: Reporter) -> NodeReport:
+    t0 = time.perf_counter()
+    with cache.lock(node.key):
+        art = cache.get(node.key)
+        if art is not None:  # another builder finished it while we waited for the lock
+            return NodeReport(node.key, node.stage, node.labels, "cached")
+        stage = get_stage(node.stage)
+        ctx = node_context(cache, node.describe())
+        units = stage.units(ctx)
+        results: dict[str, dict] = {}
+        for unit in units:
+            done = cache.unit_result(node.key, unit.id)
+            if done is not None:
+                results[unit.id] = {**done, "reused": True}
+        reporter.node_started(node, units, len(results))
+        todo = [u for u in units if u.id not in results]
+
+        def on_result(unit: Unit, result: dict) -> None:
+            results[unit.id] = result
+            reporter.unit_finished(node, unit, result)
+
+        if todo:
+            executor.run_units(str(cache.root), node.describe(), todo, on_result)
+        art = _assemble(node, stage, ctx, units, results, cache)
+        cache.drop_units(node.key)
+    nr = NodeReport(
+        node.key,
+        node.stage,
+        node.labels,
+        "built",
+        units_total=len(units),
+        units_reused=sum(1 for r in results.values() if r.get("reused")),
+        seconds=time.perf_counter() - t0,
+        bytes=sum(r.get("bytes", 0) for r in results.values()),
+    )
+    reporter.node_finished(node, nr)
+    return nr
+
+
+def _assemble(node: Node, stage, ctx, units: list[Unit], results: dict[str, dict], cache: Cache) -> Artifact:
+    """Link unit files into a staged artifact, let the stage finish it, write the manifest, publish."""
+    staged = cache.new_tmp_dir(f"node-{node.short}")
+    try:
+        known: dict[str, tuple[int, dict]] = {}  # relpath -> (inode of the unit's file, its record)
+        for unit in units:
+            unit_dir = cache.unit_dir(node.key, unit.id)
+            for rel, meta in results[unit.id].get("files", {}).items():
+                (staged / rel).parent.mkdir(parents=True, exist_ok=True)
+                os.link(unit_dir / rel, staged / rel)
+                known[rel] = ((staged / rel).stat().st_ino, meta)
+        extras = stage.finalize(ctx, results, staged)
+        for rel, meta in extras.pop("files", {}).items():
+            known[rel] = ((staged / rel).stat().st_ino, meta)
+        files = {}
+        for p in sorted(staged.rglob("*")):
+            if not p.is_file():
+                continue
+            rel = str(p.relative_to(staged))
+            hit = known.get(rel)
+            # A file the stage did not replace keeps the digest computed while it was written.
+            files[rel] = hit[1] if hit and hit[0] == p.stat().st_ino else {"size": p.stat().st_size, "sha256": sha256_file(p)}
+        tensors = {n: t for r in results.values() for n, t in r.get("tensors", {}).items()}
+        manifest = {
+            "stage": node.stage,
+            "stage_version": stage_version(node.stage),
+            "params": node.params,
+            "inputs": node.inputs,
+            "files": files,
+            "tensors": tensors,
+            "tool_versions": tool_versions(),
+            "provenance": {"host": platform.node(), "pid": os.getpid(), "created": time.time(), **extras.pop("provenance", {})},
+            **extras,
+        }
+        return cache.publish(node.key, staged, manifest)
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
+
+
+def tool_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in ("loadgraph", "torch", "transformers", "safetensors", "peft", "bitsandbytes", "ray"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            continue
+    return out
+

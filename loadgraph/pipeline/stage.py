@@ -1,0 +1,96 @@
+"""The stage contract shared by every stage and every executor.
+
+A stage is a pure function of (input artifacts, params) that writes one output artifact. It
+splits its work into units (usually one per output shard); each unit reads only what it
+needs and writes its own files, so executors can fan units out and the cache can resume a
+killed build at the next unfinished unit. Stages know tensors, never Ray.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from loadgraph.pipeline.cache import Artifact, Cache
+
+
+def canonical_json(doc: Any) -> str:
+    return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=True, default=str)
+
+
+def node_key(stage: str, version: int, params: dict, inputs: dict[str, str]) -> str:
+    """sha256 of {stage, version, params, input keys}: the content address of a node's output."""
+    doc = {"stage": stage, "version": version, "params": params, "inputs": inputs}
+    return hashlib.sha256(canonical_json(doc).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One independently cached piece of a stage's work (payload must be JSON-serialisable)."""
+
+    id: str
+    payload: dict = field(default_factory=dict)
+    nbytes: int = 0  # bytes the unit reads: drives progress and the executor's memory estimate
+    gpu: bool = False
+
+
+@dataclass
+class NodeContext:
+    """What a stage sees of its node: params (in the key), runtime (not in the key), inputs."""
+
+    key: str
+    params: dict
+    runtime: dict
+    inputs: dict[str, Artifact]
+    cache: Cache
+
+    def input(self, name: str = "model") -> Artifact:
+        return self.inputs[name]
+
+
+class Stage:
+    """Base class; subclasses set name/version and implement units/run_unit/finalize."""
+
+    name: ClassVar[str]
+    version: ClassVar[int] = 1
+
+    def units(self, ctx: NodeContext) -> list[Unit]:
+        raise NotImplementedError
+
+    def run_unit(self, ctx: NodeContext, unit: Unit, out: Path) -> dict:
+        """Write the unit's files into `out`; return a small JSON result.
+
+        The result's "files" ({relpath: {size, sha256}}) are linked into the artifact;
+        "tensors" ({name: {dtype, shape, file}}) join the manifest's tensor table.
+        """
+        raise NotImplementedError
+
+    def finalize(self, ctx: NodeContext, results: dict[str, dict], out: Path) -> dict:
+        """Write the artifact's remaining files (index, config...) into `out`; return manifest extras."""
+        return {}
+
+
+_STAGE_MODULES = {
+    "fetch": "loadgraph.stages.fetch",
+    "inspect": "loadgraph.stages.inspect",
+    "export": "loadgraph.stages.export",
+    "merge": "loadgraph.stages.adapter",
+    "attach": "loadgraph.stages.adapter",
+    "quantize": "loadgraph.stages.quantize",
+    "verify": "loadgraph.stages.verify",
+}
+
+
+def get_stage(name: str) -> Stage:
+    """Import lazily: planning a cached build must not import torch."""
+    module = importlib.import_module(_STAGE_MODULES[name])
+    return module.STAGES[name]()
+
+
+def stage_version(name: str) -> int:
+    module = importlib.import_module(_STAGE_MODULES[name])
+    return module.STAGES[name].version

@@ -1,0 +1,45 @@
+"""Running one work unit: the same function in-process and inside a Ray task.
+
+It takes only small JSON (the node's description and the unit) and returns only a small
+result; tensor bytes go from the cache to the cache, never through the caller.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import asdict
+
+from loadgraph.pipeline.cache import Cache
+from loadgraph.pipeline.stage import NodeContext, Unit, get_stage
+
+
+def node_context(cache: Cache, desc: dict) -> NodeContext:
+    inputs = {}
+    for name, key in desc["inputs"].items():
+        art = cache.get(key)
+        if art is None:
+            raise RuntimeError(f"input {name} ({key[:12]}) of {desc['stage']} is missing from the cache at {cache.root}")
+        inputs[name] = art
+    return NodeContext(desc["key"], desc["params"], desc["runtime"], inputs, cache)
+
+
+def execute_unit(cache_root: str, desc: dict, unit: dict) -> dict:
+    """Run a unit unless a finished copy exists; publish its files atomically. Idempotent."""
+    cache = Cache(cache_root)
+    done = cache.unit_result(desc["key"], unit["id"])
+    if done is not None:
+        return {**done, "reused": True}
+    stage = get_stage(desc["stage"])
+    ctx = node_context(cache, desc)
+    staged = cache.new_tmp_dir(f"unit-{desc['key'][:12]}-{unit['id']}")
+    try:
+        result = stage.run_unit(ctx, Unit(**unit), staged)
+        cache.publish_unit(desc["key"], unit["id"], staged, result)
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
+    return {**result, "reused": False}
+
+
+def unit_dict(unit: Unit) -> dict:
+    return asdict(unit)

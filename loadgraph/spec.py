@@ -1,0 +1,191 @@
+"""The declarative build spec: pydantic models and YAML loading.
+
+Unknown keys are errors that name the key and suggest the nearest valid one, because a
+mistyped `max_shard_sise` silently ignored would export 5 GB shards nobody asked for.
+Relative paths in a spec file are resolved against the spec file's directory.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from loadgraph.errors import InputError
+
+Dtype = Literal["auto", "bfloat16", "float16", "float32"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Source(_Strict):
+    model: str
+    revision: str | None = None
+    trust_remote_code: bool = False
+    allow_pickle: bool = False
+
+
+class AdapterSpec(_Strict):
+    path: str
+    revision: str | None = None
+    mode: Literal["merge", "attach"] = "merge"
+    scale: float = 1.0
+
+
+class MergeOptions(_Strict):
+    base_roundtrip: Literal["none", "nf4"] = "none"
+
+
+class QuantizeSpec(_Strict):
+    method: str
+    double_quant: bool = False
+    blocksize: int = 64
+    compute_dtype: Dtype | None = None
+    quant_storage: Literal["uint8"] = "uint8"
+    skip_modules: list[str] = Field(default_factory=list)
+    llm_int8_threshold: float = 6.0
+    fp8_block_size: tuple[int, int] = (128, 128)
+
+
+class VerifySpec(_Strict):
+    load: bool = True
+    finite: bool = True
+    logits: bool = True
+    atol: float | None = None
+    rtol: float | None = None
+
+
+class ExportSpec(_Strict):
+    path: str
+    max_shard_size: Union[str, int] = "5GB"
+    copy_tokenizer: bool = True
+
+
+class BuildSpec(_Strict):
+    """One target: a base model, what to do to it, where to put it."""
+
+    name: str = "default"
+    source: Source
+    dtype: Dtype = "auto"
+    adapters: list[AdapterSpec] = Field(default_factory=list)
+    merge: MergeOptions = MergeOptions()
+    quantize: QuantizeSpec | None = None
+    verify: Union[bool, VerifySpec] = True
+    export: ExportSpec | None = None
+
+    @field_validator("verify")
+    @classmethod
+    def _verify_mapping(cls, v: bool | VerifySpec) -> VerifySpec | None:
+        if v is True:
+            return VerifySpec()
+        return None if v is False else v
+
+
+class BatchSpec(_Strict):
+    targets: list[BuildSpec]
+
+
+def _suggest(bad: str, model: type[BaseModel]) -> str:
+    close = difflib.get_close_matches(bad, list(model.model_fields), n=1, cutoff=0.5)
+    return f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(model.model_fields)}"
+
+
+def _model_at(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
+    """Walk a pydantic error location to the model that owns its last key."""
+    current: Any = model
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = current.model_fields.get(part) if isinstance(current, type) and issubclass(current, BaseModel) else None
+        if field is None:
+            return None
+        ann = field.annotation
+        for cand in getattr(ann, "__args__", ()) + (ann,):
+            inner = getattr(cand, "__args__", (cand,))
+            hit = next((c for c in (cand, *inner) if isinstance(c, type) and issubclass(c, BaseModel)), None)
+            if hit:
+                current = hit
+                break
+        else:
+            return None
+    return current if isinstance(current, type) and issubclass(current, BaseModel) else None
+
+
+_UNION_TAGS = {"bool", "str", "int", "float"}
+
+
+def format_validation_error(exc: ValidationError, origin: str, model: type[BaseModel]) -> str:
+    # An unknown key explains the other errors (a mistyped required key is also "missing"): report it first.
+    err = min(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")
+    # Union members show up in locations as tags ('bool', 'VerifySpec', 'function-after[...]'): drop them.
+    loc = tuple(p for p in err["loc"] if isinstance(p, int) or not (p[:1].isupper() or "[" in p or p in _UNION_TAGS))
+    dotted = ".".join(str(p) for p in loc) or "(top level)"
+    if err["type"] == "extra_forbidden":
+        owner = _model_at(model, loc)
+        hint = _suggest(str(loc[-1]), owner) if owner else ""
+        return f"{origin}: unknown key {dotted!r}{hint}"
+    if err["type"] == "missing":
+        return f"{origin}: missing required key {dotted!r}"
+    return f"{origin}: {dotted}: {err['msg']}"
+
+
+def parse_spec(doc: Any, origin: str, base_dir: Path | None = None) -> list[BuildSpec]:
+    """A loaded YAML document -> the targets it defines (one for a plain spec)."""
+    if not isinstance(doc, dict):
+        raise InputError(f"{origin}: a spec must be a YAML mapping with 'source' (or 'targets')")
+    if "model_name_or_path" in doc:
+        from loadgraph.llamafactory import translate
+
+        doc = translate(doc, origin)
+    model: type[BaseModel] = BatchSpec if "targets" in doc else BuildSpec
+    try:
+        parsed = model.model_validate(doc)
+    except ValidationError as exc:
+        raise InputError(format_validation_error(exc, origin, model)) from None
+    targets = parsed.targets if isinstance(parsed, BatchSpec) else [parsed]
+    names = [t.name for t in targets]
+    if len(set(names)) != len(names):
+        raise InputError(f"{origin}: targets need distinct 'name's (got {names})")
+    return [resolve_paths(t, base_dir) for t in targets] if base_dir else targets
+
+
+def resolve_paths(spec: BuildSpec, base_dir: Path) -> BuildSpec:
+    """Make local paths absolute relative to the spec file, leaving hub repo ids alone."""
+
+    def local(p: str) -> str:
+        path = Path(p).expanduser()
+        if path.is_absolute():
+            return str(path)
+        candidate = base_dir / path
+        looks_local = p.startswith((".", "/", "~")) or candidate.exists()
+        return str(candidate.absolute()) if looks_local else p
+
+    updates: dict[str, Any] = {"source": spec.source.model_copy(update={"model": local(spec.source.model)})}
+    updates["adapters"] = [a.model_copy(update={"path": local(a.path)}) for a in spec.adapters]
+    if spec.export and "://" not in spec.export.path:
+        path = Path(spec.export.path).expanduser()
+        updates["export"] = spec.export.model_copy(update={"path": str(path if path.is_absolute() else (base_dir / path).absolute())})
+    return spec.model_copy(update=updates)
+
+
+def load_spec_file(path: str | Path) -> list[BuildSpec]:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise InputError(f"{path}: spec file not found") from None
+    except (IsADirectoryError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: cannot read spec ({exc.__class__.__name__})") from None
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise InputError(f"{path}:{where}: YAML syntax error: {problem}") from None
+    return parse_spec(doc, str(path), path.parent.absolute())

@@ -1,0 +1,125 @@
+"""export: re-shard into files of at most `max_shard_size`, cast if asked, write the index.
+
+One unit per output shard. Tensors that keep their dtype are copied byte for byte through
+a fixed buffer (no torch, no mmap): peak memory is the buffer, not the model.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from loadgraph.formats.checkpoint import INDEX_NAME, TOKENIZER_FILES
+from loadgraph.formats.safetensors import COPY_CHUNK, DTYPES, FLOAT_DTYPES, TORCH_TO_ST, PlannedTensor, ShardWriter, read_header, read_tensor
+from loadgraph.formats.safetensors import TensorEntry
+from loadgraph.pipeline.stage import NodeContext, Stage, Unit
+
+SHARD_NAME = "model-{i:05d}-of-{n:05d}.safetensors"
+ST_METADATA = {"format": "pt"}  # what transformers writes; loaders check it
+
+
+def out_dtype(src_dtype: str, target: str) -> str:
+    """Only floating tensors follow the requested dtype; integer/quantized data never does."""
+    if target == "auto" or src_dtype not in FLOAT_DTYPES:
+        return src_dtype
+    return TORCH_TO_ST[target]
+
+
+def plan_shards(tensors: dict[str, dict], max_bytes: int, dtype: str) -> list[list[dict]]:
+    """Greedy packing in checkpoint order, as huggingface_hub's splitter does."""
+    shards: list[list[dict]] = [[]]
+    size = 0
+    for name, t in tensors.items():
+        planned = {"name": name, "dtype": out_dtype(t["dtype"], dtype), **{k: t[k] for k in ("shape", "file", "begin", "end")}, "src_dtype": t["dtype"]}
+        nbytes = PlannedTensor(name, planned["dtype"], tuple(t["shape"])).nbytes
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(planned)
+        size += nbytes
+    return shards
+
+
+def write_shard(dest: Path, entries: list[dict], source_root: Path) -> tuple[str, int]:
+    """Write one shard from its planned entries; returns (sha256, bytes read)."""
+    writer = ShardWriter(dest, [PlannedTensor(e["name"], e["dtype"], tuple(e["shape"])) for e in entries], ST_METADATA)
+    by_name = {e["name"]: e for e in entries}
+    buf = bytearray(COPY_CHUNK)
+    handles: dict[str, object] = {}
+    read = 0
+    try:
+        for planned in writer.order:
+            e = by_name[planned.name]
+            src = source_root / e["file"]
+            if e["dtype"] == e["src_dtype"]:
+                fh = handles.get(e["file"]) or handles.setdefault(e["file"], open(src, "rb", buffering=0))
+                writer.copy_bytes(e["name"], fh, e["begin"], e["end"] - e["begin"], buf)
+            else:
+                import torch
+
+                entry = TensorEntry(e["src_dtype"], tuple(e["shape"]), e["begin"], e["end"])
+                tensor = read_tensor(src, entry).to(getattr(torch, DTYPES[e["dtype"]][1]))
+                writer.write_tensor(e["name"], tensor)
+            read += e["end"] - e["begin"]
+        return writer.close(), read
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        for fh in handles.values():
+            fh.close()  # type: ignore[attr-defined]
+
+
+def shard_table(path: Path, rel: str) -> dict[str, dict]:
+    header = read_header(path)
+    return {n: {"dtype": e.dtype, "shape": list(e.shape), "file": rel, "begin": e.begin, "end": e.end} for n, e in header.tensors.items()}
+
+
+class ExportStage(Stage):
+    name = "export"
+    version = 1
+
+    def units(self, ctx: NodeContext) -> list[Unit]:
+        shards = plan_shards(ctx.input().tensors, ctx.params["max_shard_size"], ctx.params["dtype"])
+        n = len(shards)
+        return [
+            Unit(id=f"shard-{i:05d}", payload={"file": SHARD_NAME.format(i=i, n=n), "tensors": entries}, nbytes=sum(e["end"] - e["begin"] for e in entries))
+            for i, entries in enumerate(shards, start=1)
+        ]
+
+    def run_unit(self, ctx: NodeContext, unit: Unit, out: Path) -> dict:
+        rel = unit.payload["file"]
+        digest, read = write_shard(out / rel, unit.payload["tensors"], ctx.input().path)
+        return {"files": {rel: {"size": (out / rel).stat().st_size, "sha256": digest}}, "tensors": shard_table(out / rel, rel), "bytes": read}
+
+    def finalize(self, ctx: NodeContext, results: dict[str, dict], out: Path) -> dict:
+        src = ctx.input()
+        tensors = {n: t for r in results.values() for n, t in r["tensors"].items()}
+        total = sum(t["end"] - t["begin"] for t in tensors.values())
+        index = {"metadata": {"total_size": total}, "weight_map": {n: tensors[n]["file"] for n in sorted(tensors)}}
+        (out / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+        for rel in src.files:
+            if rel.endswith(".safetensors") or rel == INDEX_NAME:
+                continue
+            if rel in TOKENIZER_FILES and not ctx.params["copy_tokenizer"]:
+                continue
+            if rel == "config.json" and ctx.params["dtype"] != "auto":
+                config = json.loads((src.path / rel).read_text())
+                _set_dtype(config, ctx.params["dtype"])
+                (out / rel).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+            else:
+                shutil.copyfile(src.path / rel, out / rel)
+        return {}
+
+
+def _set_dtype(config: dict, dtype: str) -> None:
+    """transformers 5 records `dtype` (older files `torch_dtype`), also in nested sub-configs."""
+    config.pop("torch_dtype", None)
+    config["dtype"] = dtype
+    for value in config.values():
+        if isinstance(value, dict) and ("model_type" in value or "torch_dtype" in value or "dtype" in value):
+            _set_dtype(value, dtype)
+
+
+STAGES = {"export": ExportStage}

@@ -1,0 +1,133 @@
+"""fetch: bring a source checkpoint (local directory or hub repo) into the cache.
+
+The node's key is the digest of the source's content (file sha256s, plus the hub commit),
+so moving or renaming a local checkpoint reuses its cache entry and editing one file
+rebuilds. Pickled weights are converted to safetensors only when the spec allows pickle.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from loadgraph.errors import BuildError, InputError
+from loadgraph.formats.checkpoint import INDEX_NAME, Checkpoint, scan_checkpoint
+from loadgraph.formats.safetensors import copy_and_hash, sha256_file
+from loadgraph.pipeline.cache import Cache
+from loadgraph.pipeline.hashing import hash_files
+from loadgraph.pipeline.stage import NodeContext, Stage, Unit
+from loadgraph.spec import Source
+
+REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+PICKLE_INDEX = "pytorch_model.bin.index.json"
+# Remote code must be pinned: a branch name could point at different code tomorrow.
+COMMIT = re.compile(r"^[0-9a-f]{40}$")
+
+
+def locate(source_model: str, revision: str | None, what: str, allow_patterns: list[str] | None = None) -> tuple[Path, str | None]:
+    """A local directory as is, or a hub repo downloaded (or found offline) at a resolved commit."""
+    path = Path(source_model).expanduser()
+    if path.exists():
+        return path, None
+    if source_model.startswith((".", "/", "~")) or not REPO_ID.match(source_model):
+        raise InputError(f"{what}: {source_model}: no such directory (and not a hub repo id like org/name)")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        local = Path(snapshot_download(source_model, revision=revision, allow_patterns=allow_patterns))
+    except LocalEntryNotFoundError:
+        raise InputError(f"{what}: {source_model}@{revision or 'main'} is not in the local hub cache and HF_HUB_OFFLINE forbids downloading; run `loadgraph prefetch` online first") from None
+    except (HfHubHTTPError, OSError, ValueError) as exc:
+        raise InputError(f"{what}: cannot fetch {source_model}@{revision or 'main'} from the hub: {str(exc).splitlines()[0]}") from None
+    return local, local.name  # snapshot directories are named by the commit they hold
+
+
+def resolve_source(source: Source, cache: Cache, what: str = "source.model") -> tuple[dict, dict]:
+    """Validate a source before any work and return (params for the key, runtime locator)."""
+    if source.trust_remote_code and not (source.revision and COMMIT.match(source.revision)):
+        raise InputError(f"source.trust_remote_code: remote code runs only at a pinned commit; set source.revision to a 40-hex commit sha")
+    root, commit = locate(source.model, source.revision, what)
+    ckpt = scan_checkpoint(root, allow_pickle=source.allow_pickle)
+    files = source_files(ckpt, source.trust_remote_code)
+    digests = hash_files({rel: root / rel for rel in files}, cache.root)
+    params = {"files": digests, "commit": commit, "convert_pickle": bool(ckpt.pickle_files)}
+    return params, {"path": str(root)}
+
+
+def source_files(ckpt: Checkpoint, with_code: bool) -> list[str]:
+    weights = ckpt.weight_files or ckpt.pickle_files
+    extra = [INDEX_NAME] if (ckpt.root / INDEX_NAME).exists() else []
+    if ckpt.pickle_files and (ckpt.root / PICKLE_INDEX).exists():
+        extra.append(PICKLE_INDEX)
+    if with_code:
+        extra += sorted(p.name for p in ckpt.root.glob("*.py"))
+    return sorted(set(weights + ckpt.aux_files + extra))
+
+
+class FetchStage(Stage):
+    name = "fetch"
+    version = 1
+
+    def units(self, ctx: NodeContext) -> list[Unit]:
+        root = Path(ctx.runtime["path"])
+        return [
+            Unit(id=f"file-{i:05d}", payload={"file": rel}, nbytes=(root / rel).stat().st_size)
+            for i, rel in enumerate(sorted(ctx.params["files"]))
+        ]
+
+    def run_unit(self, ctx: NodeContext, unit: Unit, out: Path) -> dict:
+        rel = unit.payload["file"]
+        src = Path(ctx.runtime["path"]) / rel
+        expected = ctx.params["files"][rel]
+        if rel.endswith((".bin", ".pt", ".pth", ".ckpt")):
+            actual = sha256_file(src)
+            _check_unchanged(src, actual, expected)
+            return convert_pickle(src, out)
+        actual = copy_and_hash(src, out / rel)
+        _check_unchanged(src, actual, expected)
+        return {"files": {rel: {"size": (out / rel).stat().st_size, "sha256": actual}}, "bytes": (out / rel).stat().st_size}
+
+    def finalize(self, ctx: NodeContext, results: dict[str, dict], out: Path) -> dict:
+        if PICKLE_INDEX in ctx.params["files"]:
+            # The converted shards replace the .bin ones: rewrite the index to name them.
+            index = json.loads((out / PICKLE_INDEX).read_text())
+            index["weight_map"] = {k: _safetensors_name(v) for k, v in index["weight_map"].items()}
+            (out / PICKLE_INDEX).unlink()
+            (out / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True))
+        return {"source": {"commit": ctx.params["commit"], "origin_path": ctx.runtime["path"]}}
+
+
+def _check_unchanged(src: Path, actual: str, expected: str) -> None:
+    if actual != expected:
+        raise BuildError(f"{src}: changed while the build ran (sha256 {actual[:12]} != planned {expected[:12]}); rerun the build")
+
+
+def _safetensors_name(name: str) -> str:
+    stem = name.rsplit(".", 1)[0]
+    return stem.replace("pytorch_model", "model") + ".safetensors"
+
+
+def convert_pickle(src: Path, out: Path) -> dict:
+    """torch.load(weights_only=True) refuses arbitrary objects: only tensors come out."""
+    import pickle
+
+    import torch
+    from safetensors.torch import save_file
+
+    try:
+        state = torch.load(src, map_location="cpu", weights_only=True, mmap=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:
+        raise InputError(f"{src}: refused by torch.load(weights_only=True): {str(exc).splitlines()[0]}") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise InputError(f"{src}: not a flat state dict of tensors; cannot convert it to safetensors")
+    # safetensors refuses shared storage: give each tensor its own contiguous copy.
+    state = {k: v.contiguous().clone() for k, v in state.items()}
+    dest = out / _safetensors_name(src.name)
+    save_file(state, str(dest), metadata={"format": "pt"})
+    digest = sha256_file(dest)
+    return {"files": {dest.name: {"size": dest.stat().st_size, "sha256": digest}}, "bytes": src.stat().st_size}
+
+
+STAGES = {"fetch": FetchStage}
