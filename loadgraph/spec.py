@@ -75,14 +75,14 @@ class BuildSpec(_Strict):
     adapters: list[AdapterSpec] = Field(default_factory=list)
     merge: MergeOptions = MergeOptions()
     quantize: QuantizeSpec | None = None
-    verify: Union[bool, VerifySpec] = True
+    verify: VerifySpec | None = VerifySpec()  # `verify: true|false` or a mapping of checks
     export: ExportSpec | None = None
 
-    @field_validator("verify")
+    @field_validator("verify", mode="before")
     @classmethod
-    def _verify_mapping(cls, v: bool | VerifySpec) -> VerifySpec | None:
+    def _verify_bool(cls, v: object) -> object:
         if v is True:
-            return VerifySpec()
+            return {}
         return None if v is False else v
 
 

@@ -13,6 +13,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Protocol
 
+from loadgraph import faults
 from loadgraph.formats.safetensors import sha256_file
 from loadgraph.pipeline.cache import UNIT_RECORD, Artifact, Cache
 from loadgraph.pipeline.executors.base import Executor
@@ -131,6 +132,7 @@ def _build_node(node: Node, cache: Cache, executor: Executor, reporter: Reporter
         def on_result(unit: Unit, result: dict) -> None:
             results[unit.id] = result
             reporter.unit_finished(node, unit, result)
+            faults.unit_finished()
 
         if todo:
             executor.run_units(str(cache.root), node.describe(), todo, on_result)
