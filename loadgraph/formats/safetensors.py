@@ -50,6 +50,9 @@ FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
 # safetensors itself refuses headers above 100 MB; so do we, before allocating anything.
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 COPY_CHUNK = 16 * 1024 * 1024
+# Atomic rename already protects against crashes of the process; fsync adds protection
+# against power loss at a large cost on slow disks, so it is opt-in.
+FSYNC = os.environ.get("LOADGRAPH_FSYNC") == "1"
 
 
 @dataclass(frozen=True)
@@ -262,11 +265,12 @@ class ShardWriter:
             left -= got
 
     def close(self) -> str:
-        """Finish the file (fsync'd) and return its sha256."""
+        """Finish the file and return its sha256."""
         if self._next != len(self.order):
             raise RuntimeError(f"{self.path}: {len(self.order) - self._next} tensors never written")
         self._file.flush()
-        os.fsync(self._file.fileno())
+        if FSYNC:
+            os.fsync(self._file.fileno())
         self._file.close()
         return self._sha.hexdigest()
 
@@ -294,5 +298,6 @@ def copy_and_hash(src: str | os.PathLike, dst: str | os.PathLike, chunk: int = C
             h.update(view[:got])
             fo.write(view[:got])
         fo.flush()
-        os.fsync(fo.fileno())
+        if FSYNC:
+            os.fsync(fo.fileno())
     return h.hexdigest()

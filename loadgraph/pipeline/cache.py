@@ -103,9 +103,11 @@ class Cache:
         """Write the manifest last, then rename the staged dir into place atomically."""
         manifest = {**manifest, "key": key, "format": MANIFEST_FORMAT}
         write_json_atomic(staged / MANIFEST, manifest)
-        for p in staged.rglob("*"):
-            if p.is_file():
-                p.chmod(0o444)  # published artifacts are immutable; hardlinked exports share them
+        for rel, meta in manifest.get("files", {}).items():
+            # Published files are read-only (exports hardlink them), except files linked from a
+            # user's source directory, whose permissions are not ours to change.
+            if not meta.get("shared"):
+                (staged / rel).chmod(0o444)
         dest = self.object_dir(key)
         if dest.exists():
             # A stale or damaged entry (get() returned None): move it aside before replacing it.

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from filelock import FileLock
@@ -29,20 +30,33 @@ def hash_files(paths: dict[str, Path], cache_root: Path) -> dict[str, str]:
         except (OSError, ValueError):
             memo = {}
         out: dict[str, str] = {}
-        dirty = False
+        misses: dict[str, tuple[str, list[int]]] = {}
         for rel, path in paths.items():
-            real = str(path.resolve())
-            stat_id = _stat_id(path)
+            real, stat_id = str(path.resolve()), _stat_id(path)
             hit = memo.get(real)
             if hit and hit["stat"] == stat_id:
                 out[rel] = hit["sha256"]
-                continue
-            out[rel] = sha256_file(path)
-            memo[real] = {"stat": stat_id, "sha256": out[rel]}
-            dirty = True
-        if dirty:
+            else:
+                misses[rel] = (real, stat_id)
+        # hashlib releases the GIL on large buffers: one thread per core hashes in parallel.
+        with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+            digests = dict(zip(misses, pool.map(lambda rel: sha256_file(paths[rel]), misses)))
+        for rel, (real, stat_id) in misses.items():
+            out[rel] = digests[rel]
+            memo[real] = {"stat": stat_id, "sha256": digests[rel]}
+        if misses:
             tmp = store.with_suffix(f".{os.getpid()}.tmp")
             tmp.write_text(json.dumps(memo))
             os.replace(tmp, store)
     return out
 
+
+
+def stat_matches(path: Path, sha256: str, cache_root: Path) -> bool:
+    """True if `path` is provably the file that hashed to `sha256` (stat unchanged since)."""
+    try:
+        memo = json.loads((cache_root / "statcache.json").read_text())
+    except (OSError, ValueError):
+        return False
+    hit = memo.get(str(path.resolve()))
+    return bool(hit) and hit["sha256"] == sha256 and hit["stat"] == _stat_id(path)

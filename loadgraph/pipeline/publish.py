@@ -66,7 +66,11 @@ def _publish_local(art: Artifact, dest: Path) -> str:
             if str(rel) == MANIFEST:
                 continue
             (staged / rel).parent.mkdir(parents=True, exist_ok=True)
+            # Shards are hardlinked (free, read-only); small files are copied so that editing an
+            # exported config.json cannot alter the cache entry it came from.
             try:
+                if rel.suffix != ".safetensors":
+                    raise OSError
                 os.link(art.path / rel, staged / rel)
             except OSError:
                 shutil.copyfile(art.path / rel, staged / rel)

@@ -15,8 +15,9 @@ from loadgraph.errors import BuildError, InputError
 from loadgraph.formats.checkpoint import INDEX_NAME, Checkpoint, scan_checkpoint
 from loadgraph.formats.safetensors import copy_and_hash, sha256_file
 from loadgraph.pipeline.cache import Cache
-from loadgraph.pipeline.hashing import hash_files
+from loadgraph.pipeline.hashing import hash_files, stat_matches
 from loadgraph.pipeline.stage import NodeContext, Stage, Unit
+from loadgraph.stages.inspect import link_or_copy
 from loadgraph.spec import Source
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
@@ -85,9 +86,15 @@ class FetchStage(Stage):
             actual = sha256_file(src)
             _check_unchanged(src, actual, expected)
             return convert_pickle(src, out)
-        actual = copy_and_hash(src, out / rel)
-        _check_unchanged(src, actual, expected)
-        return {"files": {rel: {"size": (out / rel).stat().st_size, "sha256": actual}}, "bytes": (out / rel).stat().st_size}
+        if stat_matches(src, expected, ctx.cache.root):
+            # Unchanged since it was hashed: link (same filesystem) or copy without rehashing.
+            link_or_copy(src, out / rel)
+            actual = expected
+        else:
+            actual = copy_and_hash(src, out / rel)
+            _check_unchanged(src, actual, expected)
+        size = (out / rel).stat().st_size
+        return {"files": {rel: {"size": size, "sha256": actual, "shared": True}}, "bytes": size}
 
     def finalize(self, ctx: NodeContext, results: dict[str, dict], out: Path) -> dict:
         if PICKLE_INDEX in ctx.params["files"]:

@@ -1,0 +1,21 @@
+"""`make bench`: every benchmark, each comparing loadgraph with its baseline in one run."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+BENCHMARKS = ["benchmarks.bench_reshard"]
+
+
+def main() -> None:
+    only = sys.argv[1:]
+    for name in BENCHMARKS:
+        if only and not any(o in name for o in only):
+            continue
+        print(f"== {name}", flush=True)
+        importlib.import_module(name).main([])
+
+
+if __name__ == "__main__":
+    main()
