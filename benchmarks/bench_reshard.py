@@ -13,7 +13,9 @@ import shutil
 import sys
 from pathlib import Path
 
-from benchmarks.measure import measure
+from benchmarks.measure import make_checkpoint, measure, median
+
+REPEATS = 3
 
 BASELINE = """
 import sys, torch
@@ -35,21 +37,27 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--results", default="benchmarks/results/reshard.md")
     args = ap.parse_args(argv)
 
-    from loadgraph.testing import make_llama_checkpoint
-
     work = Path(args.work)
     shutil.rmtree(work, ignore_errors=True)
     src = work / "src"
-    make_llama_checkpoint(src, hidden_size=args.hidden, num_layers=args.layers, intermediate_size=args.intermediate,
-                          vocab_size=args.vocab, num_heads=32, num_kv_heads=8, dtype="bfloat16", max_shard_size=args.src_shard)
+    # In a child process: ru_maxrss survives exec, so a big parent would inflate every child's peak.
+    make_checkpoint(src, hidden_size=args.hidden, num_layers=args.layers, intermediate_size=args.intermediate,
+                    vocab_size=args.vocab, num_heads=32, num_kv_heads=8, dtype="bfloat16", max_shard_size=args.src_shard)
     size_gb = sum(f.stat().st_size for f in src.glob("*.safetensors")) / 1e9
     spec = work / "spec.yaml"
     spec.write_text(f"source: {{model: {src}}}\nverify: false\nexport: {{path: {work / 'lg-out'}, max_shard_size: {args.out_shard}}}\n")
     cache = work / "cache"
 
-    base = measure([sys.executable, "-c", BASELINE, str(src), str(work / "hf-out"), args.out_shard])
-    cold = measure([sys.executable, "-m", "loadgraph.cli", "build", str(spec), "--executor", "local", "--cache", str(cache)])
-    warm = measure([sys.executable, "-m", "loadgraph.cli", "build", str(spec), "--executor", "local", "--cache", str(cache)])
+    lg = [sys.executable, "-m", "loadgraph.cli", "build", str(spec), "--executor", "local", "--cache", str(cache)]
+    base_runs, cold_runs = [], []
+    for _ in range(REPEATS):  # alternate, fresh outputs each time; report the median
+        shutil.rmtree(work / "hf-out", ignore_errors=True)
+        shutil.rmtree(cache, ignore_errors=True)
+        shutil.rmtree(work / "lg-out", ignore_errors=True)
+        base_runs.append(measure([sys.executable, "-c", BASELINE, str(src), str(work / "hf-out"), args.out_shard]))
+        cold_runs.append(measure(lg))
+    base, cold = median(base_runs), median(cold_runs)
+    warm = measure(lg)
     for m in (base, cold, warm):
         assert m.returncode == 0, m
     rows = {
@@ -59,7 +67,7 @@ def main(argv: list[str] | None = None) -> dict:
         "loadgraph_cached": {"seconds": warm.seconds, "peak_rss_gib": warm.peak_rss_gib},
     }
     table = "\n".join([
-        f"Re-shard/export, {rows['checkpoint']} (2-core CPU machine, page cache warm).",
+        f"Re-shard/export, {rows['checkpoint']} (2-core CPU machine, page cache warm, median of {REPEATS} alternating runs).",
         "",
         "| run | wall s | peak RSS GiB | time ratio | RSS ratio |",
         "|---|---|---|---|---|",

@@ -1,0 +1,739 @@
+"""PEFT LoRA adapters: parse, preflight against a base checkpoint, and merge one shard at a time.
+
+The goal is bit-identity with `PeftModel.from_pretrained(base, adapter).merge_and_unload()`
+followed by `save_pretrained`, while never holding more than one base shard. Every formula below
+repeats, operation for operation, what peft 0.21 does (`peft/tuners/lora/layer.py` `Linear.merge`
+/ `Embedding.merge` / `get_delta_weight`, `variants.py` `DoraLinearVariant.merge_unsafe` /
+`DoraEmbeddingVariant.merge_unsafe`, `dora.py` `get_weight_norm`), including its dtype casts:
+PEFT upcasts the adapter's own tensors to float32 on load (`autocast_adapter_dtype=True`), so
+every delta is computed in float32 from the adapter values, whatever dtype the file holds.
+
+Engine usage, for each adapter in spec order (stacking = feeding one adapter's output to the next):
+
+    names = inspect_checkpoint_names(base_dir)              # formats/names.py, headers only
+    adapter = LoraAdapter.load(adapter_dir)
+    plan = plan_merge(adapter, names, base_tensors)        # preflight; raises AdapterError
+    adapter_tensors = adapter.load_tensors()               # small; once per worker
+    for shard in base shards: out = merge_shard(plan, shard_tensors, adapter_tensors)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from loadgraph.errors import InputError
+from loadgraph.formats.names import KIND_CONV1D, KIND_EMBEDDING, KIND_LINEAR, CheckpointNames
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_SAFETENSORS = "adapter_model.safetensors"
+ADAPTER_PICKLE = "adapter_model.bin"
+PEFT_PREFIX = "base_model.model."
+
+# Why each other PEFT method is refused: a user reads this in the error.
+UNSUPPORTED_PEFT_TYPES = {
+    "ADALORA": "AdaLoRA's SVD-form weights (lora_E) and rank masks are not a plain LoRA; merge it with PEFT",
+    "VERA": "VeRA keeps shared random projections outside the adapter file; merge it with PEFT",
+    "LOHA": "LoHa is a Hadamard-product adapter, not LoRA; merge it with PEFT",
+    "LOKR": "LoKr is a Kronecker-product adapter, not LoRA; merge it with PEFT",
+    "IA3": "IA3 rescales activations rather than adding a low-rank delta; merge it with PEFT",
+    "PROMPT_TUNING": "prompt tuning adds virtual tokens and changes no weight: there is nothing to merge",
+    "P_TUNING": "p-tuning adds a prompt encoder and changes no weight: there is nothing to merge",
+    "PREFIX_TUNING": "prefix tuning adds past key/values and changes no weight: there is nothing to merge",
+    "MULTITASK_PROMPT_TUNING": "prompt tuning adds virtual tokens and changes no weight: there is nothing to merge",
+    "ADAPTION_PROMPT": "adaption prompts add gated attention prompts and cannot be merged",
+}
+
+# LoraConfig options that change what a merge means; any truthy value is refused, with the reason.
+UNSUPPORTED_OPTIONS = {
+    "layer_replication": "it duplicates base layers, so the merged model has layers the base checkpoint lacks",
+    "target_parameters": "it adapts raw nn.Parameters (e.g. fused MoE experts) that are not stored per tensor on disk",
+    "trainable_token_indices": "trainable-token deltas are not supported by the streaming merge; merge with PEFT",
+    "megatron_config": "Megatron parallel LoRA layers are not supported",
+    "use_qalora": "QA-LoRA pools inputs group-wise and is not supported",
+    "use_bdlora": "block-diagonal LoRA is not supported",
+    "arrow_config": "Arrow routes between several LoRA experts at inference and cannot be merged",
+    "alora_invocation_tokens": "activated LoRA only applies after invocation tokens and cannot be merged",
+    "velora_config": "VeLoRA is not supported",
+    "monteclora_config": "MonteCLoRA is not supported",
+    "kasa_config": "KaSA is not supported",
+}
+# init_lora_weights values whose adapters assume a modified base (residual) weight, or a variant.
+UNSUPPORTED_INITS = {
+    "pissa": "PiSSA adapters hold the principal singular part removed from the base; save it with PEFT's "
+    "path_initial_model_for_weight_conversion to get a plain LoRA first",
+    "olora": "OLoRA adapters assume a modified base; convert with PEFT's path_initial_model_for_weight_conversion",
+    "corda": "CorDA adapters assume a modified base; convert with PEFT's path_initial_model_for_weight_conversion",
+    "loftq": "LoftQ adapters pair with a LoftQ-quantized base, not the original weights",
+    "lora_ga": "LoRA-GA adapters assume a modified base; convert with PEFT first",
+    "mica": "MiCA is a LoRA variant that is not supported by the streaming merge",
+}
+
+
+class AdapterError(InputError, ValueError):
+    """An adapter that cannot be merged; the message names the adapter file and tensor (exit code 2)."""
+
+
+@dataclass(frozen=True)
+class LoraTarget:
+    """One adapted layer: what to read from the adapter file and how PEFT scales it.
+
+    `module` is the layer's name as the adapter file names it (in-memory transformers 5 names for
+    adapters trained with transformers 5; legacy on-disk names are resolved by `plan_merge`).
+    """
+
+    module: str
+    kind: str  # "linear" | "embedding"
+    r: int
+    alpha: float
+    use_rslora: bool
+    use_dora: bool
+    fan_in_fan_out: bool
+    lora_A: str
+    lora_B: str
+    magnitude: str | None = None
+    lora_bias: str | None = None
+
+    @property
+    def scale(self) -> float:
+        return self.scaling()
+
+    def scaling(self, multiplier: float = 1.0) -> float:
+        """Same float expression as PEFT (`update_layer` / `set_scale`), so the same rounding."""
+        if self.use_rslora:
+            return multiplier * self.alpha / math.sqrt(self.r)
+        return multiplier * self.alpha / self.r
+
+
+@dataclass(frozen=True, eq=False)
+class LoraAdapter:
+    """A parsed PEFT LoRA adapter directory. Holds names and shapes only; tensors on request."""
+
+    path: Path
+    config: dict[str, Any]
+    weights_file: Path
+    tensor_shapes: dict[str, tuple[int, ...]] = field(repr=False)
+    tensor_dtypes: dict[str, str] = field(repr=False)
+
+    @classmethod
+    def load(cls, path: str | Path, *, allow_pickle: bool = False) -> LoraAdapter:
+        path = Path(path)
+        config = _read_config(path)
+        _check_supported(path / ADAPTER_CONFIG, config)
+        _check_peft_accepts(path)
+        weights_file = _weights_file(path, allow_pickle)
+        shapes, dtypes = _tensor_headers(weights_file)
+        adapter = cls(path, config, weights_file, shapes, dtypes)
+        adapter.targets()  # parse every key now, so a malformed file fails at load time
+        return adapter
+
+    # -- what the file holds ------------------------------------------------------------------
+
+    def load_tensors(self) -> dict[str, torch.Tensor]:
+        """All adapter tensors, keyed by the names `targets()` and `replacements()` use."""
+        if self.weights_file.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(self.weights_file))
+        return _load_pickle(self.weights_file)
+
+    def targets(self) -> dict[str, LoraTarget]:
+        """Adapted layers keyed by module name, with r/alpha resolved per module like PEFT does."""
+        groups = self._lora_groups()
+        return {module: self._target(module, parts) for module, parts in groups.items()}
+
+    def replacements(self) -> dict[str, str]:
+        """Parameter name -> adapter tensor name for tensors that replace a base tensor outright.
+
+        PEFT loads every non-LoRA tensor of an adapter file into the model before merging:
+        `modules_to_save` copies (`lm_head.weight`), biases trained with `bias="all"/"lora_only"`
+        (saved as `q_proj.base_layer.bias`) and the base embedding saved alongside an embedding
+        LoRA (`embed_tokens.base_layer.weight`). After `merge_and_unload` the wrapper levels
+        (`base_layer`) are gone, so the parameter name drops them.
+        """
+        out: dict[str, str] = {}
+        for key in self.tensor_shapes:
+            name = _strip_prefix(key)
+            if _lora_part(name) is not None:
+                continue
+            param = ".".join(part for part in name.split(".") if part != "base_layer")
+            out[param] = key
+        return out
+
+    def modules_to_save(self) -> dict[str, str]:
+        """The subset of `replacements()` that belongs to the config's `modules_to_save`."""
+        wanted = self.config.get("modules_to_save") or []
+        return {
+            param: key
+            for param, key in self.replacements().items()
+            if any(_matches_module_suffix(param.rpartition(".")[0], m) for m in wanted)
+        }
+
+    @property
+    def config_file(self) -> Path:
+        return self.path / ADAPTER_CONFIG
+
+    # -- parsing helpers -------------------------------------------------------------------
+
+    def _lora_groups(self) -> dict[str, dict[str, str]]:
+        """module -> {part ("A", "B", "emb_A", "emb_B", "magnitude", "bias"): tensor name}."""
+        groups: dict[str, dict[str, str]] = {}
+        for key in self.tensor_shapes:
+            name = _strip_prefix(key)
+            found = _lora_part(name)
+            if found is None:
+                continue
+            module, part = found
+            if part is None:
+                raise AdapterError(
+                    f"{self.weights_file}: tensor {key}: unrecognised LoRA tensor name "
+                    "(expected lora_A.weight, lora_B.weight, lora_B.bias, lora_embedding_A/B or lora_magnitude_vector)"
+                )
+            groups.setdefault(module, {})[part] = key
+        return groups
+
+    def _target(self, module: str, parts: dict[str, str]) -> LoraTarget:
+        is_embedding = "emb_A" in parts or "emb_B" in parts
+        a_key, b_key = ("emb_A", "emb_B") if is_embedding else ("A", "B")
+        for needed in (a_key, b_key):
+            if needed not in parts:
+                other = parts.get(b_key if needed == a_key else a_key, module)
+                raise AdapterError(
+                    f"{self.weights_file}: tensor {other}: its pair ({_PART_SUFFIX[needed]}) is missing; "
+                    "the adapter file is incomplete"
+                )
+        if "magnitude" in parts and not self.config.get("use_dora"):
+            raise AdapterError(
+                f"{self.weights_file}: tensor {parts['magnitude']}: a DoRA magnitude in an adapter whose config "
+                "has use_dora=false; fix adapter_config.json"
+            )
+        if self.config.get("use_dora") and "magnitude" not in parts:
+            raise AdapterError(
+                f"{self.weights_file}: tensor {parts[a_key]}: use_dora=true but lora_magnitude_vector is missing "
+                f"for {module}; the adapter file is incomplete"
+            )
+        r, alpha = _rank_and_alpha(self.config, module)
+        return LoraTarget(
+            module=module,
+            kind=KIND_EMBEDDING if is_embedding else KIND_LINEAR,
+            r=r,
+            alpha=alpha,
+            use_rslora=bool(self.config.get("use_rslora")),
+            use_dora=bool(self.config.get("use_dora")),
+            fan_in_fan_out=bool(self.config.get("fan_in_fan_out")),
+            lora_A=parts[a_key],
+            lora_B=parts[b_key],
+            magnitude=parts.get("magnitude"),
+            lora_bias=parts.get("bias"),
+        )
+
+
+_PART_SUFFIX = {
+    "A": "lora_A.weight",
+    "B": "lora_B.weight",
+    "bias": "lora_B.bias",
+    "emb_A": "lora_embedding_A",
+    "emb_B": "lora_embedding_B",
+    "magnitude": "lora_magnitude_vector",
+}
+_SUFFIX_PART = {suffix: part for part, suffix in _PART_SUFFIX.items()}
+# Older PEFT releases saved the DoRA magnitude as a module weight.
+_SUFFIX_PART["lora_magnitude_vector.weight"] = "magnitude"
+
+
+def _strip_prefix(key: str) -> str:
+    return key[len(PEFT_PREFIX) :] if key.startswith(PEFT_PREFIX) else key
+
+
+def _lora_part(name: str) -> tuple[str, str | None] | None:
+    """(module, part) for a LoRA tensor name, (module, None) for an unknown `lora_*` one, else None."""
+    for suffix, part in _SUFFIX_PART.items():
+        if name.endswith("." + suffix):
+            return name[: -len(suffix) - 1], part
+    pieces = name.split(".")
+    for i, piece in enumerate(pieces):
+        if piece.startswith("lora_"):
+            return ".".join(pieces[:i]), None
+    return None
+
+
+def _matches_module_suffix(module: str, wanted: str) -> bool:
+    return module == wanted or module.endswith("." + wanted)
+
+
+def _rank_and_alpha(config: Mapping[str, Any], module: str) -> tuple[int, float]:
+    """r and alpha for `module`, matching pattern keys exactly as `peft.utils.other.get_pattern_key`."""
+    from peft.utils.other import get_pattern_key
+
+    rank_pattern = config.get("rank_pattern") or {}
+    alpha_pattern = config.get("alpha_pattern") or {}
+    r = rank_pattern.get(get_pattern_key(list(rank_pattern), module), config.get("r", 8))
+    alpha = alpha_pattern.get(get_pattern_key(list(alpha_pattern), module), config.get("lora_alpha", 8))
+    return r, alpha
+
+
+# -- loading the adapter directory --------------------------------------------------------------
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    config_path = path / ADAPTER_CONFIG
+    if not config_path.is_file():
+        raise AdapterError(f"{config_path}: missing; a PEFT adapter directory needs adapter_config.json")
+    try:
+        config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise AdapterError(f"{config_path}: not valid JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise AdapterError(f"{config_path}: expected a JSON object")
+    return config
+
+
+def _check_supported(config_path: Path, config: Mapping[str, Any]) -> None:
+    """Refuse, before reading any tensor, what this merge (or PEFT itself) cannot merge."""
+    peft_type = str(config.get("peft_type", "")).upper()
+    if peft_type != "LORA":
+        reason = UNSUPPORTED_PEFT_TYPES.get(peft_type, "only LoRA adapters (peft_type LORA) can be merged")
+        raise AdapterError(f"{config_path}: field peft_type: {peft_type or 'missing'} is not supported: {reason}")
+    for option, reason in UNSUPPORTED_OPTIONS.items():
+        if config.get(option):
+            raise AdapterError(f"{config_path}: field {option}={config[option]!r} is not supported: {reason}")
+    init = config.get("init_lora_weights", True)
+    if isinstance(init, str):
+        for prefix, reason in UNSUPPORTED_INITS.items():
+            if init.lower().startswith(prefix):
+                raise AdapterError(f"{config_path}: field init_lora_weights={init!r} is not supported: {reason}")
+    if config.get("bias", "none") not in ("none", "all", "lora_only"):
+        raise AdapterError(f"{config_path}: field bias={config.get('bias')!r}: expected none, all or lora_only")
+    r = config.get("r", 8)
+    if not isinstance(r, int) or r <= 0:
+        raise AdapterError(f"{config_path}: field r={r!r}: must be a positive integer")
+    for pattern_field in ("rank_pattern", "alpha_pattern"):
+        if not isinstance(config.get(pattern_field) or {}, dict):
+            raise AdapterError(f"{config_path}: field {pattern_field}: must be a mapping of module pattern to value")
+
+
+def _check_peft_accepts(path: Path):  # -> peft.LoraConfig
+    """PEFT's own LoraConfig validation: what it refuses to build, it cannot merge either."""
+    import warnings
+
+    from peft import PeftConfig
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return PeftConfig.from_pretrained(str(path))
+    except Exception as exc:  # PEFT raises ValueError/TypeError for bad combinations
+        reason = " ".join(str(exc).split())
+        raise AdapterError(f"{path / ADAPTER_CONFIG}: PEFT refuses this config: {reason}") from None
+
+
+def _weights_file(path: Path, allow_pickle: bool) -> Path:
+    safetensors_file = path / ADAPTER_SAFETENSORS
+    if safetensors_file.is_file():
+        return safetensors_file
+    pickle_file = path / ADAPTER_PICKLE
+    if pickle_file.is_file():
+        if not allow_pickle:
+            raise AdapterError(
+                f"{pickle_file}: pickled adapter weights are refused (they can run code on load); "
+                "convert to adapter_model.safetensors or set allow_pickle: true"
+            )
+        return pickle_file
+    raise AdapterError(f"{path}: no {ADAPTER_SAFETENSORS} (or {ADAPTER_PICKLE}) in the adapter directory")
+
+
+def _tensor_headers(weights_file: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
+    if weights_file.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        shapes: dict[str, tuple[int, ...]] = {}
+        dtypes: dict[str, str] = {}
+        with safe_open(str(weights_file), framework="pt") as handle:
+            for key in handle.keys():
+                sl = handle.get_slice(key)
+                shapes[key] = tuple(sl.get_shape())
+                dtypes[key] = str(sl.get_dtype())
+        return shapes, dtypes
+    tensors = _load_pickle(weights_file)
+    return {k: tuple(v.shape) for k, v in tensors.items()}, {k: str(v.dtype) for k, v in tensors.items()}
+
+
+def _load_pickle(weights_file: Path) -> dict[str, torch.Tensor]:
+    # weights_only refuses arbitrary objects; the caller opted in with allow_pickle all the same.
+    return torch.load(str(weights_file), map_location="cpu", weights_only=True)
+
+
+# -- the arithmetic -----------------------------------------------------------------------------
+
+
+def _transpose(weight: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
+    """peft.utils.other.transpose."""
+    return weight.T if fan_in_fan_out else weight
+
+
+def lora_delta(target: LoraTarget, tensors: Mapping[str, torch.Tensor], *, scale_multiplier: float = 1.0) -> torch.Tensor:
+    """The float32 delta in the base weight's layout, as PEFT's `get_delta_weight` computes it.
+
+    `.float()` stands for PEFT's autocast of adapter tensors to float32; the product is taken
+    before scaling and the transpose before scaling, as in PEFT, so rounding is the same.
+    """
+    weight_a = tensors[target.lora_A].float()
+    weight_b = tensors[target.lora_B].float()
+    fan_in_fan_out = True if target.kind == KIND_EMBEDDING else target.fan_in_fan_out
+    # In place: the same elementwise product as PEFT's `transpose(B @ A) * scaling`, without a
+    # second full-size float32 temporary.
+    return _transpose(weight_b @ weight_a, fan_in_fan_out).mul_(target.scaling(scale_multiplier))
+
+
+def merge_weight(
+    weight: torch.Tensor,
+    target: LoraTarget,
+    tensors: Mapping[str, torch.Tensor],
+    *,
+    scale_multiplier: float = 1.0,
+) -> torch.Tensor:
+    """The merged weight, same dtype and shape as `weight`; `weight` itself is left untouched."""
+    delta = lora_delta(target, tensors, scale_multiplier=scale_multiplier)
+    if target.use_dora:
+        return _merge_dora(weight, target, delta, tensors)
+    merged = weight.clone()
+    if target.kind == KIND_EMBEDDING:
+        # Embedding.merge rounds the delta to the weight dtype *before* adding
+        # (`weight.data += delta.to(orig_dtype)`), unlike Linear.merge.
+        merged += delta.to(weight.dtype)
+    else:
+        # Linear.merge: `weight.data += delta` with a float32 delta: added in float32, rounded once.
+        merged += delta
+    return merged
+
+
+def _merge_dora(
+    weight: torch.Tensor, target: LoraTarget, delta: torch.Tensor, tensors: Mapping[str, torch.Tensor]
+) -> torch.Tensor:
+    """DoraLinearVariant / DoraEmbeddingVariant `merge_unsafe`.
+
+    The norm is taken over the base weight as it is before this adapter (PEFT's
+    `_unmerged_base_weight`), of `transpose(W) + transpose(delta)` in float32, row-wise in the
+    (out, in) orientation; embedding DoRA always uses the transposed orientation and does not
+    round its delta first.
+    """
+    magnitude = tensors[target.magnitude].float()
+    fan_in_fan_out = True if target.kind == KIND_EMBEDDING else target.fan_in_fan_out
+    # get_weight_norm(weight, transpose(delta), scaling=1): `1 * x` is exact, so it is left out.
+    norm_input = _transpose(weight, fan_in_fan_out) + _transpose(delta, fan_in_fan_out)
+    weight_norm = torch.linalg.norm(norm_input, dim=1).to(norm_input.dtype)
+    del norm_input
+    dora_factor = magnitude / weight_norm
+    if target.kind == KIND_EMBEDDING:
+        dora_factor = dora_factor.view(1, -1)
+    else:
+        dora_factor = _transpose(dora_factor.view(-1, 1), target.fan_in_fan_out)
+    return (dora_factor * (weight + delta)).to(weight.dtype)
+
+
+def merge_bias(
+    bias: torch.Tensor,
+    target: LoraTarget,
+    tensors: Mapping[str, torch.Tensor],
+    *,
+    scale_multiplier: float = 1.0,
+) -> torch.Tensor:
+    """`lora_bias=True`: Linear.merge does `base.bias.data += lora_B.bias * scaling` (float32 product)."""
+    if target.lora_bias is None:
+        return bias
+    merged = bias.clone()
+    merged += tensors[target.lora_bias].float() * target.scaling(scale_multiplier)
+    return merged
+
+
+# -- planning ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TensorOp:
+    """What happens to one on-disk tensor: optional replacement, then merges in PEFT's order."""
+
+    replace_from: str | None = None
+    merges: tuple[tuple[str, LoraTarget], ...] = ()  # ("weight" | "bias", target)
+
+
+@dataclass(frozen=True, eq=False)
+class MergePlan:
+    """Per on-disk tensor name, what one adapter does to it; tensors not listed pass through."""
+
+    adapter_file: Path
+    ops: dict[str, TensorOp]
+    scale_multiplier: float = 1.0
+
+    def touched(self) -> set[str]:
+        return set(self.ops)
+
+
+def plan_merge(
+    adapter: LoraAdapter,
+    name_map: CheckpointNames | Mapping[str, str],
+    base_tensors: Mapping[str, tuple[str, tuple[int, ...]]],
+    *,
+    scale_multiplier: float = 1.0,
+) -> MergePlan:
+    """Validate `adapter` against the base checkpoint's headers and decide what each tensor gets.
+
+    `name_map` is `names.inspect_checkpoint_names(base_dir)` (preferred: it knows layer types,
+    tied and fused weights) or a plain on-disk -> in-memory dict. `base_tensors` maps on-disk
+    name -> (dtype string, shape). Raises AdapterError naming the adapter file and tensor.
+    """
+    names = name_map if isinstance(name_map, CheckpointNames) else CheckpointNames(to_model=dict(name_map))
+    resolver = _NameResolver(names, base_tensors, adapter.weights_file)
+    ops: dict[str, dict[str, Any]] = {}
+
+    wrapped = adapter.modules_to_save()
+    for param, key in adapter.replacements().items():
+        disk = resolver.disk_name(param, key)
+        if param in wrapped and resolver.is_tied(param) and not adapter.config.get("ensure_weight_tying"):
+            # PEFT swaps in a *copy* of a modules_to_save layer, which unties it (unless the config
+            # asks PEFT to keep ties): the merged model would need a tensor the base does not store.
+            raise AdapterError(
+                f"{adapter.weights_file}: tensor {key}: modules_to_save replaces {param}, which the base model "
+                "ties to another weight (tie_word_embeddings); untie the base first (save it with "
+                "tie_word_embeddings=false and both tensors) or train with ensure_weight_tying=true"
+            )
+        _check_same_shape(adapter, key, disk, base_tensors[disk][1])
+        ops.setdefault(disk, {"replace_from": None, "merges": []})["replace_from"] = key
+
+    targets = adapter.targets()
+    ordered = sorted(targets.values(), key=lambda t: resolver.order(t.module))
+    for target in ordered:
+        target = _resolve_kind(adapter, target, resolver)
+        weight_disk = resolver.disk_name(target.module + ".weight", target.lora_A)
+        _check_target_shapes(adapter, target, weight_disk, base_tensors[weight_disk])
+        ops.setdefault(weight_disk, {"replace_from": None, "merges": []})["merges"].append(("weight", target))
+        if target.lora_bias is not None:
+            bias_disk = resolver.disk_name(target.module + ".bias", target.lora_bias, missing="no_bias")
+            _check_bias_shape(adapter, target, bias_disk, base_tensors[bias_disk][1])
+            ops.setdefault(bias_disk, {"replace_from": None, "merges": []})["merges"].append(("bias", target))
+
+    _check_config_targets_have_weights(adapter, names, resolver, targets)
+    return MergePlan(
+        adapter_file=adapter.weights_file,
+        ops={disk: TensorOp(op["replace_from"], tuple(op["merges"])) for disk, op in ops.items()},
+        scale_multiplier=scale_multiplier,
+    )
+
+
+class _NameResolver:
+    """Adapter-side names (in-memory, or legacy on-disk) -> on-disk tensor names of the base."""
+
+    def __init__(self, names: CheckpointNames, base_tensors: Mapping[str, Any], adapter_file: Path) -> None:
+        self.names = names
+        self.base_tensors = base_tensors
+        self.adapter_file = adapter_file
+        self.model_to_disk = names.to_checkpoint()
+        for alias, canonical in names.tied.items():
+            if canonical in self.model_to_disk and alias not in self.model_to_disk:
+                self.model_to_disk[alias] = self.model_to_disk[canonical]
+        self.fused = {names.to_model[d] for d in names.converted}
+        self.position = {name: i for i, name in enumerate(names.param_order)}
+
+    def in_memory(self, param: str) -> str | None:
+        """The in-memory name of an adapter-side parameter name, or None."""
+        if param in self.model_to_disk:
+            return param
+        if param in self.names.to_model and param not in self.names.converted:
+            return self.names.to_model[param]  # an adapter saved with the checkpoint's legacy names
+        return None
+
+    def disk_name(self, param: str, adapter_key: str, missing: str = "no_module") -> str:
+        model_name = self.in_memory(param)
+        if model_name is not None:
+            disk = self.model_to_disk[model_name]
+            if disk in self.base_tensors:
+                return disk
+        module = param.rpartition(".")[0]
+        if param in self.fused or param in self.names.converted or any(
+            f.startswith(module + ".") for f in self.fused
+        ):
+            raise AdapterError(
+                f"{self.adapter_file}: tensor {adapter_key}: {module} is stored fused by transformers 5 "
+                "(e.g. MoE experts) and cannot be merged per tensor; target attention/dense layers instead"
+            )
+        if missing == "no_bias" and self.in_memory(module + ".weight") is not None:
+            raise AdapterError(
+                f"{self.adapter_file}: tensor {adapter_key}: lora_bias needs a bias in the base layer {module}, "
+                "which has none; PEFT cannot merge this adapter either"
+            )
+        raise AdapterError(
+            f"{self.adapter_file}: tensor {adapter_key}: the base checkpoint has no tensor {param}; "
+            "the adapter was trained on a different model (check the base model and its revision)"
+        )
+
+    def is_tied(self, param: str) -> bool:
+        model_name = self.in_memory(param)
+        return model_name in self.names.tied or model_name in self.names.tied.values()
+
+    def order(self, module: str) -> int:
+        """Position of the module in named_modules order (PEFT merges layers in that order)."""
+        model_name = self.in_memory(module + ".weight")
+        return self.position.get(model_name or "", len(self.position))
+
+    def kind(self, module: str) -> str | None:
+        model_name = self.in_memory(module + ".weight")
+        if model_name is None:
+            return None
+        return self.names.module_kinds.get(model_name.rpartition(".")[0])
+
+
+def _resolve_kind(adapter: LoraAdapter, target: LoraTarget, resolver: _NameResolver) -> LoraTarget:
+    """PEFT picks layer class and fan_in_fan_out from the module type, not from the config.
+
+    `dispatch_default` forces fan_in_fan_out=False on nn.Linear and True on GPT-2's Conv1D.
+    """
+    kind = resolver.kind(target.module)
+    if kind is None:
+        return target  # no layer types known (plain dict name map): trust the adapter
+    if target.kind == KIND_EMBEDDING and kind != KIND_EMBEDDING:
+        raise AdapterError(
+            f"{adapter.weights_file}: tensor {target.lora_A}: embedding LoRA on {target.module}, "
+            f"which is a {kind} layer in the base model"
+        )
+    if target.kind == KIND_LINEAR and kind not in (KIND_LINEAR, KIND_CONV1D):
+        raise AdapterError(
+            f"{adapter.weights_file}: tensor {target.lora_A}: LoRA on {target.module}, a {kind} layer; "
+            "only Linear, Conv1D and Embedding layers can be merged here"
+        )
+    return replace(target, fan_in_fan_out=(kind == KIND_CONV1D))
+
+
+FLOAT_DTYPES = {"F16", "BF16", "F32", "F64", "FLOAT16", "BFLOAT16", "FLOAT32", "FLOAT64", "HALF", "FLOAT"}
+
+
+def _normalise_dtype(dtype: str) -> str:
+    """Accepts safetensors ("BF16"), torch ("torch.bfloat16") or plain ("bfloat16") spellings."""
+    return str(dtype).removeprefix("torch.").upper()
+
+
+def _check_same_shape(adapter: LoraAdapter, key: str, disk: str, base_shape: tuple[int, ...]) -> None:
+    shape = adapter.tensor_shapes[key]
+    if tuple(shape) != tuple(base_shape):
+        hint = " (resized vocabulary? resize the base model first)" if "embed" in key or "lm_head" in key else ""
+        raise AdapterError(
+            f"{adapter.weights_file}: tensor {key}: shape {list(shape)} does not match base tensor {disk} "
+            f"{list(base_shape)}{hint}"
+        )
+
+
+def _check_target_shapes(
+    adapter: LoraAdapter, target: LoraTarget, disk: str, base: tuple[str, tuple[int, ...]]
+) -> None:
+    dtype, base_shape = base
+    if len(base_shape) != 2:
+        raise AdapterError(
+            f"{adapter.weights_file}: tensor {target.lora_A}: base tensor {disk} has shape {list(base_shape)}, "
+            "not a 2-D weight"
+        )
+    if _normalise_dtype(dtype) not in FLOAT_DTYPES:
+        raise AdapterError(
+            f"{adapter.weights_file}: tensor {target.lora_A}: base tensor {disk} is {dtype}; merge into the "
+            "unquantized checkpoint and quantize afterwards"
+        )
+    shape_a = adapter.tensor_shapes[target.lora_A]
+    shape_b = adapter.tensor_shapes[target.lora_B]
+    if target.kind == KIND_EMBEDDING:
+        rows, cols = base_shape  # (num_embeddings, embedding_dim)
+        want_a, want_b = (target.r, rows), (cols, target.r)
+    else:
+        out_f, in_f = (base_shape[1], base_shape[0]) if target.fan_in_fan_out else base_shape
+        want_a, want_b = (target.r, in_f), (out_f, target.r)
+    for key, got, want in ((target.lora_A, shape_a, want_a), (target.lora_B, shape_b, want_b)):
+        if tuple(got) != want:
+            raise AdapterError(
+                f"{adapter.weights_file}: tensor {key}: shape {list(got)} but base tensor {disk} {list(base_shape)} "
+                f"with r={target.r} needs {list(want)}; the adapter was trained on a different model or "
+                "adapter_config.json's r/rank_pattern does not match its weights"
+            )
+    if target.magnitude is not None:
+        out_dim = base_shape[1] if (target.kind == KIND_EMBEDDING or target.fan_in_fan_out) else base_shape[0]
+        got = tuple(adapter.tensor_shapes[target.magnitude])
+        if got != (out_dim,):
+            raise AdapterError(
+                f"{adapter.weights_file}: tensor {target.magnitude}: shape {list(got)} but base tensor {disk} "
+                f"{list(base_shape)} needs [{out_dim}]"
+            )
+
+
+def _check_bias_shape(adapter: LoraAdapter, target: LoraTarget, disk: str, base_shape: tuple[int, ...]) -> None:
+    got = tuple(adapter.tensor_shapes[target.lora_bias])
+    if got != tuple(base_shape):
+        raise AdapterError(
+            f"{adapter.weights_file}: tensor {target.lora_bias}: shape {list(got)} does not match base tensor "
+            f"{disk} {list(base_shape)}"
+        )
+
+
+def _check_config_targets_have_weights(
+    adapter: LoraAdapter, names: CheckpointNames, resolver: _NameResolver, targets: Mapping[str, LoraTarget]
+) -> None:
+    """Every layer adapter_config.json targets must have weights in the file.
+
+    PEFT wraps each layer its config matches and then loads whatever the file holds; a layer with
+    no weights keeps its fresh initialisation and is merged silently (a no-op with the default
+    init, random noise with init_lora_weights=false). A truncated file is an error here.
+    """
+    if not names.module_kinds or adapter.config.get("target_modules") in (None, "all-linear"):
+        return
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    peft_config = _check_peft_accepts(adapter.path)
+    covered = {resolver.in_memory(t.module + ".weight") for t in targets.values()}
+    for module, kind in names.module_kinds.items():
+        if kind not in (KIND_LINEAR, KIND_EMBEDDING, KIND_CONV1D):
+            continue
+        matched = check_target_module_exists(peft_config, module)
+        if matched and not type(matched).__name__ == "_ExcludedModule" and module + ".weight" not in covered:
+            raise AdapterError(
+                f"{adapter.weights_file}: tensor {PEFT_PREFIX}{module}.lora_A.weight: missing, although adapter_config.json's "
+                "target_modules selects that layer; the adapter file is incomplete or for another model"
+            )
+
+
+# -- applying a plan to one shard --------------------------------------------------------------
+
+
+def merge_shard(
+    plan: MergePlan,
+    shard_tensors: Mapping[str, torch.Tensor],
+    adapter_tensors: Mapping[str, torch.Tensor],
+) -> dict[str, torch.Tensor]:
+    """One base shard in, the same names out; untouched tensors are passed through as they are."""
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in shard_tensors.items():
+        op = plan.ops.get(name)
+        out[name] = tensor if op is None else _apply(plan, name, op, tensor, adapter_tensors)
+    return out
+
+
+def _apply(
+    plan: MergePlan, name: str, op: TensorOp, tensor: torch.Tensor, adapter_tensors: Mapping[str, torch.Tensor]
+) -> torch.Tensor:
+    _require(plan, name, op, adapter_tensors)
+    if op.replace_from is not None:
+        # PEFT's load_state_dict copies into the existing parameter: a cast to the base dtype.
+        tensor = adapter_tensors[op.replace_from].to(dtype=tensor.dtype, copy=True)
+    for what, target in op.merges:
+        merge = merge_weight if what == "weight" else merge_bias
+        tensor = merge(tensor, target, adapter_tensors, scale_multiplier=plan.scale_multiplier)
+    return tensor
+
+
+def _require(plan: MergePlan, name: str, op: TensorOp, adapter_tensors: Mapping[str, torch.Tensor]) -> None:
+    needed = [op.replace_from] if op.replace_from else []
+    for _, target in op.merges:
+        needed += [k for k in (target.lora_A, target.lora_B, target.magnitude, target.lora_bias) if k]
+    for key in needed:
+        if key not in adapter_tensors:
+            raise AdapterError(f"{plan.adapter_file}: tensor {key}: not among the adapter tensors given for {name}")
