@@ -8,11 +8,13 @@ padding) but takes one tensor at a time, so a shard of any size costs one tensor
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
 import os
 import struct
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, Iterable, Mapping
@@ -53,6 +55,12 @@ COPY_CHUNK = 16 * 1024 * 1024
 # Atomic rename already protects against crashes of the process; fsync adds protection
 # against power loss at a large cost on slow disks, so it is opt-in.
 FSYNC = os.environ.get("LOADGRAPH_FSYNC") == "1"
+PARALLEL_HASH_MIN = 1 << 20
+
+
+@functools.lru_cache(maxsize=1)
+def _hash_pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256")
 
 
 @dataclass(frozen=True)
@@ -236,8 +244,15 @@ class ShardWriter:
         return self.order[self._next :]
 
     def _emit(self, data: bytes | memoryview) -> None:
-        self._sha.update(data)
-        self._file.write(data)
+        # Hash on a second thread while this one writes (both release the GIL on big buffers);
+        # wait before returning because the caller reuses `data`'s buffer.
+        if len(data) >= PARALLEL_HASH_MIN:
+            pending = _hash_pool().submit(self._sha.update, data)
+            self._file.write(data)
+            pending.result()
+        else:
+            self._sha.update(data)
+            self._file.write(data)
         self.size += len(data)
 
     def _expect(self, name: str, nbytes: int) -> None:
@@ -290,13 +305,14 @@ def sha256_file(path: str | os.PathLike, chunk: int = COPY_CHUNK) -> str:
 
 def copy_and_hash(src: str | os.PathLike, dst: str | os.PathLike, chunk: int = COPY_CHUNK) -> str:
     """Copy a file in one pass, returning the sha256 of what was written."""
-    h = hashlib.sha256()
     with open(src, "rb", buffering=0) as fi, open(dst, "wb") as fo:
         buf = bytearray(chunk)
         view = memoryview(buf)
+        h = hashlib.sha256()
         while got := fi.readinto(buf):
-            h.update(view[:got])
+            pending = _hash_pool().submit(h.update, view[:got])
             fo.write(view[:got])
+            pending.result()
         fo.flush()
         if FSYNC:
             os.fsync(fo.fileno())
