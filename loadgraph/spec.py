@@ -50,6 +50,7 @@ class QuantizeSpec(_Strict):
     skip_modules: list[str] = Field(default_factory=list)
     llm_int8_threshold: float = 6.0
     fp8_block_size: tuple[int, int] = (128, 128)
+    backend: Literal["auto", "cpu", "cuda"] = "auto"  # bnb bytes differ between CPU and CUDA
 
 
 class VerifySpec(_Strict):

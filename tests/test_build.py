@@ -51,7 +51,7 @@ def test_reexport_loads_with_identical_logits(kind, models, tmp_path, cache_dir)
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert index["metadata"]["total_size"] > 0
     doc = json.loads(report.read_text())
-    assert doc["ok"] and [n["stage"] for n in doc["nodes"]] == ["fetch", "inspect", "export"]
+    assert doc["ok"] and [n["stage"] for n in doc["nodes"]] == ["fetch", "inspect", "export", "verify"]
     assert (out / "tokenizer.json").exists() and (out / "manifest.json").exists()
 
 
@@ -81,7 +81,7 @@ def test_cached_rebuild_and_partial_reuse(models, tmp_path, cache_dir):
     assert "cached" in rows["fetch"] and "cached" in rows["inspect"] and "to build" in rows["export"]
     build(spec, cache_dir, "--json", tmp_path / "r2.json")
     statuses = {n["stage"]: n["status"] for n in json.loads((tmp_path / "r2.json").read_text())["nodes"]}
-    assert statuses == {"fetch": "cached", "inspect": "cached", "export": "built"}
+    assert statuses == {"fetch": "cached", "inspect": "cached", "export": "built", "verify": "built"}
 
 
 def test_source_key_is_content_not_path(models, tmp_path, cache_dir):
@@ -245,7 +245,7 @@ def test_cache_ls_verify_gc(models, tmp_path, cache_dir):
     build(spec, cache_dir)
     ls = run_cli("cache", "ls", "--cache", cache_dir, "--json")
     entries = json.loads(ls.stdout)
-    assert len(entries) == 3 and all(e["valid"] for e in entries)
+    assert len(entries) == 4 and all(e["valid"] for e in entries)
     assert [e["pinned"] for e in entries].count(True) == 1
     assert run_cli("cache", "verify", "--cache", cache_dir).returncode == 0
     # Flip one byte of a cached shard: verify reports it, and a build never uses it.

@@ -70,14 +70,84 @@ def _compile_target(graph: Graph, spec: BuildSpec, cache: Cache) -> Target:
     params, runtime = resolve_source(spec.source, cache)
     fetched = graph.add("fetch", params, {}, f"{spec.name}: fetch {Path(spec.source.model).name}", runtime)
     current = graph.add("inspect", {}, {"model": fetched.key}, f"{spec.name}: inspect")
-    # Later stages (adapters, quantize, verify) slot in here, each consuming `current`.
+    base = current
+    adapters = _adapter_nodes(graph, spec, cache)
+    merged = [(a, n) for a, n in zip(spec.adapters, adapters) if a.mode == "merge"]
+    attached = [(a, n) for a, n in zip(spec.adapters, adapters) if a.mode == "attach"]
+    cast_done = False
+    if merged:
+        params = {"scales": [a.scale for a, _ in merged], "dtype": spec.dtype, "allow_pickle": spec.source.allow_pickle,
+                  "base_roundtrip": spec.merge.base_roundtrip}
+        inputs = {"model": current.key, **{f"adapter{i}": n.key for i, (_, n) in enumerate(merged)}}
+        current = graph.add("merge", params, inputs, f"{spec.name}: merge {len(merged)} adapter(s)")
+        cast_done = True
+        if cache.get(current.key) is None:
+            _preflight_adapters(runtime["path"], [n for _, n in merged], [a.scale for a, _ in merged], spec.source.allow_pickle)
+    pre_quantize = current
+    if spec.quantize is not None:
+        from loadgraph.stages.quantize import resolve_backend, settings_params
+
+        qparams = {"settings": settings_params(spec.quantize, spec.dtype), "backend": resolve_backend(spec.quantize.backend)}
+        current = graph.add("quantize", qparams, {"model": current.key}, f"{spec.name}: quantize {spec.quantize.method}")
+        cast_done = True
+        if cache.get(current.key) is None:
+            from loadgraph.stages.quantize import make_settings
+
+            make_settings(qparams["settings"])  # refuses unsupported methods/options before any work
+    if attached:
+        params = {"scales": [a.scale for a, _ in attached], "allow_pickle": spec.source.allow_pickle}
+        inputs = {"model": current.key, **{f"adapter{i}": n.key for i, (_, n) in enumerate(attached)}}
+        current = graph.add("attach", params, inputs, f"{spec.name}: attach {len(attached)} adapter(s)")
+        if cache.get(current.key) is None and spec.quantize is None:
+            _preflight_adapters(runtime["path"], [n for _, n in attached], [a.scale for a, _ in attached], spec.source.allow_pickle)
     export_path = None
     if spec.export is not None:
         export_params = {
             "max_shard_size": parse_size(spec.export.max_shard_size, "export.max_shard_size"),
-            "dtype": spec.dtype,
+            # merge/quantize already applied the dtype; quantized bytes must never be cast.
+            "dtype": "auto" if cast_done else spec.dtype,
             "copy_tokenizer": spec.export.copy_tokenizer,
         }
         current = graph.add("export", export_params, {"model": current.key}, f"{spec.name}: export")
         export_path = spec.export.path
+    if spec.verify is not None and not attached:
+        _verify_node(graph, spec, current, base, pre_quantize, merged)
     return Target(spec.name, spec, current.key, export_path)
+
+
+def _adapter_nodes(graph: Graph, spec: BuildSpec, cache: Cache) -> list[Node]:
+    from loadgraph.errors import InputError
+    from loadgraph.stages.adapter import resolve_adapter
+
+    modes = [a.mode for a in spec.adapters]
+    if "attach" in modes and "merge" in modes[modes.index("attach"):]:
+        raise InputError("adapters: a merged adapter cannot follow an attached one; list merge adapters first")
+    nodes = []
+    for i, adapter in enumerate(spec.adapters):
+        params, runtime = resolve_adapter(adapter, i, cache, spec.source.allow_pickle)
+        nodes.append(graph.add("fetch", params, {}, f"{spec.name}: fetch adapter {Path(adapter.path).name}", runtime))
+    return nodes
+
+
+def _preflight_adapters(base_dir: str, adapters: list[Node], scales: list[float], allow_pickle: bool) -> None:
+    """Adapter vs base shapes, targets and types, from headers: fails in seconds, before any work."""
+    from loadgraph.formats.checkpoint import scan_checkpoint
+    from loadgraph.stages.adapter import plan_adapters
+
+    ckpt = scan_checkpoint(base_dir, allow_pickle=allow_pickle)
+    if not ckpt.headers:
+        return  # pickled base: checked by the merge units once converted
+    tensors = {n: {"dtype": e.dtype, "shape": list(e.shape)} for n, (_, e) in ckpt.tensors.items()}
+    plan_adapters(Path(base_dir), tensors, [Path(n.runtime["path"]) for n in adapters], scales, allow_pickle)
+
+
+def _verify_node(graph: Graph, spec: BuildSpec, current: Node, base: Node, pre_quantize: Node, merged: list) -> None:
+    checks = spec.verify
+    params = {"load": checks.load, "finite": checks.finite, "logits": checks.logits, "rtol": checks.rtol, "dtype": spec.dtype,
+              "method": spec.quantize.method.lower() if spec.quantize else None, "scales": []}
+    if spec.quantize is not None:
+        inputs = {"model": current.key, "reference": pre_quantize.key}
+    else:
+        params["scales"] = [a.scale for a, _ in merged]
+        inputs = {"model": current.key, "reference": base.key, **{f"adapter{i}": n.key for i, (_, n) in enumerate(merged)}}
+    graph.add("verify", params, inputs, f"{spec.name}: verify")

@@ -44,8 +44,9 @@ class RayExecutor:
                 ray.init(address=address, **kwargs)
             else:
                 # Embedded local Ray: this process owns it and shuts it down in close().
+                # address="local": never attach to some other cluster that happens to run here.
                 kwargs.setdefault("num_cpus", os.cpu_count())
-                ray.init(**kwargs)
+                ray.init(address="local", **kwargs)
                 self._started_here = True
         self.ray = ray
         resources = ray.cluster_resources()

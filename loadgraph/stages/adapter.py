@@ -1,0 +1,181 @@
+"""merge and attach: LoRA adapters applied to a base artifact, shard by shard.
+
+merge: one unit per base shard. Tensors no adapter touches are copied byte for byte (or cast);
+touched ones are read, merged in fp32 with PEFT's exact arithmetic (formats/lora.py) for each
+adapter in order, cast once, and written. Peak memory is one tensor plus the adapters.
+attach: no merge; the base's files plus the validated adapter directories under adapters/N/,
+recorded in the manifest so the loader returns a PeftModel.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from loadgraph.errors import InputError
+from loadgraph.formats.checkpoint import INDEX_NAME
+from loadgraph.formats.safetensors import COPY_CHUNK, DTYPES, FLOAT_DTYPES, TORCH_TO_ST, PlannedTensor, ShardWriter, TensorEntry, read_tensor
+from loadgraph.pipeline.cache import Cache
+from loadgraph.pipeline.hashing import hash_files
+from loadgraph.pipeline.stage import NodeContext, Stage, Unit
+from loadgraph.spec import AdapterSpec
+from loadgraph.stages.export import ST_METADATA, _set_dtype, shard_table
+from loadgraph.stages.fetch import locate
+from loadgraph.stages.inspect import link_or_copy
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
+
+
+def resolve_adapter(adapter: AdapterSpec, index: int, cache: Cache, allow_pickle: bool) -> tuple[dict, dict]:
+    """An adapter directory or hub repo -> (fetch params keyed by content, runtime locator)."""
+    what = f"adapters[{index}].path"
+    root, commit = locate(adapter.path, adapter.revision, what, allow_patterns=list(ADAPTER_FILES))
+    if not (root / "adapter_config.json").is_file():
+        raise InputError(f"{what}: {root} has no adapter_config.json; point at a PEFT adapter directory")
+    files = [n for n in ADAPTER_FILES if (root / n).is_file()]
+    if "adapter_model.safetensors" not in files and not allow_pickle:
+        raise InputError(f"{what}: {root} holds only a pickled adapter_model.bin; set source.allow_pickle: true or save it as safetensors")
+    digests = hash_files({n: root / n for n in files}, cache.root)
+    return {"files": digests, "commit": commit, "convert_pickle": False}, {"path": str(root)}
+
+
+def base_headers(tensors: dict[str, dict]) -> dict[str, tuple[str, tuple[int, ...]]]:
+    return {name: (t["dtype"], tuple(t["shape"])) for name, t in tensors.items()}
+
+
+def plan_adapters(base_dir: Path, tensors: dict[str, dict], adapter_dirs: list[Path], scales: list[float], allow_pickle: bool = False):
+    """Validate every adapter against the base (raises AdapterError) and return their merge plans."""
+    from loadgraph.formats.lora import LoraAdapter, plan_merge
+    from loadgraph.formats.names import inspect_checkpoint_names
+
+    names = inspect_checkpoint_names(base_dir, keys=list(tensors))
+    headers = base_headers(tensors)
+    plans = []
+    for path, scale in zip(adapter_dirs, scales):
+        adapter = LoraAdapter.load(path, allow_pickle=allow_pickle)
+        plans.append((adapter, plan_merge(adapter, names, headers, scale_multiplier=scale)))
+    return plans
+
+
+def _lora_target(plan, name: str) -> bool:
+    op = plan.ops.get(name)
+    return bool(op and any(what == "weight" for what, _ in op.merges))
+
+
+def nf4_roundtrip(weight):
+    """The weight a QLoRA adapter was trained against: NF4-quantized then dequantized (bnb defaults)."""
+    import bitsandbytes.functional as bnbf
+
+    packed, state = bnbf.quantize_4bit(weight, blocksize=64, quant_type="nf4", quant_storage=__import__("torch").uint8)
+    return bnbf.dequantize_4bit(packed, state).to(weight.dtype)
+
+
+def cast_target(src_dtype: str, dtype: str) -> str:
+    return src_dtype if dtype == "auto" or src_dtype not in FLOAT_DTYPES else TORCH_TO_ST[dtype]
+
+
+class MergeStage(Stage):
+    name = "merge"
+    version = 1
+
+    def _adapter_dirs(self, ctx: NodeContext) -> list[Path]:
+        return [ctx.inputs[f"adapter{i}"].path for i in range(len(ctx.params["scales"]))]
+
+    def units(self, ctx: NodeContext) -> list[Unit]:
+        tensors = ctx.input().tensors
+        files: dict[str, int] = {}
+        for t in tensors.values():
+            files[t["file"]] = files.get(t["file"], 0) + t["end"] - t["begin"]
+        return [Unit(id=f"shard-{i:05d}", payload={"file": f}, nbytes=n) for i, (f, n) in enumerate(sorted(files.items()))]
+
+    def run_unit(self, ctx: NodeContext, unit: Unit, out: Path) -> dict:
+        import torch
+
+        base = ctx.input()
+        rel = unit.payload["file"]
+        shard = {n: t for n, t in base.tensors.items() if t["file"] == rel}
+        plans = plan_adapters(base.path, base.tensors, self._adapter_dirs(ctx), ctx.params["scales"], ctx.params["allow_pickle"])
+        touched = set().union(*(plan.touched() for _, plan in plans))
+        adapter_tensors = [adapter.load_tensors() if plan.touched() & shard.keys() else {} for adapter, plan in plans]
+        dtype = ctx.params["dtype"]
+        planned = [PlannedTensor(n, cast_target(t["dtype"], dtype), tuple(t["shape"])) for n, t in shard.items()]
+        writer = ShardWriter(out / rel, planned, ST_METADATA)
+        buf = bytearray(COPY_CHUNK)
+        try:
+            with open(base.path / rel, "rb", buffering=0) as src:
+                for p in writer.order:
+                    t = shard[p.name]
+                    if p.name not in touched and p.dtype == t["dtype"]:
+                        writer.copy_bytes(p.name, src, t["begin"], t["end"] - t["begin"], buf)
+                        continue
+                    tensor = read_tensor(base.path / rel, TensorEntry(t["dtype"], tuple(t["shape"]), t["begin"], t["end"]))
+                    # PEFT merges into a base already loaded in the spec's dtype: cast first.
+                    tensor = tensor.to(getattr(torch, DTYPES[p.dtype][1]))
+                    if ctx.params.get("base_roundtrip") == "nf4" and any(_lora_target(plan, p.name) for _, plan in plans):
+                        tensor = nf4_roundtrip(tensor)
+                    for (_, plan), tensors in zip(plans, adapter_tensors):
+                        if p.name in plan.ops:
+                            from loadgraph.formats.lora import merge_shard
+
+                            tensor = merge_shard(plan, {p.name: tensor}, tensors)[p.name]
+                    writer.write_tensor(p.name, tensor)
+            digest = writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+        size = (out / rel).stat().st_size
+        return {"files": {rel: {"size": size, "sha256": digest}}, "tensors": shard_table(out / rel, rel), "bytes": unit.nbytes}
+
+    def finalize(self, ctx: NodeContext, results: dict[str, dict], out: Path) -> dict:
+        copy_aux(ctx.input(), out, ctx.params["dtype"])
+        return {"merged_adapters": [str(p) for p in self._adapter_dirs(ctx)]}
+
+
+def copy_aux(src, out: Path, dtype: str) -> None:
+    """Everything but the weights, with config.json's dtype updated when tensors were cast."""
+    for rel in src.files:
+        if rel.endswith(".safetensors"):
+            continue
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        if rel == "config.json" and dtype != "auto":
+            config = json.loads((src.path / rel).read_text())
+            _set_dtype(config, dtype)
+            (out / rel).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        elif rel != INDEX_NAME or (src.path / rel).exists():
+            shutil.copyfile(src.path / rel, out / rel)
+
+
+class AttachStage(Stage):
+    """The base unchanged plus validated adapters under adapters/N/ (for a PeftModel at load time)."""
+
+    name = "attach"
+    version = 1
+
+    def units(self, ctx: NodeContext) -> list[Unit]:
+        return [Unit(id="validate")]
+
+    def run_unit(self, ctx: NodeContext, unit: Unit, out: Path) -> dict:
+        base = ctx.input()
+        dirs = [ctx.inputs[f"adapter{i}"].path for i in range(len(ctx.params["scales"]))]
+        # Validation only: an attached adapter must fit the base exactly as a merged one would.
+        plan_adapters(base.path, base.tensors, dirs, ctx.params["scales"], ctx.params["allow_pickle"])
+        return {"validated": len(dirs)}
+
+    def finalize(self, ctx: NodeContext, results: dict[str, dict], out: Path) -> dict:
+        base = ctx.input()
+        for rel in base.files:
+            link_or_copy(base.path / rel, out / rel)
+        files = dict(base.files)
+        attached = list(base.manifest.get("adapters", []))
+        for i, scale in enumerate(ctx.params["scales"]):
+            art = ctx.inputs[f"adapter{i}"]
+            sub = f"adapters/{len(attached)}"
+            for rel, meta in art.files.items():
+                link_or_copy(art.path / rel, out / sub / rel)
+                files[f"{sub}/{rel}"] = meta
+            attached.append({"path": sub, "scale": scale, "key": art.key})
+        return {"files": files, "tensors": base.tensors, "adapters": attached}
+
+
+STAGES = {"merge": MergeStage, "attach": AttachStage}

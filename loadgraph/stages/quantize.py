@@ -1,0 +1,103 @@
+"""quantize: bitsandbytes 4/8-bit or FP8, tensor by tensor, one unit per input shard.
+
+What gets quantized, cast, renamed or dropped is decided once by transformers' own code on a
+meta-device model (formats/quant_plan.py), so the output tensors are those transformers writes
+after `from_pretrained(..., quantization_config=...)` + `save_pretrained`. bitsandbytes gives
+different bytes on CPU and CUDA, so the backend is a param (part of the key).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from loadgraph.formats.checkpoint import INDEX_NAME
+from loadgraph.formats.safetensors import PlannedTensor, ShardWriter, TensorEntry, read_tensor, st_dtype
+from loadgraph.pipeline.stage import NodeContext, Stage, Unit
+from loadgraph.spec import QuantizeSpec
+from loadgraph.stages.export import ST_METADATA, shard_table
+
+
+def settings_params(q: QuantizeSpec, dtype: str) -> dict:
+    return {
+        "method": q.method.lower(),
+        "double_quant": q.double_quant,
+        "blocksize": q.blocksize,
+        "compute_dtype": q.compute_dtype or ("float32" if dtype == "auto" else dtype),
+        "quant_storage": q.quant_storage,
+        "skip_modules": list(q.skip_modules),
+        "fp8_block_size": list(q.fp8_block_size),
+        "llm_int8_threshold": q.llm_int8_threshold,
+        "dtype": dtype,
+    }
+
+
+def make_settings(params: dict):
+    from loadgraph.formats.quant_plan import QuantSettings
+
+    return QuantSettings(**{**params, "skip_modules": tuple(params["skip_modules"]), "fp8_block_size": tuple(params["fp8_block_size"])})
+
+
+def resolve_backend(requested: str) -> str:
+    """auto -> cuda when this process sees a GPU; units then ask the executor for one."""
+    if requested != "auto":
+        return requested
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class QuantizeStage(Stage):
+    name = "quantize"
+    version = 1
+
+    def units(self, ctx: NodeContext) -> list[Unit]:
+        files: dict[str, int] = {}
+        for t in ctx.input().tensors.values():
+            files[t["file"]] = files.get(t["file"], 0) + t["end"] - t["begin"]
+        gpu = ctx.params["backend"] == "cuda"
+        return [Unit(id=f"shard-{i:05d}", payload={"file": f}, nbytes=n, gpu=gpu) for i, (f, n) in enumerate(sorted(files.items()))]
+
+    def _plan(self, ctx: NodeContext):
+        from loadgraph.formats.quant_plan import plan_quantization
+
+        return plan_quantization(ctx.input().path, make_settings(ctx.params["settings"]))
+
+    def run_unit(self, ctx: NodeContext, unit: Unit, out: Path) -> dict:
+        base = ctx.input()
+        rel = unit.payload["file"]
+        plan = self._plan(ctx)
+        produced = {}
+        for name, t in base.tensors.items():
+            if t["file"] != rel:
+                continue
+            tensor = read_tensor(base.path / rel, TensorEntry(t["dtype"], tuple(t["shape"]), t["begin"], t["end"]))
+            produced.update(plan.convert(name, tensor, device=ctx.params["backend"]))
+        if not produced:  # every tensor of this shard was dropped (e.g. a tied lm_head alone)
+            return {"files": {}, "tensors": {}, "bytes": unit.nbytes}
+        writer = ShardWriter(out / rel, [PlannedTensor(n, st_dtype(v), tuple(v.shape)) for n, v in produced.items()], ST_METADATA)
+        for p in writer.pending:
+            writer.write_tensor(p.name, produced[p.name])
+        digest = writer.close()
+        return {"files": {rel: {"size": (out / rel).stat().st_size, "sha256": digest}}, "tensors": shard_table(out / rel, rel), "bytes": unit.nbytes}
+
+    def finalize(self, ctx: NodeContext, results: dict[str, dict], out: Path) -> dict:
+        plan = self._plan(ctx)
+        src = ctx.input()
+        tensors = {n: t for r in results.values() for n, t in r["tensors"].items()}
+        index = {
+            "metadata": {"total_parameters": plan.total_parameters, "total_size": sum(t["end"] - t["begin"] for t in tensors.values())},
+            "weight_map": {n: tensors[n]["file"] for n in sorted(tensors)},
+        }
+        (out / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        written = set(plan.write_configs(out))
+        for rel in src.files:
+            if rel.endswith(".safetensors") or rel == INDEX_NAME or rel in written:
+                continue
+            (out / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src.path / rel, out / rel)
+        return {"quantization": plan.quant_config, "adapters": src.manifest.get("adapters", [])}
+
+
+STAGES = {"quantize": QuantizeStage}

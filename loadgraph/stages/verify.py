@@ -1,0 +1,157 @@
+"""verify: a build is accepted only if its artifact loads cleanly, is finite, and computes what it should.
+
+1. load with transformers (`output_loading_info=True`): any missing, unexpected or mismatched
+   key fails (loading proves nothing by not raising);
+2. every floating tensor scanned for NaN/Inf, one unit per shard;
+3. logits on fixed probe inputs against a reference computed another way: a merged model
+   against base + adapters applied by PEFT unmerged, a quantized model against its
+   unquantized input, a re-export against its source, with a tolerance from dtype/method.
+The output artifact is the report (verify.json); a failed check fails the build, so nothing
+downstream (the export publish) happens.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from loadgraph.errors import BuildError
+from loadgraph.formats.safetensors import FLOAT_DTYPES, TensorEntry, read_tensor
+from loadgraph.pipeline.stage import NodeContext, Stage, Unit
+
+# Relative L2 error of logits allowed, by what separates the artifact from its reference.
+# Quantization of random tiny models is noisier than of trained ones: these bounds are loose
+# enough for both and still catch a wrong tensor (which gives errors near 1).
+QUANT_TOLERANCE = {"bnb-nf4": 0.35, "bnb-fp4": 0.5, "bnb-int8": 0.1, "fp8": 0.1}
+DTYPE_TOLERANCE = {"float32": 1e-4, "float16": 2e-2, "bfloat16": 6e-2, "auto": 1e-4}
+PROBE_LENGTH = 16
+
+
+def probe_ids(vocab_size: int):
+    import torch
+
+    return ((torch.arange(PROBE_LENGTH) * 7919 + 11) % max(vocab_size - 1, 2)).unsqueeze(0)
+
+
+def model_class(path: Path):
+    import transformers
+
+    config = json.loads((path / "config.json").read_text())
+    for arch in config.get("architectures") or []:
+        if hasattr(transformers, arch):
+            return getattr(transformers, arch)
+    if "vision_config" in config:
+        return transformers.AutoModelForImageTextToText
+    return transformers.AutoModelForCausalLM
+
+
+def load_checked(path: Path, dtype: str | None = None):
+    """from_pretrained that fails on any missing/unexpected/mismatched key."""
+    import torch
+
+    kwargs = {"output_loading_info": True, "device_map": "cpu"}
+    if dtype and dtype != "auto":
+        kwargs["dtype"] = getattr(torch, dtype)
+    model, info = model_class(path).from_pretrained(str(path), **kwargs)
+    bad = {k: sorted(info[k])[:5] for k in ("missing_keys", "unexpected_keys", "mismatched_keys") if info.get(k)}
+    if bad:
+        raise BuildError(f"verify: {path} does not load cleanly with transformers: {bad}")
+    return model.eval()
+
+
+def logits_of(model, vocab_size: int):
+    import torch
+
+    with torch.no_grad():
+        return model(input_ids=probe_ids(vocab_size)).logits.float()
+
+
+def vocab_size_of(path: Path) -> int:
+    config = json.loads((path / "config.json").read_text())
+    return int(config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size") or 32000)
+
+
+class VerifyStage(Stage):
+    name = "verify"
+    version = 1
+
+    def units(self, ctx: NodeContext) -> list[Unit]:
+        units = []
+        if ctx.params["finite"]:
+            files = sorted({t["file"] for t in ctx.input().tensors.values()})
+            units += [Unit(id=f"finite-{i:05d}", payload={"file": f}) for i, f in enumerate(files)]
+        if ctx.params["load"] or ctx.params["logits"]:
+            units.append(Unit(id="load-logits", nbytes=sum(t["end"] - t["begin"] for t in ctx.input().tensors.values())))
+        return units
+
+    def run_unit(self, ctx: NodeContext, unit: Unit, out: Path) -> dict:
+        if unit.id.startswith("finite"):
+            return {"finite": scan_finite(ctx.input().path, ctx.input().tensors, unit.payload["file"])}
+        return {"logits": self._load_and_compare(ctx)}
+
+    def _load_and_compare(self, ctx: NodeContext) -> dict:
+        art = ctx.input()
+        model = load_checked(art.path)
+        result: dict = {"loaded": True}
+        if not ctx.params["logits"] or "reference" not in ctx.inputs:
+            return result
+        vocab = vocab_size_of(art.path)
+        got = logits_of(model, vocab)
+        del model
+        want = logits_of(self._reference_model(ctx), vocab)
+        err = float((got - want).norm() / want.norm().clamp_min(1e-12))
+        tol = ctx.params["rtol"] if ctx.params["rtol"] is not None else default_tolerance(ctx.params)
+        result.update(relative_error=err, tolerance=tol, max_abs_diff=float((got - want).abs().max()))
+        if not err <= tol:
+            raise BuildError(f"verify: logits of {art.key[:12]} differ from the reference by {err:.3g} (relative L2) > tolerance {tol:.3g}")
+        return result
+
+    def _reference_model(self, ctx: NodeContext):
+        """The same computation done another way (see the module docstring)."""
+        ref = ctx.inputs["reference"]
+        adapters = [ctx.inputs[f"adapter{i}"].path for i in range(len(ctx.params["scales"]))]
+        model = load_checked(ref.path, ctx.params["dtype"])
+        if not adapters:
+            return model
+        from peft import PeftModel
+
+        # Earlier adapters merged the way PEFT stacks them; the last one applied unmerged.
+        for i, path in enumerate(adapters):
+            model = PeftModel.from_pretrained(model, str(path))
+            if ctx.params["scales"][i] != 1.0:
+                for module in model.modules():
+                    if hasattr(module, "scaling") and isinstance(module.scaling, dict):
+                        module.scaling = {k: v * ctx.params["scales"][i] for k, v in module.scaling.items()}
+            if i < len(adapters) - 1:
+                model = model.merge_and_unload()
+        return model.eval()
+
+    def finalize(self, ctx: NodeContext, results: dict[str, dict], out: Path) -> dict:
+        report = {uid: r.get("finite") or r.get("logits") for uid, r in sorted(results.items())}
+        (out / "verify.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+        return {"verify": report, "verified": ctx.inputs["model"].key}
+
+
+def default_tolerance(params: dict) -> float:
+    if params.get("method"):
+        return QUANT_TOLERANCE[params["method"]]
+    return DTYPE_TOLERANCE.get(params.get("dtype") or "auto", 1e-4)
+
+
+def scan_finite(root: Path, tensors: dict[str, dict], rel: str) -> dict:
+    """NaN/Inf anywhere in a floating tensor fails the build, naming the tensor."""
+    import torch
+
+    checked = 0
+    for name, t in tensors.items():
+        if t["file"] != rel or t["dtype"] not in FLOAT_DTYPES:
+            continue
+        tensor = read_tensor(root / rel, TensorEntry(t["dtype"], tuple(t["shape"]), t["begin"], t["end"]))
+        if not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise BuildError(f"verify: {rel}: tensor {name!r} has {bad} NaN/Inf values")
+        checked += 1
+    return {"file": rel, "tensors_checked": checked}
+
+
+STAGES = {"verify": VerifyStage}
