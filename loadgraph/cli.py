@@ -8,6 +8,7 @@ Heavy imports (torch, ray) happen only inside commands that need them, so a full
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from pathlib import Path
 from typing import Optional
@@ -17,6 +18,10 @@ from rich.console import Console
 from rich.table import Table
 
 from loadgraph.errors import InputError, LoadgraphError
+
+# bitsandbytes warns on import about an optional CPU kernel download (which we never want):
+# errors must stay one line.
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help="LLM checkpoints as a cached build graph on Ray.")
 cache_app = typer.Typer(no_args_is_help=True, help="List, verify and evict cache entries.")

@@ -100,6 +100,10 @@ class ExportStage(Stage):
         index = {"metadata": {"total_size": total}, "weight_map": {n: tensors[n]["file"] for n in sorted(tensors)}}
         (out / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
         for rel in src.files:
+            if rel.startswith("adapters/"):  # attached adapters travel whole
+                (out / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(src.path / rel, out / rel)
+                continue
             if rel.endswith(".safetensors") or rel == INDEX_NAME:
                 continue
             if rel in TOKENIZER_FILES and not ctx.params["copy_tokenizer"]:
@@ -110,7 +114,7 @@ class ExportStage(Stage):
                 (out / rel).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
             else:
                 shutil.copyfile(src.path / rel, out / rel)
-        return {}
+        return {key: src.manifest[key] for key in ("adapters", "quantization") if key in src.manifest}
 
 
 def _set_dtype(config: dict, dtype: str) -> None:

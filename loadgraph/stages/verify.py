@@ -115,14 +115,17 @@ class VerifyStage(Stage):
             return model
         from peft import PeftModel
 
-        # Earlier adapters merged the way PEFT stacks them; the last one applied unmerged.
+        # Earlier adapters merged the way PEFT stacks them; the last one applied unmerged, unless
+        # it adapts a tied embedding: PEFT's unmerged forward does not carry that delta to the
+        # tied lm_head, so there PEFT's own merged model is the reference.
+        tied = bool(getattr(model.config.get_text_config(), "tie_word_embeddings", False))
         for i, path in enumerate(adapters):
             model = PeftModel.from_pretrained(model, str(path))
             if ctx.params["scales"][i] != 1.0:
                 for module in model.modules():
                     if hasattr(module, "scaling") and isinstance(module.scaling, dict):
                         module.scaling = {k: v * ctx.params["scales"][i] for k, v in module.scaling.items()}
-            if i < len(adapters) - 1:
+            if i < len(adapters) - 1 or (tied and _targets_embeddings(path)):
                 model = model.merge_and_unload()
         return model.eval()
 
@@ -130,6 +133,12 @@ class VerifyStage(Stage):
         report = {uid: r.get("finite") or r.get("logits") for uid, r in sorted(results.items())}
         (out / "verify.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
         return {"verify": report, "verified": ctx.inputs["model"].key}
+
+
+def _targets_embeddings(adapter_dir: Path) -> bool:
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    names = json.dumps([config.get("target_modules"), config.get("modules_to_save")])
+    return "embed" in names or "lm_head" in names
 
 
 def default_tolerance(params: dict) -> float:
