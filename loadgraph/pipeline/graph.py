@@ -91,9 +91,13 @@ def _compile_target(graph: Graph, spec: BuildSpec, cache: Cache) -> Target:
         current = graph.add("quantize", qparams, {"model": current.key}, f"{spec.name}: quantize {spec.quantize.method}")
         cast_done = True
         if cache.get(current.key) is None:
+            from loadgraph.formats.quant_plan import plan_quantization
             from loadgraph.stages.quantize import make_settings
 
-            make_settings(qparams["settings"])  # refuses unsupported methods/options before any work
+            # Refuses unsupported methods, options and untileable shapes before any work.
+            settings = make_settings(qparams["settings"])
+            if scan_is_safetensors(runtime["path"]):
+                plan_quantization(runtime["path"], settings)
     if attached:
         params = {"scales": [a.scale for a, _ in attached], "allow_pickle": spec.source.allow_pickle}
         inputs = {"model": current.key, **{f"adapter{i}": n.key for i, (_, n) in enumerate(attached)}}
@@ -113,6 +117,10 @@ def _compile_target(graph: Graph, spec: BuildSpec, cache: Cache) -> Target:
     if spec.verify is not None and not attached:
         _verify_node(graph, spec, current, base, pre_quantize, merged)
     return Target(spec.name, spec, current.key, export_path)
+
+
+def scan_is_safetensors(path: str) -> bool:
+    return any(Path(path).glob("*.safetensors"))
 
 
 def _adapter_nodes(graph: Graph, spec: BuildSpec, cache: Cache) -> list[Node]:

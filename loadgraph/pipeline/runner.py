@@ -33,6 +33,7 @@ class NodeReport:
     units_reused: int = 0
     seconds: float = 0.0
     bytes: int = 0
+    details: dict = field(default_factory=dict)  # e.g. verify's figures, from the manifest
 
 
 @dataclass
@@ -98,6 +99,7 @@ def build(graph: Graph, cache: Cache, executor_factory, reporter: Reporter | Non
                     executor = executor_factory()
                     report.executor = executor.name
                 nr = _build_node(node, cache, executor, reporter)
+            nr.details = {k: v for k, v in (cache.get(node.key) or art).manifest.items() if k in ("verify", "quantization")}
             report.nodes.append(nr)
         for target in graph.targets:
             entry: dict = {"name": target.name, "key": target.final, "path": str(cache.object_dir(target.final))}

@@ -24,7 +24,7 @@ def settings_params(q: QuantizeSpec, dtype: str) -> dict:
         "method": q.method.lower(),
         "double_quant": q.double_quant,
         "blocksize": q.blocksize,
-        "compute_dtype": q.compute_dtype or ("float32" if dtype == "auto" else dtype),
+        "compute_dtype": q.compute_dtype or "float32",  # BitsAndBytesConfig's default
         "quant_storage": q.quant_storage,
         "skip_modules": list(q.skip_modules),
         "fp8_block_size": list(q.fp8_block_size),

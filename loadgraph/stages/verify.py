@@ -24,6 +24,7 @@ from loadgraph.pipeline.stage import NodeContext, Stage, Unit
 # enough for both and still catch a wrong tensor (which gives errors near 1).
 QUANT_TOLERANCE = {"bnb-nf4": 0.35, "bnb-fp4": 0.5, "bnb-int8": 0.1, "fp8": 0.1}
 DTYPE_TOLERANCE = {"float32": 1e-4, "float16": 2e-2, "bfloat16": 6e-2, "auto": 1e-4}
+GENERATE_TOKENS = 8
 PROBE_LENGTH = 16
 
 
@@ -46,10 +47,10 @@ def model_class(path: Path):
 
 
 def load_checked(path: Path, dtype: str | None = None):
-    """from_pretrained that fails on any missing/unexpected/mismatched key."""
+    """from_pretrained that fails on any missing/unexpected/mismatched key (on a GPU if there is one)."""
     import torch
 
-    kwargs = {"output_loading_info": True, "device_map": "cpu"}
+    kwargs = {"output_loading_info": True, "device_map": "cuda" if torch.cuda.is_available() else "cpu"}
     if dtype and dtype != "auto":
         kwargs["dtype"] = getattr(torch, dtype)
     model, info = model_class(path).from_pretrained(str(path), **kwargs)
@@ -63,7 +64,20 @@ def logits_of(model, vocab_size: int):
     import torch
 
     with torch.no_grad():
-        return model(input_ids=probe_ids(vocab_size)).logits.float()
+        return model(input_ids=probe_ids(vocab_size).to(model.device)).logits.float().cpu()
+
+
+def generate_smoke(model, vocab_size: int) -> list[int]:
+    """A short greedy generation: catches generation-config and cache problems logits miss."""
+    import torch
+
+    ids = probe_ids(vocab_size)[:, :4].to(model.device)
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=GENERATE_TOKENS, min_new_tokens=GENERATE_TOKENS, do_sample=False)
+    new = out[0, ids.shape[1]:].tolist()
+    if len(new) != GENERATE_TOKENS:
+        raise BuildError(f"verify: greedy generation produced {len(new)} tokens, expected {GENERATE_TOKENS}")
+    return new
 
 
 def vocab_size_of(path: Path) -> int:
@@ -81,21 +95,24 @@ class VerifyStage(Stage):
             files = sorted({t["file"] for t in ctx.input().tensors.values()})
             units += [Unit(id=f"finite-{i:05d}", payload={"file": f}) for i, f in enumerate(files)]
         if ctx.params["load"] or ctx.params["logits"]:
-            units.append(Unit(id="load-logits", nbytes=sum(t["end"] - t["begin"] for t in ctx.input().tensors.values())))
+            nbytes = sum(t["end"] - t["begin"] for t in ctx.input().tensors.values())
+            units.append(Unit(id="load-logits", nbytes=nbytes, gpu=True))
         return units
 
     def run_unit(self, ctx: NodeContext, unit: Unit, out: Path) -> dict:
         if unit.id.startswith("finite"):
-            return {"finite": scan_finite(ctx.input().path, ctx.input().tensors, unit.payload["file"])}
+            return {"finite": scan_finite(ctx.input().path, ctx.input().tensors, ctx.input().files, unit.payload["file"])}
         return {"logits": self._load_and_compare(ctx)}
 
     def _load_and_compare(self, ctx: NodeContext) -> dict:
         art = ctx.input()
         model = load_checked(art.path)
         result: dict = {"loaded": True}
+        vocab = vocab_size_of(art.path)
+        if hasattr(model, "generate") and getattr(model, "can_generate", lambda: False)():
+            result["generated"] = generate_smoke(model, vocab)
         if not ctx.params["logits"] or "reference" not in ctx.inputs:
             return result
-        vocab = vocab_size_of(art.path)
         got = logits_of(model, vocab)
         del model
         want = logits_of(self._reference_model(ctx), vocab)
@@ -103,7 +120,7 @@ class VerifyStage(Stage):
         tol = ctx.params["rtol"] if ctx.params["rtol"] is not None else default_tolerance(ctx.params)
         result.update(relative_error=err, tolerance=tol, max_abs_diff=float((got - want).abs().max()))
         if not err <= tol:
-            raise BuildError(f"verify: logits of {art.key[:12]} differ from the reference by {err:.3g} (relative L2) > tolerance {tol:.3g}")
+            raise BuildError(f"verify: logits parity failed: {art.key[:12]} differs from its reference by {err:.3g} (relative L2) > tolerance {tol:.3g}")
         return result
 
     def _reference_model(self, ctx: NodeContext):
@@ -144,13 +161,20 @@ def _targets_embeddings(adapter_dir: Path) -> bool:
 def default_tolerance(params: dict) -> float:
     if params.get("method"):
         return QUANT_TOLERANCE[params["method"]]
+    if not params.get("scales"):
+        return 0.0  # a re-export against its source (cast the same way): exact
     return DTYPE_TOLERANCE.get(params.get("dtype") or "auto", 1e-4)
 
 
-def scan_finite(root: Path, tensors: dict[str, dict], rel: str) -> dict:
-    """NaN/Inf anywhere in a floating tensor fails the build, naming the tensor."""
+def scan_finite(root: Path, tensors: dict[str, dict], files: dict[str, dict], rel: str) -> dict:
+    """The shard's bytes must be those its manifest recorded, and no floating tensor may hold NaN/Inf."""
     import torch
 
+    from loadgraph.formats.safetensors import sha256_file
+
+    want = files.get(rel, {}).get("sha256")
+    if want and sha256_file(root / rel) != want:
+        raise BuildError(f"verify: {rel}: sha256 differs from the manifest (bytes changed after it was written); run `loadgraph cache verify --evict` and rebuild")
     checked = 0
     for name, t in tensors.items():
         if t["file"] != rel or t["dtype"] not in FLOAT_DTYPES:
