@@ -1,21 +1,18 @@
 """Re-shard/export of a ~1.2B Llama-shaped bf16 checkpoint: loadgraph vs transformers.
 
-Baseline: AutoModelForCausalLM.from_pretrained(src) + save_pretrained(out, max_shard_size).
-loadgraph: `loadgraph build` (local executor, cold cache: hashes, fetches, inspects, exports),
-then the same build again fully cached. Same machine, same run, same source files.
+Baseline: from_pretrained(src) + save_pretrained(out, max_shard_size). loadgraph: `loadgraph
+build` (cold cache: hashes, fetches, inspects, exports), then the same build fully cached.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 from pathlib import Path
 
-from benchmarks.measure import make_checkpoint, measure, median
-
-REPEATS = 3
+from benchmarks.compare import loadgraph_cmd, run_pair, write_table
+from benchmarks.measure import make_checkpoint
 
 BASELINE = """
 import sys, torch
@@ -23,65 +20,27 @@ from transformers import AutoModelForCausalLM
 m = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.bfloat16)
 m.save_pretrained(sys.argv[2], max_shard_size=sys.argv[3])
 """
+SHAPE = dict(hidden_size=2048, num_layers=16, intermediate_size=8192, vocab_size=128256, num_heads=32, num_kv_heads=8, dtype="bfloat16")
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--work", default="/tmp/loadgraph-bench-reshard")
-    ap.add_argument("--hidden", type=int, default=2048)
-    ap.add_argument("--layers", type=int, default=16)
-    ap.add_argument("--intermediate", type=int, default=8192)
-    ap.add_argument("--vocab", type=int, default=128256)
-    ap.add_argument("--src-shard", default="1GB")
-    ap.add_argument("--out-shard", default="5GB")
+    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--results", default="benchmarks/results/reshard.md")
     args = ap.parse_args(argv)
-
     work = Path(args.work)
     shutil.rmtree(work, ignore_errors=True)
-    src = work / "src"
-    # In a child process: ru_maxrss survives exec, so a big parent would inflate every child's peak.
-    make_checkpoint(src, hidden_size=args.hidden, num_layers=args.layers, intermediate_size=args.intermediate,
-                    vocab_size=args.vocab, num_heads=32, num_kv_heads=8, dtype="bfloat16", max_shard_size=args.src_shard)
-    size_gb = sum(f.stat().st_size for f in src.glob("*.safetensors")) / 1e9
+    make_checkpoint(work / "src", **SHAPE, max_shard_size="1GB")
     spec = work / "spec.yaml"
-    spec.write_text(f"source: {{model: {src}}}\nverify: false\nexport: {{path: {work / 'lg-out'}, max_shard_size: {args.out_shard}}}\n")
-    cache = work / "cache"
-
-    lg = [sys.executable, "-m", "loadgraph.cli", "build", str(spec), "--executor", "local", "--cache", str(cache)]
-    base_runs, cold_runs = [], []
-    for _ in range(REPEATS):  # alternate, fresh outputs each time; report the median
-        shutil.rmtree(work / "hf-out", ignore_errors=True)
-        shutil.rmtree(cache, ignore_errors=True)
-        shutil.rmtree(work / "lg-out", ignore_errors=True)
-        base_runs.append(measure([sys.executable, "-c", BASELINE, str(src), str(work / "hf-out"), args.out_shard]))
-        cold_runs.append(measure(lg))
-    base, cold = median(base_runs), median(cold_runs)
-    warm = measure(lg)
-    for m in (base, cold, warm):
-        assert m.returncode == 0, m
-    rows = {
-        "checkpoint": f"Llama-shaped bf16, hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}: {size_gb:.2f} GB, shards {args.src_shard} -> {args.out_shard}",
-        "baseline": {"seconds": base.seconds, "peak_rss_gib": base.peak_rss_gib},
-        "loadgraph_cold": {"seconds": cold.seconds, "peak_rss_gib": cold.peak_rss_gib},
-        "loadgraph_cached": {"seconds": warm.seconds, "peak_rss_gib": warm.peak_rss_gib},
-    }
-    table = "\n".join([
-        f"Re-shard/export, {rows['checkpoint']} (2-core CPU machine, page cache warm, median of {REPEATS} alternating runs).",
-        "",
-        "| run | wall s | peak RSS GiB | time ratio | RSS ratio |",
-        "|---|---|---|---|---|",
-        f"| transformers from_pretrained + save_pretrained | {base.seconds:.1f} | {base.peak_rss_gib:.2f} | 1.00 | 1.00 |",
-        f"| loadgraph build (cold cache, local executor) | {cold.seconds:.1f} | {cold.peak_rss_gib:.2f} | {cold.seconds / base.seconds:.2f} | {cold.peak_rss_gib / base.peak_rss_gib:.2f} |",
-        f"| loadgraph build (fully cached, no Ray) | {warm.seconds:.2f} | {warm.peak_rss_gib:.2f} | {warm.seconds / base.seconds:.2f} | {warm.peak_rss_gib / base.peak_rss_gib:.2f} |",
-        "",
-    ])
-    Path(args.results).write_text(table)
-    Path(args.results).with_suffix(".json").write_text(json.dumps(rows, indent=2))
-    print(table)
+    spec.write_text(f"source: {{model: {work / 'src'}}}\nverify: false\nexport: {{path: {work / 'lg-out'}, max_shard_size: 5GB}}\n")
+    baseline = [sys.executable, "-c", BASELINE, str(work / "src"), str(work / "hf-out"), "5GB"]
+    base, cold, warm = run_pair(baseline, loadgraph_cmd(spec, work / "cache"), [work / "hf-out", work / "cache", work / "lg-out"], args.repeats)
+    size = sum(f.stat().st_size for f in (work / "src").glob("*.safetensors")) / 1e9
+    write_table(Path(args.results), f"Re-shard 1GB -> 5GB shards, Llama-shaped bf16 (hidden 2048, 16 layers, vocab 128256, {size:.2f} GB)",
+                "transformers from_pretrained + save_pretrained", base, cold, warm, args.repeats)
     shutil.rmtree(work, ignore_errors=True)
-    return rows
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

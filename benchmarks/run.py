@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-BENCHMARKS = ["benchmarks.bench_reshard"]
+BENCHMARKS = ["benchmarks.bench_reshard", "benchmarks.bench_merge", "benchmarks.bench_quantize"]
 
 
 def main() -> None:

@@ -56,6 +56,7 @@ COPY_CHUNK = 16 * 1024 * 1024
 # against power loss at a large cost on slow disks, so it is opt-in.
 FSYNC = os.environ.get("LOADGRAPH_FSYNC") == "1"
 PARALLEL_HASH_MIN = 1 << 20
+MAX_PENDING = 2
 
 
 @functools.lru_cache(maxsize=1)
@@ -237,6 +238,10 @@ class ShardWriter:
         self._sha = hashlib.sha256()
         self._file: BinaryIO = open(path, "wb")
         self.size = 0
+        # Computed tensors are written on a background thread so that the caller computes the
+        # next tensor meanwhile; at most MAX_PENDING wait, bounding memory.
+        self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer")
+        self._pending: list = []
         self._emit(encode_header(self.order, metadata))
 
     @property
@@ -262,12 +267,19 @@ class ShardWriter:
         self._next += 1
 
     def write_tensor(self, name: str, tensor: "torch.Tensor") -> None:
-        data = tensor_bytes(tensor)
+        data = tensor_bytes(tensor)  # a view: keeps the tensor alive until written
         self._expect(name, len(data))
-        self._emit(data)
+        while len(self._pending) >= MAX_PENDING:
+            self._pending.pop(0).result()
+        self._pending.append(self._io.submit(self._emit, data))
+
+    def _drain(self) -> None:
+        while self._pending:
+            self._pending.pop(0).result()
 
     def copy_bytes(self, name: str, src: BinaryIO, begin: int, nbytes: int, buf: bytearray) -> None:
         """Copy a tensor's bytes verbatim from an open source file through a fixed buffer."""
+        self._drain()
         self._expect(name, nbytes)
         view = memoryview(buf)
         src.seek(begin)
@@ -281,6 +293,8 @@ class ShardWriter:
 
     def close(self) -> str:
         """Finish the file and return its sha256."""
+        self._drain()
+        self._io.shutdown()
         if self._next != len(self.order):
             raise RuntimeError(f"{self.path}: {len(self.order) - self._next} tensors never written")
         self._file.flush()
@@ -290,6 +304,9 @@ class ShardWriter:
         return self._sha.hexdigest()
 
     def abort(self) -> None:
+        for pending in self._pending:
+            pending.cancel()
+        self._io.shutdown(wait=True)
         self._file.close()
 
 

@@ -14,6 +14,7 @@ from loadgraph.formats.checkpoint import INDEX_NAME, TOKENIZER_FILES
 from loadgraph.formats.safetensors import COPY_CHUNK, DTYPES, FLOAT_DTYPES, TORCH_TO_ST, PlannedTensor, ShardWriter, read_header, read_tensor
 from loadgraph.formats.safetensors import TensorEntry
 from loadgraph.pipeline.stage import NodeContext, Stage, Unit
+from loadgraph.stages.inspect import link_or_copy
 
 SHARD_NAME = "model-{i:05d}-of-{n:05d}.safetensors"
 ST_METADATA = {"format": "pt"}  # what transformers writes; loaders check it
@@ -71,6 +72,15 @@ def write_shard(dest: Path, entries: list[dict], source_root: Path) -> tuple[str
             fh.close()  # type: ignore[attr-defined]
 
 
+def _whole_input_file(entries: list[dict], input_tensors: dict[str, dict]) -> str | None:
+    files = {e["file"] for e in entries}
+    if len(files) != 1 or any(e["dtype"] != e["src_dtype"] for e in entries):
+        return None
+    (only,) = files
+    names = {n for n, t in input_tensors.items() if t["file"] == only}
+    return only if names == {e["name"] for e in entries} else None
+
+
 def shard_table(path: Path, rel: str) -> dict[str, dict]:
     header = read_header(path)
     return {n: {"dtype": e.dtype, "shape": list(e.shape), "file": rel, "begin": e.begin, "end": e.end} for n, e in header.tensors.items()}
@@ -90,7 +100,14 @@ class ExportStage(Stage):
 
     def run_unit(self, ctx: NodeContext, unit: Unit, out: Path) -> dict:
         rel = unit.payload["file"]
-        digest, read = write_shard(out / rel, unit.payload["tensors"], ctx.input().path)
+        src = ctx.input()
+        whole = _whole_input_file(unit.payload["tensors"], src.tensors)
+        if whole is not None:
+            # The shard is exactly one input file, uncast: link it (cache entries are immutable).
+            link_or_copy(src.path / whole, out / rel)
+            meta = src.files[whole]
+            return {"files": {rel: {"size": meta["size"], "sha256": meta["sha256"]}}, "tensors": shard_table(out / rel, rel), "bytes": 0}
+        digest, read = write_shard(out / rel, unit.payload["tensors"], src.path)
         return {"files": {rel: {"size": (out / rel).stat().st_size, "sha256": digest}}, "tensors": shard_table(out / rel, rel), "bytes": read}
 
     def finalize(self, ctx: NodeContext, results: dict[str, dict], out: Path) -> dict:

@@ -1,0 +1,48 @@
+"""Side-by-side runs: a baseline command and `loadgraph build` on the same inputs, one table."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+from benchmarks.measure import Measurement, measure, median
+
+
+def loadgraph_cmd(spec: Path, cache: Path, executor: str = "local") -> list[str]:
+    return [sys.executable, "-m", "loadgraph.cli", "build", str(spec), "--executor", executor, "--cache", str(cache)]
+
+
+def run_pair(baseline: list[str], lg: list[str], fresh: list[Path], repeats: int) -> tuple[Measurement, Measurement, Measurement]:
+    """Alternate baseline and cold loadgraph `repeats` times (fresh outputs), then one cached rebuild."""
+    base_runs, cold_runs = [], []
+    for _ in range(repeats):
+        for path in fresh:
+            shutil.rmtree(path, ignore_errors=True)
+        base_runs.append(measure(baseline))
+        cold_runs.append(measure(lg))
+    warm = measure(lg)
+    for m in base_runs + cold_runs + [warm]:
+        if m.returncode != 0:
+            raise SystemExit(f"benchmark command failed: {m}")
+    return median(base_runs), median(cold_runs), warm
+
+
+def write_table(results: Path, title: str, baseline_label: str, base: Measurement, cold: Measurement, warm: Measurement, repeats: int) -> str:
+    lines = [
+        f"{title} (2-core CPU machine, page cache warm, {'median of %d alternating runs' % repeats if repeats > 1 else 'one run each'}).",
+        "",
+        "| run | wall s | peak RSS GiB | time ratio | RSS ratio |",
+        "|---|---|---|---|---|",
+        f"| {baseline_label} | {base.seconds:.1f} | {base.peak_rss_gib:.2f} | 1.00 | 1.00 |",
+        f"| loadgraph build (cold cache, local executor) | {cold.seconds:.1f} | {cold.peak_rss_gib:.2f} | {cold.seconds / base.seconds:.2f} | {cold.peak_rss_gib / base.peak_rss_gib:.2f} |",
+        f"| loadgraph build (fully cached, no Ray) | {warm.seconds:.2f} | {warm.peak_rss_gib:.2f} | {warm.seconds / base.seconds:.3f} | {warm.peak_rss_gib / base.peak_rss_gib:.2f} |",
+        "",
+    ]
+    table = "\n".join(lines)
+    results.parent.mkdir(parents=True, exist_ok=True)
+    results.write_text(table)
+    results.with_suffix(".json").write_text(json.dumps({"title": title, "baseline": base.__dict__, "loadgraph_cold": cold.__dict__, "loadgraph_cached": warm.__dict__}, indent=2))
+    print(table, flush=True)
+    return table
