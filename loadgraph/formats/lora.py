@@ -402,15 +402,16 @@ def merge_weight(
     delta = lora_delta(target, tensors, scale_multiplier=scale_multiplier)
     if target.use_dora:
         return _merge_dora(weight, target, delta, tensors)
-    merged = weight.clone()
     if target.kind == KIND_EMBEDDING:
         # Embedding.merge rounds the delta to the weight dtype *before* adding
         # (`weight.data += delta.to(orig_dtype)`), unlike Linear.merge.
+        merged = weight.clone()
         merged += delta.to(weight.dtype)
-    else:
-        # Linear.merge: `weight.data += delta` with a float32 delta: added in float32, rounded once.
-        merged += delta
-    return merged
+        return merged
+    # Linear.merge: `weight.data += delta` with a float32 delta: added in float32, rounded once.
+    # Accumulating into the float32 delta instead (addition commutes exactly) avoids a slow
+    # mixed-dtype in-place add and a clone of the weight; the single rounding is the same.
+    return delta.add_(weight).to(weight.dtype)
 
 
 def _merge_dora(
