@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -31,7 +32,7 @@ def run_pair(baseline: list[str], lg: list[str], fresh: list[Path], repeats: int
 
 def write_table(results: Path, title: str, baseline_label: str, base: Measurement, cold: Measurement, warm: Measurement, repeats: int) -> str:
     lines = [
-        f"{title} (2-core CPU machine, page cache warm, {'median of %d alternating runs' % repeats if repeats > 1 else 'one run each'}).",
+        f"{title} ({os.cpu_count()}-core machine, page cache warm, {'median of %d alternating runs' % repeats if repeats > 1 else 'one run each'}).",
         "",
         "| run | wall s | peak RSS GiB | time ratio | RSS ratio |",
         "|---|---|---|---|---|",
