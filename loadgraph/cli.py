@@ -46,11 +46,10 @@ def _open_cache(cache_dir: Optional[Path]):
 
 def _compile(specs: list[Path], cache_dir: Optional[Path]):
     from loadgraph.pipeline.graph import compile_specs
-    from loadgraph.spec import load_spec_file
+    from loadgraph.spec import load_spec_files
 
     cache = _open_cache(cache_dir)
-    targets = [t for path in specs for t in load_spec_file(path)]
-    return cache, compile_specs(targets, cache)
+    return cache, compile_specs(load_spec_files(specs), cache)
 
 
 def make_executor_factory(kind: str):
@@ -124,6 +123,13 @@ def plan(
             table.add_row(node.stage, node.short, status, ", ".join(k[:12] for k in node.inputs.values()), "; ".join(node.labels))
         out.print(table)
         if explain:
+            from loadgraph.llamafactory import explain_file
+
+            translation = explain_file(spec)
+            if translation is not None:
+                out.print("LLaMA-Factory translation (build: native spec; training: applied by load(trainable=True); "
+                          "trainer: left to the training loop; unused: no effect, with the reason):")
+                out.print_json(json.dumps(translation.explain()))
             for target in graph.targets:
                 out.print_json(json.dumps(target.spec.model_dump(mode="json")))
     except Exception as exc:  # noqa: BLE001
@@ -206,6 +212,70 @@ def _human(n: float) -> str:
             return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
         n /= 1000
     return str(n)
+
+
+@app.command()
+def submit(
+    specs: list[Path] = typer.Argument(..., help="spec files, inside the working directory that is uploaded"),
+    address: Optional[str] = typer.Option(None, "--address", help="Ray job API, e.g. http://HEAD:8265 (default $RAY_API_SERVER_ADDRESS)"),
+    wait: bool = typer.Option(False, "--wait", help="stream the job's logs and exit with its result (0 succeeded, 1 failed)"),
+    working_dir: Path = typer.Option(Path("."), "--working-dir", help="directory uploaded as the job's working_dir"),
+    cache: Optional[str] = typer.Option(None, "--cache", help="cache root as the cluster sees it (default: the cluster's $LOADGRAPH_CACHE)"),
+    env: list[str] = typer.Option([], "--env", help="KEY=VALUE for the job's environment (repeatable)"),
+    submission_id: Optional[str] = typer.Option(None, "--submission-id", help="override the derived id (loadgraph-DATE-SPECDIGEST)"),
+) -> None:
+    """Run `loadgraph build` on a Ray cluster as a job; once per spec content per day."""
+    from loadgraph import submit as sub
+
+    try:
+        address = address or sub.default_address()
+        if not address:
+            raise InputError("--address: give the Ray job API address (http://HEAD:8265) or set RAY_API_SERVER_ADDRESS")
+        job = sub.submit(specs, address, working_dir=working_dir, cache=cache, env=sub.parse_env(env), submission_id=submission_id)
+        verb = f"attached to {job.status.lower()} job" if job.attached else "submitted"
+        console.print(f"{verb} {job.submission_id}: {job.entrypoint}", highlight=False, soft_wrap=True)
+        out.print(job.submission_id, highlight=False)
+        if not wait:
+            return
+        status = sub.follow(address, job.submission_id, lambda chunk: console.out(chunk, end="", highlight=False))
+    except KeyboardInterrupt:
+        console.print("stopped following; the job keeps running (run the same command to reattach)")
+        raise typer.Exit(130)
+    except Exception as exc:  # noqa: BLE001
+        _fail(exc)
+    console.print(f"job {job.submission_id}: {status}", highlight=False)
+    if status != "SUCCEEDED":
+        raise typer.Exit(1)
+
+
+@app.command()
+def prefetch(
+    specs: list[Path] = typer.Argument(..., help="spec files whose targets to place on the nodes"),
+    cache_dir: Optional[Path] = CacheOpt,
+    local_dir: Optional[str] = typer.Option(None, "--local-dir", help="node-local directory; {node} expands to the node id (default $LOADGRAPH_LOCAL_DIR or /tmp/loadgraph-local)"),
+    gpu_nodes: bool = typer.Option(False, "--gpu-nodes", help="only nodes that have GPUs"),
+    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster to join (default $RAY_ADDRESS, else an embedded local Ray)"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="write the build report and one record per node and artifact here"),
+) -> None:
+    """Build if needed, then copy each target's artifact to every node's local disk (once per node)."""
+    from loadgraph.prefetch import prefetch as run_prefetch
+    from loadgraph.progress import RichReporter
+
+    try:
+        with RichReporter(console) as reporter:
+            report, placed = run_prefetch(specs, cache_dir, local_dir, gpu_nodes, address, reporter)
+    except Exception as exc:  # noqa: BLE001
+        if json_out:
+            json_out.write_text(json.dumps({"ok": False, "error": str(exc)}, indent=2))
+        _fail(exc)
+    table = Table(title="prefetch")
+    for col in ("node", "host", "artifact", "status", "size", "seconds", "path"):
+        table.add_column(col)
+    for r in placed:
+        table.add_row(r["node_id"][:12], r["host"], r["key"][:12], r["status"], _human(r["bytes"]), f"{r['seconds']:.1f}", r["path"])
+    console.print(table)
+    if json_out:
+        json_out.write_text(json.dumps({**report.to_json(), "placed": placed}, indent=2))
 
 
 def main() -> None:

@@ -87,8 +87,58 @@ class BuildSpec(_Strict):
         return None if v is False else v
 
 
+class MatrixSpec(_Strict):
+    """One base x N adapter sets x M quantizations: N*M targets sharing everything else.
+
+    Each `adapters` entry is one adapter, a list applied in order, or null (the base alone);
+    each `quantize` entry is a quantization or null (none). `name` may use {adapters} and
+    {quantize}; `export.path` may use those and {name}, and must when there are several targets.
+    """
+
+    name: str = "{adapters}-{quantize}"
+    source: Source
+    dtype: Dtype = "auto"
+    adapters: list[Union[AdapterSpec, list[AdapterSpec], None]] = Field(default_factory=lambda: [None])
+    merge: MergeOptions = MergeOptions()
+    quantize: list[Union[QuantizeSpec, None]] = Field(default_factory=lambda: [None])
+    verify: VerifySpec | None = VerifySpec()
+    export: ExportSpec | None = None
+
+    @field_validator("verify", mode="before")
+    @classmethod
+    def _verify_bool(cls, v: object) -> object:
+        return BuildSpec._verify_bool(v)
+
+    def expand(self, origin: str) -> list[BuildSpec]:
+        n = len(self.adapters) * len(self.quantize)
+        if self.export is not None and n > 1 and "{name}" not in self.export.path:
+            raise InputError(f"{origin}: matrix.export.path must contain {{name}} so that each of the {n} targets exports to its own directory")
+        shared = self.model_dump(include={"source", "dtype", "merge"})
+        targets = []
+        for entry in self.adapters:
+            stack = [] if entry is None else entry if isinstance(entry, list) else [entry]
+            for q in self.quantize:
+                labels = {"adapters": "+".join(Path(a.path).name for a in stack) or "base", "quantize": q.method if q else "none"}
+                try:
+                    name = self.name.format(**labels)
+                    export = self.export.model_copy(update={"path": self.export.path.format(name=name, **labels)}) if self.export else None
+                except (KeyError, IndexError, ValueError) as exc:
+                    raise InputError(f"{origin}: matrix: bad placeholder {exc} in name or export.path; use {{adapters}}, {{quantize}} or {{name}}") from None
+                targets.append(BuildSpec(**shared, name=name, adapters=stack, quantize=q, verify=self.verify, export=export))
+        return targets
+
+
 class BatchSpec(_Strict):
-    targets: list[BuildSpec]
+    """Several targets compiled into one DAG: `targets:` as written, plus a `matrix:` expanded."""
+
+    targets: list[BuildSpec] = Field(default_factory=list)
+    matrix: MatrixSpec | None = None
+
+    def all_targets(self, origin: str) -> list[BuildSpec]:
+        targets = list(self.targets) + (self.matrix.expand(origin) if self.matrix else [])
+        if not targets:
+            raise InputError(f"{origin}: a batch spec needs at least one entry under 'targets' (or a 'matrix')")
+        return targets
 
 
 def _suggest(bad: str, model: type[BaseModel]) -> str:
@@ -143,12 +193,12 @@ def parse_spec(doc: Any, origin: str, base_dir: Path | None = None) -> list[Buil
         from loadgraph.llamafactory import translate
 
         doc = translate(doc, origin)
-    model: type[BaseModel] = BatchSpec if "targets" in doc else BuildSpec
+    model: type[BaseModel] = BatchSpec if ("targets" in doc or "matrix" in doc) else BuildSpec
     try:
         parsed = model.model_validate(doc)
     except ValidationError as exc:
         raise InputError(format_validation_error(exc, origin, model)) from None
-    targets = parsed.targets if isinstance(parsed, BatchSpec) else [parsed]
+    targets = parsed.all_targets(origin) if isinstance(parsed, BatchSpec) else [parsed]
     names = [t.name for t in targets]
     if len(set(names)) != len(names):
         raise InputError(f"{origin}: targets need distinct 'name's (got {names})")
@@ -190,3 +240,22 @@ def load_spec_file(path: str | Path) -> list[BuildSpec]:
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise InputError(f"{path}:{where}: YAML syntax error: {problem}") from None
     return parse_spec(doc, str(path), path.parent.absolute())
+
+
+def load_spec_files(paths: list[str | Path]) -> list[BuildSpec]:
+    """Several spec files -> the targets of one DAG (`loadgraph build specs/*.yaml`).
+
+    With more than one file, a plain spec's unnamed target takes its file's stem, so that the
+    report names one target per file; a name defined twice is refused, naming both files.
+    """
+    targets: list[BuildSpec] = []
+    defined: dict[str, Path] = {}
+    for path in map(Path, paths):
+        for target in load_spec_file(path):
+            if len(paths) > 1 and target.name == "default":
+                target = target.model_copy(update={"name": path.stem})
+            if target.name in defined:
+                raise InputError(f"{path}: target name {target.name!r} is also defined in {defined[target.name]}; give each target a distinct 'name'")
+            defined[target.name] = path
+            targets.append(target)
+    return targets

@@ -61,3 +61,74 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 300) -> subpro
         timeout=timeout,
         env={**os.environ, "COLUMNS": "200", **(env or {})},
     )
+
+
+# -- Ray ---------------------------------------------------------------------------------------
+# Several Ray clusters may run on this machine: every port is explicit, never a default.
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ray_node_ports() -> dict:
+    return {
+        "node_manager_port": free_port(),
+        "object_manager_port": free_port(),
+        "dashboard_agent_listen_port": free_port(),
+        "metrics_agent_port": free_port(),
+        "metrics_export_port": free_port(),
+        "runtime_env_agent_port": free_port(),
+    }
+
+
+class SimulatedCluster:
+    """A `ray.cluster_utils.Cluster` of three nodes on this machine; the test process is its driver."""
+
+    NODE = {"num_cpus": 1, "object_store_memory": 80 * 2**20}
+
+    def __init__(self) -> None:
+        import ray
+        from ray.cluster_utils import Cluster
+
+        # Cluster records its address for `ray.init()` in /tmp/ray: put back what was there, so
+        # that another cluster's `ray.init()` on this machine keeps finding its own.
+        address_file = Path("/tmp/ray/ray_current_cluster")
+        previous = address_file.read_text() if address_file.exists() else None
+        head_args = {**self.NODE, **ray_node_ports(), "gcs_server_port": free_port(), "dashboard_port": free_port(),
+                     "ray_client_server_port": free_port(), "include_dashboard": False}
+        self.cluster = Cluster(initialize_head=True, head_node_args=head_args)
+        if previous is None:
+            address_file.unlink(missing_ok=True)
+        else:
+            address_file.write_text(previous)
+        self.head = self.cluster.head_node
+        self.gpu = self.add_node(num_gpus=1)
+        self.cpu = self.add_node()
+        ray.init(address=self.cluster.address, log_to_driver=False)
+
+    @property
+    def address(self) -> str:
+        return self.cluster.address
+
+    def add_node(self, **kw):
+        return self.cluster.add_node(**{**self.NODE, **ray_node_ports(), **kw})
+
+    def shutdown(self) -> None:
+        import ray
+
+        ray.shutdown()
+        self.cluster.shutdown()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One simulated cluster per session (start-up costs 6-20 s here): head, a node with a fake
+    GPU, a CPU node, one CPU each. Tests that kill nodes add their own and leave these three."""
+    cluster = SimulatedCluster()
+    yield cluster
+    cluster.shutdown()

@@ -1,17 +1,34 @@
 """Ray executor: every work unit is a Ray task; results are small dicts, bytes stay in the cache.
 
-With RAY_ADDRESS set (as under `ray job submit`) it joins that cluster; otherwise it starts
-an embedded local Ray. Units retry on worker or node death (`max_retries`), ask for a GPU
-when they want one and the cluster has one, and for `memory` from the bytes they read.
+With an address (or RAY_ADDRESS, as under `ray job submit`) it joins that cluster; otherwise it
+starts an embedded local Ray that it shuts down again. Units retry on worker or node death
+(`max_retries`), ask for a GPU when they want one and the cluster has one, and for `memory`
+from the bytes they read. The cache must be the same directory on every node (a shared
+filesystem mounted at one path): the executor checks that up front on every node it can see,
+and every unit checks it again before it touches the cache.
 """
 
 from __future__ import annotations
 
 import os
+import time
+from pathlib import Path
 from typing import Any
 
-from loadgraph.errors import BuildError, LoadgraphError
+from loadgraph import errors
+from loadgraph.errors import BuildError, InputError, LoadgraphError
 from loadgraph.pipeline.executors.base import OnResult
+from loadgraph.pipeline.executors.ray_nodes import (
+    NodeInfo,
+    alive_nodes,
+    cache_identity,
+    pinned_to,
+    probe_cache,
+    sees_cache,
+    this_node_id,
+    unreachable_message,
+    where_am_i,
+)
 from loadgraph.pipeline.stage import Unit
 from loadgraph.pipeline.units import execute_unit, unit_dict
 
@@ -20,70 +37,170 @@ MAX_RETRIES = 3
 # that big shards do not all land on one node at once (floor keeps tiny units schedulable).
 MEMORY_PER_INPUT_BYTE = 0.25
 MIN_MEMORY = 64 * 2**20
+# auto: GPU units ask for a GPU when the cluster has one when the build starts.
+# require: always ask (an autoscaler then adds GPU nodes; without one they wait forever).
+# never: GPU units run on CPUs.
+GPU_POLICY_ENV = "LOADGRAPH_RAY_GPU"
+GPU_POLICIES = ("auto", "require", "never")
 
 
-def _remote_execute(cache_root: str, desc: dict, unit: dict) -> dict:
+def _inject_fault(unit_id: str) -> None:
+    """`LOADGRAPH_FAULT=slow-units:S` delays every unit by S seconds and, with LOADGRAPH_FAULT_LOG
+    set, appends where it started: the node-loss test needs units in flight on the node it kills."""
+    spec = os.environ.get("LOADGRAPH_FAULT", "")
+    if not spec.startswith("slow-units:"):
+        return
+    log = os.environ.get("LOADGRAPH_FAULT_LOG")
+    if log:
+        with open(log, "a", encoding="utf-8") as f:
+            f.write(f"{where_am_i()['node_id']} {unit_id}\n")
+    time.sleep(float(spec.split(":", 1)[1]))
+
+
+def _remote_execute(cache_root: str, identity: str, desc: dict, unit: dict) -> dict:
+    here = where_am_i()
+    if not sees_cache(cache_root, identity):
+        # Checked before execute_unit, whose Cache() would create an empty local cache here.
+        return {"error": unreachable_message(cache_root, [f"{here['node_id'][:12]} ({here['host']})"]), "error_class": "BuildError"}
+    _inject_fault(unit["id"])
     try:
-        return execute_unit(cache_root, desc, unit)
+        result = execute_unit(cache_root, desc, unit)
     except LoadgraphError as exc:
-        # Ray wraps exceptions; keep the user-facing class and message intact.
+        # Deterministic, user-facing failures: returned, not raised, so Ray does not retry them
+        # and the CLI keeps the class (exit code) and the one-line message.
         return {"error": str(exc), "error_class": type(exc).__name__}
+    return {**result, "ran_on": here}
+
+
+def reads_driver_paths(desc: dict, cache_root: str) -> bool:
+    """A node whose runtime names local paths outside the cache (a source checkpoint, a hub
+    snapshot) reads files that only the driver's machine is known to have."""
+    root = Path(cache_root)
+    for value in desc.get("runtime", {}).values():
+        if isinstance(value, str) and value.startswith("/"):
+            path = Path(value)
+            if root != path and root not in path.parents:
+                return True
+    return False
+
+
+def _first_line(x: object) -> str:
+    text = str(x).strip()
+    return text.splitlines()[0] if text else ""
+
+
+def _failure(desc: dict, unit: Unit, exc: Exception) -> str:
+    cause = getattr(exc, "cause", None)
+    if cause is not None:  # RayTaskError: the unit itself raised (not retried, see retry_exceptions)
+        what = f"{type(cause).__name__}: {_first_line(cause)}"
+    else:  # worker or node death, out of memory...: Ray has retried it already
+        what = f"{type(exc).__name__} (after {MAX_RETRIES} retries): {_first_line(exc)}"
+    return f"{desc['stage']} unit {unit.id} ({desc['key'][:12]}) failed on Ray: {what}"
 
 
 class RayExecutor:
     name = "ray"
 
-    def __init__(self, address: str | None = None, max_in_flight: int | None = None, init_kwargs: dict[str, Any] | None = None):
+    def __init__(
+        self,
+        address: str | None = None,
+        max_in_flight: int | None = None,
+        init_kwargs: dict[str, Any] | None = None,
+        runtime_env: dict | None = None,
+        gpu_policy: str | None = None,
+    ):
         import ray
 
-        self._started_here = False
+        self.gpu_policy = gpu_policy or os.environ.get(GPU_POLICY_ENV, "auto")
+        if self.gpu_policy not in GPU_POLICIES:  # checked before Ray starts, so nothing leaks
+            raise InputError(f"{GPU_POLICY_ENV}: {self.gpu_policy!r} is not one of {', '.join(GPU_POLICIES)}")
+        self.ray = ray
+        self._owns_connection = False
+        self.embedded = False
         if not ray.is_initialized():
             address = address or os.environ.get("RAY_ADDRESS")
             kwargs = {"include_dashboard": False, "log_to_driver": True, "configure_logging": False, **(init_kwargs or {})}
             if address:
                 ray.init(address=address, **kwargs)
             else:
-                # Embedded local Ray: this process owns it and shuts it down in close().
-                # address="local": never attach to some other cluster that happens to run here.
+                # "local" forces a new instance: a bare ray.init() would join whichever cluster
+                # `ray start` last recorded in /tmp/ray on this machine, maybe someone else's.
                 kwargs.setdefault("num_cpus", os.cpu_count())
                 ray.init(address="local", **kwargs)
-                self._started_here = True
-        self.ray = ray
-        resources = ray.cluster_resources()
-        self.gpus = resources.get("GPU", 0)
-        self.max_in_flight = max_in_flight or max(2, int(resources.get("CPU", 1)) * 2)
+                self.embedded = True
+            self._owns_connection = True
+        self.nodes: list[NodeInfo] = alive_nodes()
+        self.has_gpus = any(n.gpus for n in self.nodes)
+        self.max_node_memory = max((n.memory for n in self.nodes), default=0.0)
+        self.driver_node = this_node_id()
+        cpus = int(sum(n.resources.get("CPU", 0) for n in self.nodes))
+        self.max_in_flight = max_in_flight or max(2, 2 * (cpus + int(sum(n.gpus for n in self.nodes))))
+        self.runtime_env = runtime_env
         self._task = ray.remote(max_retries=MAX_RETRIES, retry_exceptions=[OSError])(_remote_execute)
+        self._checked_roots: dict[str, str] = {}
 
-    def _options(self, unit: Unit) -> dict:
-        opts: dict[str, Any] = {"num_cpus": 1, "memory": max(MIN_MEMORY, int(unit.nbytes * MEMORY_PER_INPUT_BYTE))}
-        if unit.gpu and self.gpus:
-            opts["num_gpus"] = 1
+    # -- placement -------------------------------------------------------------
+    def _wants_gpu(self, unit: Unit) -> bool:
+        if not unit.gpu or self.gpu_policy == "never":
+            return False
+        return self.gpu_policy == "require" or self.has_gpus
+
+    def _memory(self, unit: Unit) -> int:
+        want = max(MIN_MEMORY, int(unit.nbytes * MEMORY_PER_INPUT_BYTE))
+        # Never ask for more than the biggest node has: such a task would wait forever.
+        return int(min(want, self.max_node_memory)) if self.max_node_memory else want
+
+    def options_for(self, desc: dict, unit: Unit, cache_root: str) -> dict:
+        if len(self.nodes) > 1 and self.driver_node and reads_driver_paths(desc, cache_root):
+            # I/O only, and it must run where the files are. Zero CPUs: a Kubernetes head
+            # usually has num-cpus=0, and a unit asking for one there would never start.
+            opts: dict[str, Any] = {"num_cpus": 0, "scheduling_strategy": pinned_to(self.driver_node)}
+        else:
+            opts = {"num_cpus": 1, "memory": self._memory(unit)}
+            if self._wants_gpu(unit):
+                opts["num_gpus"] = 1
+        if self.runtime_env:
+            opts["runtime_env"] = self.runtime_env
         return opts
 
+    def _check_cache(self, cache_root: str) -> str:
+        """The cache's id; on a joined multi-node cluster, fail now if some node cannot see it."""
+        if cache_root not in self._checked_roots:
+            identity = cache_identity(Path(cache_root))
+            if not self.embedded and len(self.nodes) > 1:
+                bad = probe_cache(cache_root, identity, self.nodes)
+                if bad:
+                    raise BuildError(unreachable_message(cache_root, [f"{n.node_id[:12]} ({n.ip})" for n in bad]))
+            self._checked_roots[cache_root] = identity
+        return self._checked_roots[cache_root]
+
+    # -- running ---------------------------------------------------------------
     def run_units(self, cache_root: str, desc: dict, units: list[Unit], on_result: OnResult) -> None:
         ray = self.ray
+        identity = self._check_cache(cache_root)
+        queue = sorted(units, key=lambda u: -u.nbytes)  # biggest first: the slowest unit does not start last
         pending: dict[Any, Unit] = {}
-        queue = list(units)
         try:
             while queue or pending:
                 while queue and len(pending) < self.max_in_flight:
                     unit = queue.pop(0)
-                    pending[self._task.options(**self._options(unit)).remote(cache_root, desc, unit_dict(unit))] = unit
+                    ref = self._task.options(**self.options_for(desc, unit, cache_root)).remote(cache_root, identity, desc, unit_dict(unit))
+                    pending[ref] = unit
                 ready, _ = ray.wait(list(pending), num_returns=1)
                 for ref in ready:
                     unit = pending.pop(ref)
-                    result = ray.get(ref)
+                    try:
+                        result = ray.get(ref)
+                    except ray.exceptions.RayError as exc:
+                        raise BuildError(_failure(desc, unit, exc)) from exc
                     if "error" in result:
-                        from loadgraph import errors
-
                         raise getattr(errors, result["error_class"], BuildError)(result["error"])
                     on_result(unit, result)
-        except ray.exceptions.RayError as exc:
-            raise BuildError(f"{desc['stage']} unit failed on Ray: {str(exc).splitlines()[0]}") from exc
         finally:
             for ref in pending:
                 ray.cancel(ref, force=True)
 
     def close(self) -> None:
-        if self._started_here:
+        if self._owns_connection:
             self.ray.shutdown()
+            self._owns_connection = False

@@ -1,0 +1,173 @@
+"""clusters/: the `ray up` YAML against Ray's own schema, the Kubernetes manifests' contracts,
+and a real local head (clusters/local/cluster.py) taking `ray job submit` and `loadgraph submit`."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+import ray
+import torch
+import yaml
+
+from conftest import run_cli, write_spec
+
+ROOT = Path(__file__).resolve().parents[1]
+CLUSTERS = ROOT / "clusters"
+CACHE_MOUNT = "/mnt/loadgraph"
+CACHE_PATH = "/mnt/loadgraph/cache"
+
+
+# -- `ray up` ----------------------------------------------------------------------------------
+
+
+def test_ray_up_yaml_validates_against_rays_schema():
+    import jsonschema
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    config = yaml.safe_load((CLUSTERS / "aws" / "loadgraph-gpu.yaml").read_text())
+    schema = json.loads((Path(ray.__file__).parent / "autoscaler" / "ray-schema.json").read_text())
+    jsonschema.validate(config, schema)  # the file as written
+    validate_config(prepare_config(config))  # and as `ray up` sees it, defaults merged
+    assert config["docker"]["image"].startswith(f"rayproject/ray:{ray.__version__}-")
+    types = config["available_node_types"]
+    gpu_types = [t for t, v in types.items() if v["node_config"]["InstanceType"].startswith(("g5", "g6", "p4", "p5"))]
+    assert gpu_types and any(types[t].get("min_workers", 0) >= 1 for t in gpu_types)
+    for name, node_type in types.items():
+        # Node-type commands replace the global list: each type must mount the cache itself.
+        commands = " ".join(node_type.get("initialization_commands", config["initialization_commands"]))
+        assert f"{CACHE_MOUNT}" in commands and "mount" in commands, name
+    run = " ".join(config["docker"]["run_options"])
+    assert f"--volume {CACHE_MOUNT}:{CACHE_MOUNT}" in run and f"LOADGRAPH_CACHE={CACHE_PATH}" in run
+    assert "--num-cpus=0" in " ".join(config["head_start_ray_commands"]) and types[config["head_node_type"]]["resources"] == {"CPU": 0}
+
+
+# -- KubeRay and Kubernetes --------------------------------------------------------------------
+
+
+def _manifests() -> dict[str, list[dict]]:
+    docs: dict[str, list[dict]] = {}
+    for path in sorted((CLUSTERS / "kuberay").glob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            assert doc["apiVersion"] and doc["kind"] and doc["metadata"]["name"], path
+            docs.setdefault(doc["kind"], []).append(doc)
+    return docs
+
+
+def _ray_cluster_specs(docs: dict[str, list[dict]]) -> list[dict]:
+    specs = [d["spec"] for d in docs["RayCluster"]]
+    specs += [d["spec"]["rayClusterSpec"] for d in docs["RayJob"]]
+    specs += [d["spec"]["jobTemplate"]["rayClusterSpec"] for d in docs["RayCronJob"]]
+    return specs
+
+
+def test_kuberay_manifests_mount_one_cache_everywhere():
+    docs = _manifests()
+    assert {"RayCluster", "RayJob", "RayCronJob", "CronJob", "PersistentVolumeClaim", "ConfigMap"} <= set(docs)
+    (pvc,) = docs["PersistentVolumeClaim"]
+    assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
+    for spec in _ray_cluster_specs(docs):
+        assert spec["rayVersion"] == ray.__version__
+        assert spec["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+        groups = [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
+        assert any("nvidia.com/gpu" in g["template"]["spec"]["containers"][0]["resources"]["limits"] for g in spec["workerGroupSpecs"])
+        for group in groups:
+            pod = group["template"]["spec"]
+            claims = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"] if "persistentVolumeClaim" in v}
+            for c in pod["containers"]:
+                assert c["image"].endswith(":0.1.0")
+                mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
+                cache_volume = next(name for name, path in mounts.items() if path == CACHE_MOUNT)
+                assert claims[cache_volume] == pvc["metadata"]["name"]
+                env = {e["name"]: e.get("value") for e in c["env"]}
+                assert env["LOADGRAPH_CACHE"] == CACHE_PATH and env["RAY_AUTH_MODE"] == "token" and "RAY_AUTH_TOKEN" in env
+
+
+def test_kuberay_jobs_build_specs_that_parse():
+    from loadgraph.spec import parse_spec
+
+    docs = _manifests()
+    (config_map,) = docs["ConfigMap"]
+    specs = {f"/etc/loadgraph/specs/{name}": yaml.safe_load(text) for name, text in config_map["data"].items()}
+    entrypoints = [d["spec"]["entrypoint"] for d in docs["RayJob"]] + [d["spec"]["jobTemplate"]["entrypoint"] for d in docs["RayCronJob"]]
+    for entrypoint in entrypoints:
+        path = re.search(r"loadgraph build (\S+)", entrypoint).group(1)
+        targets = parse_spec(specs[path], path)
+        assert len(targets) == 4 and len({t.export.path for t in targets}) == 4
+    (cron,) = docs["RayCronJob"]
+    assert len(cron["spec"]["schedule"].split()) == 5
+    (plain,) = docs["CronJob"]
+    assert plain["spec"]["concurrencyPolicy"] == "Forbid"
+    pod = plain["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    command = pod["containers"][0]["command"]
+    assert command[:2] == ["loadgraph", "submit"] and "--wait" in command
+    assert f"/etc/loadgraph/specs/{command[2]}" in specs
+    (cluster,) = docs["RayCluster"]
+    assert command[command.index("--address") + 1] == f"http://{cluster['metadata']['name']}-head-svc:8265"
+
+
+# -- a real local head -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def local_cluster():
+    """clusters/local/cluster.py: a head and one worker, explicit ports, stopped by PID."""
+    state_dir = Path(tempfile.mkdtemp(prefix="lgr-", dir="/tmp"))  # short: Ray's socket paths are length-limited
+    script = CLUSTERS / "local" / "cluster.py"
+    up = subprocess.run([sys.executable, script, "up", "--dir", state_dir, "--workers", "1"], capture_output=True, text=True, timeout=240)
+    try:
+        assert up.returncode == 0, up.stderr
+        state = json.loads((state_dir / "cluster.json").read_text())
+        yield state
+    finally:
+        subprocess.run([sys.executable, script, "down", "--dir", state_dir], capture_output=True, timeout=120)
+        shutil.rmtree(state_dir, ignore_errors=True)
+    for node in state["nodes"]:
+        assert not Path(f"/proc/{node['pid']}").exists() or "Z" in Path(f"/proc/{node['pid']}/stat").read_text().split()[2]
+
+
+def _logits(model_dir: Path):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    with torch.no_grad():
+        return model(input_ids=torch.arange(3, 19)[None]).logits
+
+
+def test_ray_job_submit_and_loadgraph_submit_on_a_real_head(local_cluster, models, tmp_path):
+    base = models("llama")
+    cache = tmp_path / "cache"
+    work = tmp_path / "job"
+    work.mkdir()
+    write_spec(work / "spec.yaml", {"source": {"model": str(base)}, "verify": False, "export": {"path": str(tmp_path / "out"), "max_shard_size": "64KB"}})
+    ray_cli = Path(sys.executable).parent / "ray"
+    job = subprocess.run([ray_cli, "job", "submit", "--address", local_cluster["dashboard"], "--working-dir", ".", "--",
+                          "loadgraph", "build", "spec.yaml", "--cache", cache], capture_output=True, text=True, timeout=240, cwd=work)
+    assert job.returncode == 0 and "succeeded" in job.stdout + job.stderr and "(ray executor)" in job.stdout + job.stderr, job.stdout + job.stderr
+    assert torch.equal(_logits(tmp_path / "out"), _logits(base))
+
+    # The same build through `loadgraph submit --wait`: a fully cached no-op, logs streamed back.
+    args = ["submit", work / "spec.yaml", "--address", local_cluster["dashboard"], "--working-dir", work, "--cache", cache]
+    first = run_cli(*args, "--wait", timeout=240)
+    assert first.returncode == 0, first.stderr
+    sid = first.stdout.strip()
+    assert re.fullmatch(r"loadgraph-\d{8}-[0-9a-f]{16}", sid) and "SUCCEEDED" in first.stderr and "up-to-date" in first.stderr
+    again = run_cli(*args, timeout=120)  # same spec, same day: attaches, submits nothing
+    assert again.returncode == 0 and again.stdout.strip() == sid and "attached to succeeded job" in again.stderr
+
+    # A build that fails on the cluster: exit 1; the next submission gets a fresh id.
+    write_spec(work / "bad.yaml", {"source": {"model": str(tmp_path / "not-there")}, "export": {"path": str(tmp_path / "bad-out")}})
+    bad = ["submit", work / "bad.yaml", "--address", local_cluster["dashboard"], "--working-dir", work, "--cache", cache]
+    failed = run_cli(*bad, "--wait", timeout=240)
+    assert failed.returncode == 1 and "not-there" in failed.stderr and "FAILED" in failed.stderr, failed.stderr
+    retry = run_cli(*bad, timeout=120)
+    assert retry.returncode == 0 and retry.stdout.strip() == f"{failed.stdout.strip()}-r2"
+    elsewhere = write_spec(tmp_path / "elsewhere.yaml", {"source": {"model": str(base)}})
+    outside = run_cli("submit", elsewhere, "--address", local_cluster["dashboard"], "--working-dir", work)
+    assert outside.returncode == 2 and "not inside the working directory" in outside.stderr

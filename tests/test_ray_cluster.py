@@ -1,0 +1,177 @@
+"""The Ray executor on a simulated multi-node cluster (one per session, see conftest):
+GPU placement, a node killed mid-build, two concurrent builders, node prefetch."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from conftest import run_cli, write_spec
+from loadgraph.pipeline.cache import Cache
+from loadgraph.pipeline.executors.local import LocalExecutor
+from loadgraph.pipeline.executors.ray import RayExecutor
+from loadgraph.pipeline.graph import compile_specs
+from loadgraph.pipeline.runner import NullReporter, build
+from loadgraph.pipeline.stage import get_stage
+from loadgraph.pipeline.units import node_context
+from loadgraph.spec import parse_spec
+
+
+def _spec(base: Path, out: Path, shard: str = "20KB") -> list:
+    return parse_spec({"source": {"model": str(base)}, "verify": False, "export": {"path": str(out), "max_shard_size": shard}}, "test")
+
+
+def _local_build(base: Path, tmp: Path, shard: str = "20KB") -> Path:
+    cache = Cache(tmp / "local-cache")
+    build(compile_specs(_spec(base, tmp / "local-out", shard), cache), cache, LocalExecutor)
+    return tmp / "local-out"
+
+
+def _same_files(a: Path, b: Path) -> None:
+    names = sorted(p.name for p in a.iterdir() if p.name != "manifest.json")
+    assert names == sorted(p.name for p in b.iterdir() if p.name != "manifest.json")
+    for name in names:
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+
+
+class Recorder(NullReporter):
+    """Where each unit's result came from."""
+
+    def __init__(self) -> None:
+        self.ran_on: dict[tuple[str, str], str] = {}
+
+    def unit_finished(self, node, unit, result) -> None:
+        self.ran_on[(node.stage, unit.id)] = result.get("ran_on", {}).get("node_id", "")
+
+
+def test_gpu_units_land_on_gpu_nodes_and_cpu_units_ask_for_none(ray_cluster, models, tmp_path):
+    cache = Cache(tmp_path / "cache")
+    graph = compile_specs(_spec(models("llama"), tmp_path / "out"), cache)
+    executor = RayExecutor()
+    build(graph, cache, lambda: executor)
+    export = next(n for n in graph.nodes.values() if n.stage == "export")
+    units = get_stage("export").units(node_context(cache, export.describe()))
+    # The same real units, half of them marked as wanting a GPU, re-run against the cluster.
+    marked = [dataclasses.replace(u, gpu=i % 2 == 0) for i, u in enumerate(units)]
+    ran_on: dict[str, str] = {}
+    executor.run_units(str(cache.root), export.describe(), marked, lambda u, r: ran_on.__setitem__(u.id, r["ran_on"]["node_id"]))
+    cache.drop_units(export.key)
+    gpu_node = ray_cluster.gpu.node_id
+    assert {ran_on[u.id] for u in marked if u.gpu} == {gpu_node}
+    assert executor.options_for(export.describe(), marked[0], str(cache.root))["num_gpus"] == 1
+    assert "num_gpus" not in executor.options_for(export.describe(), marked[1], str(cache.root))
+    assert "num_gpus" not in RayExecutor(gpu_policy="never").options_for(export.describe(), marked[0], str(cache.root))
+    # Units that read the source checkpoint by path run where the driver resolved it.
+    fetch = next(n for n in graph.nodes.values() if n.stage == "fetch")
+    assert executor.options_for(fetch.describe(), units[0], str(cache.root))["num_cpus"] == 0
+
+
+def test_node_killed_mid_build_still_builds_the_same_bytes(ray_cluster, models, tmp_path):
+    base = models("llama")
+    victim = ray_cluster.add_node()
+    starts = tmp_path / "starts.log"
+    starts.touch()
+    fault = {"env_vars": {"LOADGRAPH_FAULT": "slow-units:0.5", "LOADGRAPH_FAULT_LOG": str(starts)}}
+    killed = threading.Event()
+
+    def kill_when_victim_works() -> None:
+        # A unit logs its start, then sleeps: kill the node while one of its units is in flight.
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not killed.is_set():
+            if victim.node_id in starts.read_text():
+                ray_cluster.cluster.remove_node(victim, allow_graceful=False)
+                killed.set()
+                return
+            time.sleep(0.02)
+
+    killer = threading.Thread(target=kill_when_victim_works, daemon=True)
+    killer.start()
+    cache = Cache(tmp_path / "cache")
+    recorder = Recorder()
+    report = build(compile_specs(_spec(base, tmp_path / "out"), cache), cache, lambda: RayExecutor(runtime_env=fault), recorder)
+    killed.set()
+    killer.join()
+    assert report.ok and victim not in ray_cluster.cluster.worker_nodes
+    started_on_victim = {line.split()[1] for line in starts.read_text().splitlines() if line.split()[0] == victim.node_id}
+    finished_elsewhere = {u for (_, u), node in recorder.ran_on.items() if node != victim.node_id}
+    assert started_on_victim & finished_elsewhere, "no unit was interrupted by the node's death and retried elsewhere"
+    _same_files(tmp_path / "out", _local_build(base, tmp_path))
+    assert not any(Cache(cache.root).verify(e["key"]) for e in cache.entries())
+
+
+def test_two_concurrent_builds_compute_every_unit_once(ray_cluster, models, tmp_path):
+    base = models("llama")
+    cache = tmp_path / "cache"
+    procs = []
+    for i in range(2):
+        spec = write_spec(tmp_path / f"s{i}.yaml", {"source": {"model": str(base)}, "verify": False, "export": {"path": f"out{i}", "max_shard_size": "20KB"}})
+        cmd = [sys.executable, "-m", "loadgraph.cli", "build", str(spec), "--executor", "ray", "--cache", str(cache), "--json", str(tmp_path / f"r{i}.json")]
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "RAY_ADDRESS": ray_cluster.address}))
+    for p in procs:
+        _, err = p.communicate(timeout=240)
+        assert p.returncode == 0, err
+    reports = [json.loads((tmp_path / f"r{i}.json").read_text()) for i in range(2)]
+    built: dict[str, int] = {}
+    for rep in reports:
+        for node in rep["nodes"]:
+            built[node["key"]] = built.get(node["key"], 0) + (node["status"] == "built")
+            assert node["units_reused"] == 0  # nobody finished a unit the other one had started
+    assert set(built.values()) == {1}, built  # every node built by exactly one of the two
+    assert "ray" in {r["executor"] for r in reports}
+    _same_files(tmp_path / "out0", tmp_path / "out1")
+    _same_files(tmp_path / "out0", _local_build(base, tmp_path))
+
+
+def test_prefetch_places_one_copy_per_node(ray_cluster, models, tmp_path):
+    from loadgraph.pipeline.executors.ray_nodes import alive_nodes
+    from loadgraph.prefetch import place_on_nodes
+
+    # /dev/shm is another filesystem than the cache's, so the nodes really copy.
+    shm = Path("/dev/shm")
+    local_base = Path(tempfile.mkdtemp(prefix="lg-prefetch-", dir=shm if shm.is_dir() else None))
+    try:
+        local = str(local_base / "{node}")
+        spec = write_spec(tmp_path / "s.yaml", {"source": {"model": str(models("llama"))}, "verify": False, "export": {"path": "out"}})
+        proc = run_cli("prefetch", spec, "--cache", tmp_path / "cache", "--local-dir", local, "--address", ray_cluster.address, "--json", tmp_path / "p.json")
+        assert proc.returncode == 0, proc.stderr
+        doc = json.loads((tmp_path / "p.json").read_text())
+        nodes = {n.node_id for n in alive_nodes()}
+        assert doc["ok"] and {r["node_id"] for r in doc["placed"]} == nodes
+        key = doc["targets"][0]["key"]
+        assert {r["status"] for r in doc["placed"]} == {"copied"}
+        for r in doc["placed"]:
+            assert Path(r["path"]) == local_base / r["node_id"][:12] / key
+            _same_files(Path(r["path"]), tmp_path / "out")
+        # Again: every node finds its copy (no second copy), and GPU-only placement picks one node.
+        again = place_on_nodes(str(tmp_path / "cache"), [key], local)
+        assert {r["status"] for r in again} == {"present"}
+        assert [r["node_id"] for r in place_on_nodes(str(tmp_path / "cache"), [key], local, gpu_nodes_only=True)] == [ray_cluster.gpu.node_id]
+    finally:
+        shutil.rmtree(local_base, ignore_errors=True)
+
+
+def test_ensure_local_copies_once_under_concurrent_callers(models, tmp_path):
+    from loadgraph.prefetch import ensure_local
+
+    cache = Cache(tmp_path / "cache")
+    graph = compile_specs(_spec(models("llama"), tmp_path / "out"), cache)
+    build(graph, cache, LocalExecutor)
+    key = graph.targets[0].final
+    results: list[dict] = []
+    threads = [threading.Thread(target=lambda: results.append(ensure_local(str(cache.root), key, str(tmp_path / "local")))) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(r["status"] for r in results) == ["linked", "present", "present", "present"]
+    _same_files(tmp_path / "local" / key, tmp_path / "out")
+    (tmp_path / "local" / key / "config.json").unlink()  # a damaged copy is replaced, not trusted
+    assert ensure_local(str(cache.root), key, str(tmp_path / "local"))["status"] == "linked"
