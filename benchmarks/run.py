@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-BENCHMARKS = ["benchmarks.bench_reshard", "benchmarks.bench_merge", "benchmarks.bench_quantize"]
+BENCHMARKS = ["benchmarks.bench_reshard", "benchmarks.bench_merge", "benchmarks.bench_quantize", "benchmarks.bench_ray"]
 
 
 def main() -> None:

@@ -63,6 +63,8 @@ class Artifact:
 
 class Cache:
     def __init__(self, root: str | os.PathLike | None = None):
+        if root is not None and "://" in str(root):
+            raise InputError(f"--cache: {root} is a URL; the cache needs a POSIX filesystem (atomic rename, hard links, locks): use a shared mount")
         self.root = Path(root) if root else default_cache_root()
         self.root = self.root.expanduser().absolute()
         for sub in ("objects", "units", "tmp", "locks", "used", "pins"):

@@ -57,12 +57,26 @@ def _inject_fault(unit_id: str) -> None:
     time.sleep(float(spec.split(":", 1)[1]))
 
 
+def _use_assigned_cpus() -> None:
+    """Torch in a reused worker keeps the thread count of its first task: match this task's CPUs."""
+    import sys
+
+    import ray
+
+    cpus = int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1) or 1)
+    if "torch" in sys.modules or cpus > 1:
+        import torch
+
+        torch.set_num_threads(max(1, cpus))
+
+
 def _remote_execute(cache_root: str, identity: str, desc: dict, unit: dict) -> dict:
     here = where_am_i()
     if not sees_cache(cache_root, identity):
         # Checked before execute_unit, whose Cache() would create an empty local cache here.
         return {"error": unreachable_message(cache_root, [f"{here['node_id'][:12]} ({here['host']})"]), "error_class": "BuildError"}
     _inject_fault(unit["id"])
+    _use_assigned_cpus()
     try:
         result = execute_unit(cache_root, desc, unit)
     except LoadgraphError as exc:
@@ -134,6 +148,9 @@ class RayExecutor:
         self.max_node_memory = max((n.memory for n in self.nodes), default=0.0)
         self.driver_node = this_node_id()
         cpus = int(sum(n.resources.get("CPU", 0) for n in self.nodes))
+        self.total_cpus = cpus
+        self.max_node_cpus = int(max((n.resources.get("CPU", 0) for n in self.nodes), default=1)) or 1
+        self._cpus_per_unit = 1
         self.max_in_flight = max_in_flight or max(2, 2 * (cpus + int(sum(n.gpus for n in self.nodes))))
         self.runtime_env = runtime_env
         self._task = ray.remote(max_retries=MAX_RETRIES, retry_exceptions=[OSError])(_remote_execute)
@@ -156,7 +173,7 @@ class RayExecutor:
             # usually has num-cpus=0, and a unit asking for one there would never start.
             opts: dict[str, Any] = {"num_cpus": 0, "scheduling_strategy": pinned_to(self.driver_node)}
         else:
-            opts = {"num_cpus": 1, "memory": self._memory(unit)}
+            opts = {"num_cpus": self._cpus_per_unit, "memory": self._memory(unit)}
             if self._wants_gpu(unit):
                 opts["num_gpus"] = 1
         if self.runtime_env:
@@ -178,6 +195,9 @@ class RayExecutor:
     def run_units(self, cache_root: str, desc: dict, units: list[Unit], on_result: OnResult) -> None:
         ray = self.ray
         identity = self._check_cache(cache_root)
+        # Few big units (5 GB shards) would each get one core of a many-core node: give each a
+        # fair share, so torch's merge/cast/quantize kernels run multi-threaded inside it.
+        self._cpus_per_unit = max(1, min(self.max_node_cpus, self.total_cpus // max(1, len(units))))
         queue = sorted(units, key=lambda u: -u.nbytes)  # biggest first: the slowest unit does not start last
         pending: dict[Any, Unit] = {}
         try:
