@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> None:
     base, cold, warm = run_pair(baseline, loadgraph_cmd(spec, work / "cache", args.executor), [work / "peft-out", work / "cache", work / "lg-out"], args.repeats)
     size = sum(f.stat().st_size for f in (work / "base").glob("*.safetensors")) / 1e9
     write_table(Path(args.results), f"LoRA r=16 on all 7 projections, merge + export, Llama-shaped bf16 (hidden {args.hidden}, {args.layers} layers, {size:.2f} GB)",
-                "PEFT from_pretrained + merge_and_unload + save_pretrained", base, cold, warm, args.repeats)
+                "PEFT from_pretrained + merge_and_unload + save_pretrained", base, cold, warm, args.repeats, args.executor)
     shutil.rmtree(work, ignore_errors=True)
 
 

@@ -30,14 +30,15 @@ def run_pair(baseline: list[str], lg: list[str], fresh: list[Path], repeats: int
     return median(base_runs), median(cold_runs), warm
 
 
-def write_table(results: Path, title: str, baseline_label: str, base: Measurement, cold: Measurement, warm: Measurement, repeats: int) -> str:
+def write_table(results: Path, title: str, baseline_label: str, base: Measurement, cold: Measurement, warm: Measurement, repeats: int,
+                executor: str = "local") -> str:
     lines = [
         f"{title} ({os.cpu_count()}-core machine, page cache warm, {'median of %d alternating runs' % repeats if repeats > 1 else 'one run each'}).",
         "",
         "| run | wall s | peak RSS GiB | time ratio | RSS ratio |",
         "|---|---|---|---|---|",
         f"| {baseline_label} | {base.seconds:.1f} | {base.peak_rss_gib:.2f} | 1.00 | 1.00 |",
-        f"| loadgraph build (cold cache, local executor) | {cold.seconds:.1f} | {cold.peak_rss_gib:.2f} | {cold.seconds / base.seconds:.2f} | {cold.peak_rss_gib / base.peak_rss_gib:.2f} |",
+        f"| loadgraph build (cold cache, {executor} executor) | {cold.seconds:.1f} | {cold.peak_rss_gib:.2f} | {cold.seconds / base.seconds:.2f} | {cold.peak_rss_gib / base.peak_rss_gib:.2f} |",
         f"| loadgraph build (fully cached, no Ray) | {warm.seconds:.2f} | {warm.peak_rss_gib:.2f} | {warm.seconds / base.seconds:.3f} | {warm.peak_rss_gib / base.peak_rss_gib:.2f} |",
         "",
     ]
