@@ -14,8 +14,10 @@ export TOKENIZERS_PARALLELISM := false
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	# The CPU build of torch first (on this machine's disk): an unpinned torch pulls CUDA.
-	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q torch==2.13.0 setuptools wheel
 	$(BIN)/pip install -q -e '.[test]'
+	# deepspeed is an sdist whose isolated build would pull a CUDA torch: build it against ours.
+	$(BIN)/pip install -q --no-build-isolation 'deepspeed>=0.15'
 	touch $@
 
 env: $(STAMP)

@@ -1,19 +1,60 @@
-"""Fault injection for the chaos tests: `LOADGRAPH_FAULT=kill-after-units:N` SIGKILLs the
-build process after N freshly computed work units, at a point a real crash could hit."""
+"""Fault injection for the chaos tests (tests/chaos), driven by environment variables.
+
+`LOADGRAPH_FAULT` (one at a time):
+  kill-after-units:N   SIGKILL the build process after N freshly computed work units
+  kill-in-unit:N       SIGKILL it inside the Nth fresh unit, after its files are written to
+                       the staging dir and before they are published (a crash mid-unit)
+  enospc-after-bytes:N raise ENOSPC once shard writes in this process pass N bytes
+`LOADGRAPH_UNIT_LOG=FILE` appends "<node key> <unit id> <pid>" for every unit computed (not
+reused), so a test can prove that concurrent builders computed each unit once.
+"""
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 
 _count = 0
+_staged = 0
+_written = 0
+
+
+def _arg(prefix: str) -> int | None:
+    spec = os.environ.get("LOADGRAPH_FAULT", "")
+    return int(spec.split(":", 1)[1]) if spec.startswith(prefix + ":") else None
 
 
 def unit_finished() -> None:
     global _count
-    spec = os.environ.get("LOADGRAPH_FAULT", "")
-    if not spec.startswith("kill-after-units:"):
+    limit = _arg("kill-after-units")
+    if limit is None:
         return
     _count += 1
-    if _count >= int(spec.split(":", 1)[1]):
+    if _count >= limit:
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def unit_staged(key: str, unit_id: str) -> None:
+    """A unit's files are complete in its staging dir, not yet published."""
+    global _staged
+    log = os.environ.get("LOADGRAPH_UNIT_LOG")
+    if log:
+        with open(log, "a", encoding="utf-8") as f:  # O_APPEND: concurrent writers don't interleave lines
+            f.write(f"{key} {unit_id} {os.getpid()}\n")
+    limit = _arg("kill-in-unit")
+    if limit is None:
+        return
+    _staged += 1
+    if _staged >= limit:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def wrote(nbytes: int) -> None:
+    global _written
+    limit = _arg("enospc-after-bytes")
+    if limit is None:
+        return
+    _written += nbytes
+    if _written > limit:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))

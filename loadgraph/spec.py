@@ -67,6 +67,16 @@ class ExportSpec(_Strict):
     copy_tokenizer: bool = True
 
 
+class ConvertSpec(_Strict):
+    """Inputs of the LLaVA convert stage that an original LLaVA checkpoint only names (or lacks)."""
+
+    model_base: str | None = None  # language model for a projector-only checkpoint (mm_projector.*)
+    model_base_revision: str | None = None
+    vision_tower: str | None = None  # overrides config.json's mm_vision_tower (local dir or hub id)
+    vision_tower_revision: str | None = None
+    seed: int = 0  # seeds the rows drawn for added tokens: same seed, same bytes
+
+
 class BuildSpec(_Strict):
     """One target: a base model, what to do to it, where to put it."""
 
@@ -78,6 +88,7 @@ class BuildSpec(_Strict):
     quantize: QuantizeSpec | None = None
     verify: VerifySpec | None = VerifySpec()  # `verify: true|false` or a mapping of checks
     export: ExportSpec | None = None
+    convert: ConvertSpec | None = None  # original-format LLaVA sources only
 
     @field_validator("verify", mode="before")
     @classmethod
@@ -218,6 +229,8 @@ def resolve_paths(spec: BuildSpec, base_dir: Path) -> BuildSpec:
 
     updates: dict[str, Any] = {"source": spec.source.model_copy(update={"model": local(spec.source.model)})}
     updates["adapters"] = [a.model_copy(update={"path": local(a.path)}) for a in spec.adapters]
+    if spec.convert is not None:
+        updates["convert"] = spec.convert.model_copy(update={k: local(v) for k in ("model_base", "vision_tower") if (v := getattr(spec.convert, k))})
     if spec.export and "://" not in spec.export.path:
         path = Path(spec.export.path).expanduser()
         updates["export"] = spec.export.model_copy(update={"path": str(path if path.is_absolute() else (base_dir / path).absolute())})

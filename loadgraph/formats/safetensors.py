@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, Iterable, Mapping
 
+from loadgraph import faults
 from loadgraph.errors import InputError
 
 if TYPE_CHECKING:
@@ -249,6 +250,7 @@ class ShardWriter:
         return self.order[self._next :]
 
     def _emit(self, data: bytes | memoryview) -> None:
+        faults.wrote(len(data))
         # Hash on a second thread while this one writes (both release the GIL on big buffers);
         # wait before returning because the caller reuses `data`'s buffer.
         if len(data) >= PARALLEL_HASH_MIN:
@@ -313,7 +315,7 @@ class ShardWriter:
 def sha256_file(path: str | os.PathLike, chunk: int = COPY_CHUNK) -> str:
     h = hashlib.sha256()
     with open(path, "rb", buffering=0) as f:
-        buf = bytearray(chunk)
+        buf = bytearray(max(1, min(chunk, os.fstat(f.fileno()).st_size + 1)))  # small files: small buffer
         view = memoryview(buf)
         while got := f.readinto(buf):
             h.update(view[:got])
@@ -327,6 +329,7 @@ def copy_and_hash(src: str | os.PathLike, dst: str | os.PathLike, chunk: int = C
         view = memoryview(buf)
         h = hashlib.sha256()
         while got := fi.readinto(buf):
+            faults.wrote(got)
             pending = _hash_pool().submit(h.update, view[:got])
             fo.write(view[:got])
             pending.result()

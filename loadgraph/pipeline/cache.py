@@ -29,6 +29,10 @@ from loadgraph.errors import InputError
 MANIFEST = "manifest.json"
 UNIT_RECORD = "unit.json"
 MANIFEST_FORMAT = "loadgraph-artifact/1"
+# get() re-hashes the small files that are not shards (configs, index) on every lookup: cheap,
+# and a damaged config is as fatal as a damaged shard. Shards and bigger files are checked by
+# size and mtime there, and re-hashed by the runner before a node reads them (verify_inputs).
+SMALL_FILE = 1 << 20
 
 
 def default_cache_root() -> Path:
@@ -75,19 +79,29 @@ class Cache:
         return self.root / "objects" / key
 
     def get(self, key: str) -> Artifact | None:
-        """The artifact under `key`, or None if absent or visibly damaged (missing/resized file)."""
+        """The artifact under `key`, or None if absent or visibly damaged.
+
+        Damaged: a file missing, resized, written since publication (its mtime differs from the
+        one the manifest recorded; published files are read-only, so any write is damage), or a
+        small file whose sha256 differs. Stat-only for shards keeps a fully cached build instant.
+        """
+        from loadgraph.formats.safetensors import sha256_file
+
         path = self.object_dir(key)
         try:
             manifest = json.loads((path / MANIFEST).read_text())
         except (OSError, ValueError):
             return None
-        if manifest.get("key") != key or manifest.get("format") != MANIFEST_FORMAT:
+        if not isinstance(manifest, dict) or manifest.get("key") != key or manifest.get("format") != MANIFEST_FORMAT:
             return None
         for rel, meta in manifest.get("files", {}).items():
             try:
-                if (path / rel).stat().st_size != meta["size"]:
+                st = (path / rel).stat()
+                if st.st_size != meta["size"] or meta.get("mtime_ns", st.st_mtime_ns) != st.st_mtime_ns:
                     return None
-            except OSError:
+                if st.st_size <= SMALL_FILE and not rel.endswith(".safetensors") and sha256_file(path / rel) != meta["sha256"]:
+                    return None
+            except (OSError, KeyError, TypeError):
                 return None
         return Artifact(key, path, manifest)
 
@@ -103,13 +117,16 @@ class Cache:
 
     def publish(self, key: str, staged: Path, manifest: dict) -> Artifact:
         """Write the manifest last, then rename the staged dir into place atomically."""
-        manifest = {**manifest, "key": key, "format": MANIFEST_FORMAT}
-        write_json_atomic(staged / MANIFEST, manifest)
+        files = {}
         for rel, meta in manifest.get("files", {}).items():
             # Published files are read-only (exports hardlink them), except files linked from a
             # user's source directory, whose permissions are not ours to change.
             if not meta.get("shared"):
                 (staged / rel).chmod(0o444)
+            # The mtime at publication: get() treats a later write as damage (a stat, no hashing).
+            files[rel] = {**meta, "mtime_ns": (staged / rel).stat().st_mtime_ns}
+        manifest = {**manifest, "files": files, "key": key, "format": MANIFEST_FORMAT}
+        write_json_atomic(staged / MANIFEST, manifest)
         dest = self.object_dir(key)
         if dest.exists():
             # A stale or damaged entry (get() returned None): move it aside before replacing it.

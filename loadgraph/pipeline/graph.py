@@ -13,7 +13,7 @@ from pathlib import Path
 from loadgraph.formats.checkpoint import parse_size
 from loadgraph.pipeline.cache import Cache
 from loadgraph.pipeline.stage import node_key, stage_version
-from loadgraph.spec import BuildSpec
+from loadgraph.spec import BuildSpec, ConvertSpec
 
 
 @dataclass
@@ -70,6 +70,8 @@ def _compile_target(graph: Graph, spec: BuildSpec, cache: Cache) -> Target:
     params, runtime = resolve_source(spec.source, cache)
     fetched = graph.add("fetch", params, {}, f"{spec.name}: fetch {Path(spec.source.model).name}", runtime)
     current = graph.add("inspect", {}, {"model": fetched.key}, f"{spec.name}: inspect")
+    # Original-format LLaVA (issue 9): convert to transformers' Llava; later stages see only that.
+    current, checked_dir = _llava_convert(graph, spec, cache, runtime["path"], current)
     base = current
     adapters = _adapter_nodes(graph, spec, cache)
     merged = [(a, n) for a, n in zip(spec.adapters, adapters) if a.mode == "merge"]
@@ -81,8 +83,8 @@ def _compile_target(graph: Graph, spec: BuildSpec, cache: Cache) -> Target:
         inputs = {"model": current.key, **{f"adapter{i}": n.key for i, (_, n) in enumerate(merged)}}
         current = graph.add("merge", params, inputs, f"{spec.name}: merge {len(merged)} adapter(s)")
         cast_done = True
-        if cache.get(current.key) is None:
-            _preflight_adapters(runtime["path"], [n for _, n in merged], [a.scale for a, _ in merged], spec.source.allow_pickle)
+        if cache.get(current.key) is None and checked_dir:
+            _preflight_adapters(checked_dir, [n for _, n in merged], [a.scale for a, _ in merged], spec.source.allow_pickle)
     pre_quantize = current
     if spec.quantize is not None:
         from loadgraph.stages.quantize import resolve_backend, settings_params
@@ -96,14 +98,14 @@ def _compile_target(graph: Graph, spec: BuildSpec, cache: Cache) -> Target:
 
             # Refuses unsupported methods, options and untileable shapes before any work.
             settings = make_settings(qparams["settings"])
-            if scan_is_safetensors(runtime["path"]):
-                plan_quantization(runtime["path"], settings)
+            if checked_dir and scan_is_safetensors(checked_dir):
+                plan_quantization(checked_dir, settings)
     if attached:
         params = {"scales": [a.scale for a, _ in attached], "allow_pickle": spec.source.allow_pickle}
         inputs = {"model": current.key, **{f"adapter{i}": n.key for i, (_, n) in enumerate(attached)}}
         current = graph.add("attach", params, inputs, f"{spec.name}: attach {len(attached)} adapter(s)")
-        if cache.get(current.key) is None and spec.quantize is None:
-            _preflight_adapters(runtime["path"], [n for _, n in attached], [a.scale for a, _ in attached], spec.source.allow_pickle)
+        if cache.get(current.key) is None and spec.quantize is None and checked_dir:
+            _preflight_adapters(checked_dir, [n for _, n in attached], [a.scale for a, _ in attached], spec.source.allow_pickle)
     export_path = None
     if spec.export is not None:
         export_params = {
@@ -117,6 +119,48 @@ def _compile_target(graph: Graph, spec: BuildSpec, cache: Cache) -> Target:
     if spec.verify is not None and not attached:
         _verify_node(graph, spec, current, base, pre_quantize, merged)
     return Target(spec.name, spec, current.key, export_path)
+
+
+# --- LLaVA original-format conversion (issue 9) -------------------------------------------------
+def _llava_convert(graph: Graph, spec: BuildSpec, cache: Cache, source_dir: str, inspected: Node) -> tuple[Node, str | None]:
+    """A convert node after inspect when the source is an original LLaVA checkpoint, else `inspected`.
+
+    Also returns the directory preflight checks may read (the source's, or the converted
+    artifact's once cached; None before that: the units check at run time).
+    """
+    from loadgraph.errors import InputError
+    from loadgraph.formats.checkpoint import load_json
+    from loadgraph.formats.llava_original import is_original_llava, parse_original
+    from loadgraph.spec import Source
+    from loadgraph.stages.fetch import resolve_source
+
+    config_path = Path(source_dir) / "config.json"
+    config = load_json(config_path) if config_path.is_file() else {}
+    if not is_original_llava(config):
+        if spec.convert is not None:
+            raise InputError(f"convert: {config_path} is not an original-format LLaVA config (no mm_* fields); remove the convert block")
+        return inspected, source_dir
+    info = parse_original(config, str(config_path))
+    options = spec.convert or ConvertSpec()
+    tower = options.vision_tower or info.vision_tower
+    if not tower:
+        raise InputError(f"{config_path}: mm_vision_tower is not set; name the CLIP vision tower (local dir or hub id) there or in convert.vision_tower")
+    inputs = {"model": inspected.key}
+    for name, model, revision, what in (("vision", tower, options.vision_tower_revision, "mm_vision_tower"), ("base", options.model_base, options.model_base_revision, "convert.model_base")):
+        if model is None:
+            continue
+        try:
+            params, runtime = resolve_source(Source(model=model, revision=revision, allow_pickle=spec.source.allow_pickle), cache, what)
+        except InputError as exc:
+            raise InputError(str(exc) if str(exc).startswith(what) else f"{what} {model}: {exc}") from None
+        fetched = graph.add("fetch", params, {}, f"{spec.name}: fetch {what} {Path(model).name}", runtime)
+        inputs[name] = graph.add("inspect", {}, {"model": fetched.key}, f"{spec.name}: inspect {what}").key
+    weights = [p.name for p in Path(source_dir).iterdir() if p.name.endswith((".safetensors", ".bin")) and not p.name.startswith("training_args")]
+    if weights and all(n.startswith("mm_projector") for n in weights) and "base" not in inputs:
+        raise InputError(f"{source_dir}: holds only projector weights ({', '.join(sorted(weights))}); set convert.model_base to the language model it was trained on")
+    node = graph.add("convert", {"seed": options.seed}, inputs, f"{spec.name}: convert LLaVA ({info.text_type}, {info.projector_type}) -> LlavaForConditionalGeneration")
+    converted = cache.get(node.key)
+    return node, (str(converted.path) if converted else None)
 
 
 def scan_is_safetensors(path: str) -> bool:

@@ -7,6 +7,7 @@ only kind an export may replace without --overwrite.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -35,6 +36,10 @@ def check_destination(dest: str, cache: Cache, overwrite: bool) -> None:
     if is_remote(dest):
         return
     path = Path(dest)
+    if path.is_symlink():
+        # Writing through a link would publish somewhere the spec does not name, and replacing
+        # it would silently drop the user's link: neither is ours to decide.
+        raise InputError(f"export.path: {path} is a symbolic link (to {os.readlink(path)}); give the real directory or remove the link")
     check_cache_outside(cache, path, "export.path")
     if not path.exists() or overwrite:
         return
@@ -55,8 +60,23 @@ def publish_export(art: Artifact, dest: str, cache: Cache) -> str:
     return status
 
 
+def export_intact(art: Artifact, dest: Path) -> bool:
+    """`dest` holds `art`: its manifest names the key, and each file is there at its size and,
+    for hardlinked shards, is still the cache's file (a rebuilt entry has new inodes)."""
+    if not dest.is_dir() or dest.is_symlink() or existing_export_key(dest) != art.key:
+        return False
+    for rel, meta in art.files.items():
+        try:
+            st, ours = (dest / rel).stat(), (art.path / rel).stat()
+        except OSError:
+            return False
+        if st.st_size != meta["size"] or (rel.endswith(".safetensors") and st.st_dev == ours.st_dev and st.st_ino != ours.st_ino):
+            return False
+    return True
+
+
 def _publish_local(art: Artifact, dest: Path) -> str:
-    if dest.is_dir() and existing_export_key(dest) == art.key:
+    if export_intact(art, dest):
         return "up-to-date"
     dest.parent.mkdir(parents=True, exist_ok=True)
     staged = dest.parent / f".{dest.name}.loadgraph-tmp-{uuid.uuid4().hex[:8]}"
@@ -75,17 +95,51 @@ def _publish_local(art: Artifact, dest: Path) -> str:
             except OSError:
                 shutil.copyfile(art.path / rel, staged / rel)
         shutil.copyfile(art.path / MANIFEST, staged / MANIFEST)  # last: marks the export complete
-        if dest.exists():
-            old = dest.parent / f".{dest.name}.loadgraph-old-{uuid.uuid4().hex[:8]}"
-            os.rename(dest, old)
-            os.rename(staged, dest)
-            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
-        else:
-            os.rename(staged, dest)
+        _swap_into_place(staged, dest, art)
+    except _AlreadyThere:
+        shutil.rmtree(staged, ignore_errors=True)
+        return "up-to-date"
     except BaseException:
         shutil.rmtree(staged, ignore_errors=True)
         raise
     return "published"
+
+
+class _AlreadyThere(Exception):
+    pass
+
+
+def _swap_into_place(staged: Path, dest: Path, art: Artifact, attempts: int = 5) -> None:
+    """Rename `staged` to `dest`, replacing what is there. Concurrent builders of one spec race
+    here: a rename onto a directory another one just placed fails (ENOTEMPTY/EEXIST); if that
+    directory already holds this artifact we are done, else we retry the swap."""
+    for _ in range(attempts):
+        if dest.is_symlink():
+            raise InputError(f"export.path: {dest} became a symbolic link during the build; not replacing it")
+        if not dest.exists():
+            try:
+                os.rename(staged, dest)
+                return
+            except OSError as exc:
+                if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                    raise
+        if export_intact(art, dest):
+            raise _AlreadyThere
+        old = dest.parent / f".{dest.name}.loadgraph-old-{uuid.uuid4().hex[:8]}"
+        try:
+            os.rename(dest, old)
+        except FileNotFoundError:
+            continue  # another builder moved it aside first
+        try:
+            os.rename(staged, dest)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+            continue
+        finally:
+            shutil.rmtree(old, ignore_errors=True) if old.is_dir() and not old.is_symlink() else old.unlink(missing_ok=True)
+        return
+    raise OSError(errno.EBUSY, f"{dest}: other builders keep replacing this export; rerun")
 
 
 def _publish_remote(art: Artifact, dest: str) -> str:

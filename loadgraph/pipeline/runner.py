@@ -6,14 +6,18 @@ units (a killed build resumes), and published atomically with its manifest last.
 
 from __future__ import annotations
 
+import errno
 import os
 import platform
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 from loadgraph import faults
+from loadgraph.errors import BuildError
 from loadgraph.formats.safetensors import sha256_file
 from loadgraph.pipeline.cache import UNIT_RECORD, Artifact, Cache
 from loadgraph.pipeline.executors.base import Executor
@@ -44,6 +48,7 @@ class BuildReport:
     nodes: list[NodeReport] = field(default_factory=list)
     targets: list[dict] = field(default_factory=list)
     error: str | None = None
+    corrupt_rebuilt: int = 0  # inputs found damaged (sha256), evicted and rebuilt
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -79,39 +84,98 @@ def preflight(graph: Graph, cache: Cache, overwrite: bool) -> None:
             check_destination(target.export_path, cache, overwrite)
 
 
+class CorruptInput(BuildError):
+    """An input artifact's file no longer has its recorded sha256; the entry has been evicted."""
+
+    def __init__(self, message: str, key: str):
+        super().__init__(message)
+        self.key = key
+
+
+# Inputs are re-hashed before a node reads them; files shared by several entries (hardlinks)
+# are hashed once per build: (device, inode, size, mtime) -> sha256.
+_verified: dict[tuple[int, int, int, int], str] = {}
+MAX_CORRUPT_RESTARTS = 3
+
+
+def verify_inputs(cache: Cache, inputs: dict) -> None:
+    """Re-hash every file of a node's inputs; evict an entry that fails and raise CorruptInput.
+
+    get() only stats big files (a fully cached build must stay instant); a node that is about
+    to compute from its inputs reads them anyway, so hashing them first costs one sequential
+    read and guarantees nothing is computed, linked or exported from damaged bytes.
+    """
+    todo: list[tuple[str, Path, dict, tuple[int, int, int, int]]] = []
+    for art in inputs.values():
+        for rel, meta in art.files.items():
+            st = (art.path / rel).stat()
+            todo.append((art.key, art.path / rel, meta, (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)))
+    missing = {t[3] for t in todo if t[3] not in _verified}
+    paths = {t[3]: t[1] for t in todo if t[3] in missing}
+    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+        for ident, digest in zip(paths, pool.map(sha256_file, paths.values())):
+            _verified[ident] = digest
+    for key, path, meta, ident in todo:
+        if _verified[ident] != meta["sha256"]:
+            try:
+                cache.evict(key)
+            except FileNotFoundError:
+                pass  # a concurrent builder evicted it first
+            raise CorruptInput(f"{path}: sha256 {_verified[ident][:12]} != recorded {meta['sha256'][:12]}; cache entry {key[:12]} evicted", key)
+
+
 def build(graph: Graph, cache: Cache, executor_factory, reporter: Reporter | None = None, overwrite: bool = False) -> BuildReport:
     """Build every target. `executor_factory` is called only if some node needs building,
-    so a fully cached build never starts Ray."""
+    so a fully cached build never starts Ray. An input found corrupt is evicted and the
+    graph walked again, so the entry is rebuilt from its own (verified) inputs."""
     reporter = reporter or NullReporter()
-    report = BuildReport()
-    start = time.perf_counter()
     preflight(graph, cache, overwrite)
-    executor: Executor | None = None
+    holder: list[Executor] = []
+    start = time.perf_counter()
+    corrupt = 0
     try:
-        for node in graph.nodes.values():
-            art = cache.get(node.key)
-            if art is not None:
-                cache.touch(node.key)
-                nr = NodeReport(node.key, node.stage, node.labels, "cached")
-                reporter.node_finished(node, nr)
-            else:
-                if executor is None:
-                    executor = executor_factory()
-                    report.executor = executor.name
-                nr = _build_node(node, cache, executor, reporter)
-            nr.details = {k: v for k, v in (cache.get(node.key) or art).manifest.items() if k in ("verify", "quantization")}
-            report.nodes.append(nr)
-        for target in graph.targets:
-            entry: dict = {"name": target.name, "key": target.final, "path": str(cache.object_dir(target.final))}
-            if target.export_path:
-                entry["export"] = target.export_path
-                entry["export_status"] = publish_export(cache.get(target.final), target.export_path, cache)
-            report.targets.append(entry)
+        for attempt in range(MAX_CORRUPT_RESTARTS + 1):
+            report = BuildReport()
+            try:
+                _build_graph(graph, cache, executor_factory, reporter, report, holder)
+                break
+            except CorruptInput as exc:
+                if attempt == MAX_CORRUPT_RESTARTS:
+                    raise BuildError(f"{exc}; still corrupt after {attempt} rebuilds: check the disk and the source files") from None
+                corrupt += 1
     finally:
-        if executor is not None:
-            executor.close()
-        report.seconds = time.perf_counter() - start
+        if holder:
+            holder[0].close()
+    report.seconds = time.perf_counter() - start
+    report.corrupt_rebuilt = corrupt
     return report
+
+
+def _build_graph(graph: Graph, cache: Cache, executor_factory, reporter: Reporter, report: BuildReport, holder: list) -> None:
+    if holder:
+        report.executor = holder[0].name
+    for node in graph.nodes.values():
+        art = cache.get(node.key)
+        if art is not None:
+            cache.touch(node.key)
+            nr = NodeReport(node.key, node.stage, node.labels, "cached")
+            reporter.node_finished(node, nr)
+        else:
+            if not holder:
+                holder.append(executor_factory())
+                report.executor = holder[0].name
+            nr = _build_node(node, cache, holder[0], reporter)
+        nr.details = {k: v for k, v in (cache.get(node.key) or art).manifest.items() if k in ("verify", "quantization")}
+        report.nodes.append(nr)
+    for target in graph.targets:
+        entry: dict = {"name": target.name, "key": target.final, "path": str(cache.object_dir(target.final))}
+        if target.export_path:
+            entry["export"] = target.export_path
+            final = cache.get(target.final)
+            if final is None:  # damaged since it was built or found: walk the graph again
+                raise CorruptInput(f"{cache.object_dir(target.final)}: damaged after it was built", target.final)
+            entry["export_status"] = publish_export(final, target.export_path, cache)
+        report.targets.append(entry)
 
 
 def _build_node(node: Node, cache: Cache, executor: Executor, reporter: Reporter) -> NodeReport:
@@ -122,6 +186,7 @@ def _build_node(node: Node, cache: Cache, executor: Executor, reporter: Reporter
             return NodeReport(node.key, node.stage, node.labels, "cached")
         stage = get_stage(node.stage)
         ctx = node_context(cache, node.describe())
+        verify_inputs(cache, ctx.inputs)
         units = stage.units(ctx)
         results: dict[str, dict] = {}
         for unit in units:
@@ -136,9 +201,17 @@ def _build_node(node: Node, cache: Cache, executor: Executor, reporter: Reporter
             reporter.unit_finished(node, unit, result)
             faults.unit_finished()
 
-        if todo:
-            executor.run_units(str(cache.root), node.describe(), todo, on_result)
-        art = _assemble(node, stage, ctx, units, results, cache)
+        try:
+            if todo:
+                executor.run_units(str(cache.root), node.describe(), todo, on_result)
+            art = _assemble(node, stage, ctx, units, results, cache)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise BuildError(
+                    f"no space left on the device of the cache {cache.root} while building {node.stage} {node.short}: "
+                    "nothing was published; free space (e.g. `loadgraph cache gc --max-size ...`) and rerun, finished units are kept"
+                ) from None
+            raise
         cache.drop_units(node.key)
     nr = NodeReport(
         node.key,

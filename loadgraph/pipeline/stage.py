@@ -82,6 +82,7 @@ _STAGE_MODULES = {
     "attach": "loadgraph.stages.adapter",
     "quantize": "loadgraph.stages.quantize",
     "verify": "loadgraph.stages.verify",
+    "convert": "loadgraph.stages.convert",
 }
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import shutil
 from dataclasses import asdict
 
+from loadgraph import faults
 from loadgraph.pipeline.cache import Cache
 from loadgraph.pipeline.stage import NodeContext, Unit, get_stage
 
@@ -34,6 +35,7 @@ def execute_unit(cache_root: str, desc: dict, unit: dict) -> dict:
     staged = cache.new_tmp_dir(f"unit-{desc['key'][:12]}-{unit['id']}")
     try:
         result = stage.run_unit(ctx, Unit(**unit), staged)
+        faults.unit_staged(desc["key"], unit["id"])
         cache.publish_unit(desc["key"], unit["id"], staged, result)
     except BaseException:
         shutil.rmtree(staged, ignore_errors=True)

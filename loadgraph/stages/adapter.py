@@ -157,6 +157,9 @@ class AttachStage(Stage):
 
     def run_unit(self, ctx: NodeContext, unit: Unit, out: Path) -> dict:
         base = ctx.input()
+        if "quantization" in base.manifest:
+            # QLoRA: the adapter fits the weights before quantization (same names and config).
+            base = ctx.cache.get(base.manifest["inputs"]["model"]) or base
         dirs = [ctx.inputs[f"adapter{i}"].path for i in range(len(ctx.params["scales"]))]
         # Validation only: an attached adapter must fit the base exactly as a merged one would.
         plan_adapters(base.path, base.tensors, dirs, ctx.params["scales"], ctx.params["allow_pickle"])

@@ -106,7 +106,9 @@ class VerifyStage(Stage):
 
     def _load_and_compare(self, ctx: NodeContext) -> dict:
         art = ctx.input()
-        model = load_checked(art.path)
+        # Both sides in the spec's dtype: an artifact that was not cast (no export) must not be
+        # compared in its stored dtype against a cast reference.
+        model = load_checked(art.path, ctx.params["dtype"])
         result: dict = {"loaded": True}
         vocab = vocab_size_of(art.path)
         if hasattr(model, "generate") and getattr(model, "can_generate", lambda: False)():

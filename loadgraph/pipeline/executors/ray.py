@@ -53,7 +53,7 @@ def _inject_fault(unit_id: str) -> None:
     log = os.environ.get("LOADGRAPH_FAULT_LOG")
     if log:
         with open(log, "a", encoding="utf-8") as f:
-            f.write(f"{where_am_i()['node_id']} {unit_id}\n")
+            f.write(f"{where_am_i()['node_id']} {unit_id} {os.getpid()}\n")
     time.sleep(float(spec.split(":", 1)[1]))
 
 

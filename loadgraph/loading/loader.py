@@ -1,0 +1,223 @@
+"""`load_pretrained_model`: LLaVA's loader signature and behaviour, with the build cache underneath.
+
+LLaVA merges LoRA adapters and quantizes in memory on every call. Here the same arguments
+become a BuildSpec (base, adapters to merge, quantization), built through the content-addressed
+cache; the model is then loaded from the artifact with transformers. A second call with the
+same arguments finds every node cached and costs one `from_pretrained`.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from loadgraph.loading.builder import BuiltArtifact, build_artifact
+from loadgraph.loading.dispatch import Architecture, LoadingError, model_name_from_path, read_config, resolve_architecture
+from loadgraph.loading.modeling import attach_adapters, load_exact, resize_for_tokenizer
+from loadgraph.loading.multimodal import add_image_tokens, load_image_processor, overlay_projector, projector_file
+from loadgraph.loading.options import apply_overrides, attention_arg, context_length, device_map_arg, spec_dtype, torch_dtype_of
+from loadgraph.spec import AdapterSpec, BuildSpec, QuantizeSpec, Source, VerifySpec
+
+# from_pretrained kwargs that describe the *source*: they shape the build, not the final load.
+_SOURCE_KWARGS = ("revision", "trust_remote_code", "allow_pickle")
+
+
+@dataclass(frozen=True)
+class LoadPlan:
+    """What the loader arguments mean, decided before any work."""
+
+    spec: BuildSpec
+    arch: Architecture
+    projector: Path | None  # LLaVA projector weights to place on the built model
+
+
+def _is_adapter_dir(path: Path) -> bool:
+    return (path / "adapter_config.json").is_file()
+
+
+def _local_dir(path: str, what: str) -> Path:
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        raise LoadingError(f"{what}: {path} is not a directory (hub ids go through `loadgraph prefetch` and a spec)")
+    return p.absolute()
+
+
+def plan_load(
+    model_path: str,
+    model_base: str | None,
+    model_name: str,
+    *,
+    load_8bit: bool,
+    load_4bit: bool,
+    dtype: str,
+    multimodal: bool,
+    source_kwargs: dict[str, Any],
+    verify: bool,
+) -> LoadPlan:
+    """LLaVA's branches (LoRA + base, projector + base, plain) as a BuildSpec."""
+    if load_8bit and load_4bit:
+        raise LoadingError("load_8bit and load_4bit are exclusive; pass at most one")
+    path = _local_dir(model_path, "model_path")
+    if _original_llava_config(path) is not None and not _is_adapter_dir(path):
+        return _plan_original_llava(path, model_base, model_name, load_8bit=load_8bit, load_4bit=load_4bit, dtype=dtype, source_kwargs=source_kwargs, verify=verify)
+    adapters: list[AdapterSpec] = []
+    projector = None
+    if model_base is None:
+        if "lora" in model_name.lower():
+            warnings.warn(
+                "There is `lora` in model name but no `model_base` is provided. If you are loading a LoRA model, "
+                "please provide the `model_base` argument.",
+                UserWarning,
+                stacklevel=3,
+            )
+        if _is_adapter_dir(path) and not (path / "config.json").is_file():
+            raise LoadingError(f"model_path: {path} is a LoRA adapter without a model; pass its base as model_base")
+        source = path
+    else:
+        source = _local_dir(model_base, "model_base")
+        if _is_adapter_dir(path):
+            adapters.append(AdapterSpec(path=str(path), mode="merge"))
+        projector = projector_file(path)
+        if not adapters and projector is None:
+            raise LoadingError(
+                f"model_path: {path} has neither adapter_config.json (a LoRA over model_base) nor projector weights "
+                "(mm_projector.*); drop model_base to load model_path on its own"
+            )
+    arch = resolve_architecture(model_name, read_config(source, "model_base" if model_base else "model_path"), f"{source}/config.json", multimodal)
+    quantize = None
+    if load_4bit:
+        # LLaVA's BitsAndBytesConfig: NF4, double quantization, compute in the load dtype.
+        quantize = QuantizeSpec(method="bnb-nf4", double_quant=True, compute_dtype=None if dtype == "auto" else dtype)
+    elif load_8bit:
+        quantize = QuantizeSpec(method="bnb-int8")
+    spec = BuildSpec(
+        name=model_name,
+        source=Source(model=str(source), **{k: v for k, v in source_kwargs.items() if v is not None}),
+        dtype=dtype,
+        adapters=adapters,
+        quantize=quantize,
+        # A plain load's artifact holds the source's own bytes: the strict load below is the check.
+        # Verify where the build computed new weights (a merge, a quantization).
+        verify=VerifySpec() if verify and (adapters or quantize) else None,
+    )
+    return LoadPlan(spec, arch, projector)
+
+
+# --- original-format LLaVA checkpoints (issue 9): the build's convert stage makes them transformers Llava ---
+def _original_llava_config(path: Path) -> dict | None:
+    from loadgraph.formats.llava_original import is_original_llava
+
+    config = path / "config.json"
+    if not config.is_file():
+        return None
+    doc = read_config(path, "model_path")
+    return doc if is_original_llava(doc) else None
+
+
+def _plan_original_llava(path: Path, model_base: str | None, model_name: str, *, load_8bit: bool, load_4bit: bool, dtype: str,
+                         source_kwargs: dict[str, Any], verify: bool) -> LoadPlan:
+    """A LLaVA-format model_path (full, or projector-only over model_base) -> a spec whose graph converts it."""
+    from loadgraph.formats.llava_original import parse_original
+    from loadgraph.spec import ConvertSpec
+
+    info = parse_original(_original_llava_config(path) or {}, f"{path}/config.json")
+    convert = ConvertSpec(model_base=str(_local_dir(model_base, "model_base"))) if model_base is not None else None
+    arch = resolve_architecture(model_name, {"model_type": "llava", "text_config": {"model_type": info.text_type}}, f"{path}/config.json", True)
+    if load_8bit and load_4bit:
+        raise LoadingError("load_8bit and load_4bit are exclusive; pass at most one")
+    quantize = None
+    if load_4bit:
+        quantize = QuantizeSpec(method="bnb-nf4", double_quant=True, compute_dtype=None if dtype == "auto" else dtype)
+    elif load_8bit:
+        quantize = QuantizeSpec(method="bnb-int8")
+    spec = BuildSpec(
+        name=model_name,
+        source=Source(model=str(path), **{k: v for k, v in source_kwargs.items() if v is not None}),
+        dtype=dtype,
+        quantize=quantize,
+        convert=convert,
+        verify=VerifySpec() if verify else None,  # the conversion computed new weights (added token rows)
+    )
+    return LoadPlan(spec, arch, None)
+
+
+def load_pretrained_model(
+    model_path: str | os.PathLike,
+    model_base: str | os.PathLike | None = None,
+    model_name: str | None = None,
+    load_8bit: bool = False,
+    load_4bit: bool = False,
+    device_map: Any = "auto",
+    torch_dtype: Any = "float16",
+    attn_implementation: str | None = "flash_attention_2",
+    customized_config: Any = None,
+    overwrite_config: dict[str, Any] | None = None,
+    *,
+    cache: Any = None,
+    executor: str = "local",
+    verify: bool = True,
+    **kwargs: Any,
+):
+    """Drop-in for LLaVA's `load_pretrained_model`; returns (tokenizer, model, image_processor, context_len).
+
+    Beyond LLaVA: `cache` (a Cache or directory; default $LOADGRAPH_CACHE), `executor`
+    ("local" or "ray") and `verify` (run the build's verify stage) choose how the artifact is
+    built. `revision`, `trust_remote_code` and `allow_pickle` describe the source and enter the
+    build; every other keyword goes to `from_pretrained`. The model's `loadgraph_artifact`
+    attribute holds the artifact key, path and build report.
+    """
+    model_path = str(model_path)
+    model_name = model_name or model_name_from_path(model_path)
+    multimodal = bool(kwargs.pop("multimodal", False))  # LLaVA-NeXT's flag for non-"llava" names
+    source_kwargs = {k: kwargs.pop(k) for k in _SOURCE_KWARGS if k in kwargs}
+    allow_pickle = bool(source_kwargs.get("allow_pickle", False))
+    dtype = spec_dtype(torch_dtype)
+    device_map = device_map_arg(device_map)
+    attn = attention_arg(attn_implementation)
+
+    plan = plan_load(
+        model_path, None if model_base is None else str(model_base), model_name,
+        load_8bit=load_8bit, load_4bit=load_4bit, dtype=dtype, multimodal=multimodal,
+        source_kwargs=source_kwargs, verify=verify,
+    )
+    built = build_artifact(plan.spec, cache, executor)
+    tokenizer, model = _load_built(built, plan, dtype, device_map, attn, customized_config, overwrite_config, kwargs, source_kwargs)
+    if plan.projector is not None:
+        overlay_projector(model, plan.projector, allow_pickle)
+
+    image_processor = None
+    if plan.arch.multimodal:
+        add_image_tokens(tokenizer, model.config)
+        resize_for_tokenizer(model, tokenizer)
+        image_processor = load_image_processor(built.path)
+    model.eval()
+    return tokenizer, model, image_processor, context_length(model.config)
+
+
+def _load_built(built: BuiltArtifact, plan: LoadPlan, dtype: str, device_map, attn, customized_config, overwrite_config, kwargs, source_kwargs):
+    from transformers import AutoConfig, AutoTokenizer
+
+    trust = bool(source_kwargs.get("trust_remote_code", False))
+    load_kwargs: dict[str, Any] = {"dtype": torch_dtype_of(dtype), "trust_remote_code": trust, **kwargs}
+    if customized_config is not None or overwrite_config:
+        # Only then is a config object passed: with one, from_pretrained hands the remaining
+        # kwargs to the model's __init__ instead of the config (output_hidden_states=... and
+        # friends would fail), so plain calls keep transformers' usual kwargs semantics.
+        if customized_config is not None:
+            config = copy.deepcopy(customized_config)  # LLaVA mutates the caller's object; do not
+        else:
+            config = AutoConfig.from_pretrained(str(built.path), trust_remote_code=trust)
+        load_kwargs["config"] = apply_overrides(config, overwrite_config)
+    if device_map is not None:
+        load_kwargs["device_map"] = device_map
+    if attn is not None:
+        load_kwargs["attn_implementation"] = attn
+    model = load_exact(built.path, plan.arch, **load_kwargs)
+    model = attach_adapters(model, built.attached_adapters, trainable=False)
+    tokenizer = AutoTokenizer.from_pretrained(str(built.path), trust_remote_code=trust)
+    model.loadgraph_artifact = built  # key, path and build report, for callers and tests
+    return tokenizer, model

@@ -1,0 +1,311 @@
+"""convert: an original-format LLaVA checkpoint -> transformers' LlavaForConditionalGeneration artifact.
+
+Inputs: `model` (the inspected LLaVA checkpoint: language model + projector, or a projector-only
+pretraining output), `vision` (the inspected vision tower named by `mm_vision_tower`, fetched as
+its own source) and, for projector-only checkpoints, `base` (the inspected language model).
+One unit per source shard: every tensor is copied byte for byte under its new name, except the
+input embeddings and lm_head, which gain the rows of the added `<image>`/`<pad>` tokens drawn
+as transformers' conversion script draws them (N(mean, 1e-5 * covariance) of the existing
+embedding rows) from a generator seeded by the `seed` param, so the stage stays a pure function.
+A `linear` projector becomes transformers' Linear-act-Linear projector exactly: act "linear"
+and an identity second layer with zero bias.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from loadgraph.errors import InputError
+from loadgraph.formats.checkpoint import INDEX_NAME, TOKENIZER_FILES
+from loadgraph.formats.llava_original import (
+    COVARIANCE_SCALE,
+    IMAGE_TOKEN,
+    PAD_TOKEN,
+    PROJECTOR_PREFIX,
+    TOWER_PREFIX,
+    legacy_name,
+    parse_original,
+    resized_vocab,
+    text_config_dict,
+    tower_keeps,
+    tower_name,
+    vision_config_dict,
+)
+from loadgraph.formats.safetensors import COPY_CHUNK, DTYPES, PlannedTensor, ShardWriter, TensorEntry, read_tensor
+from loadgraph.pipeline.cache import Artifact
+from loadgraph.pipeline.stage import NodeContext, Stage, Unit
+from loadgraph.stages.export import SHARD_NAME, ST_METADATA, shard_table
+
+EMBED = "model.embed_tokens.weight"  # original (and plain Llama/Mistral) names
+LM_HEAD = "lm_head.weight"
+
+
+def _config(art: Artifact) -> dict:
+    return json.loads((art.path / "config.json").read_text())
+
+
+def _tokenizer_source(ctx: NodeContext) -> Artifact:
+    for name in ("model", "base"):
+        art = ctx.inputs.get(name)
+        if art is not None and any(rel in TOKENIZER_FILES for rel in art.files):
+            return art
+    raise InputError(f"{ctx.input().manifest.get('source', {}).get('origin_path', 'source.model')}: no tokenizer files in the LLaVA checkpoint or its model_base")
+
+
+def load_tokenizer(ctx: NodeContext):
+    """The language model's tokenizer with the conversion script's tokens added (`<image>`, `<pad>` if none)."""
+    from transformers import AddedToken, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(_tokenizer_source(ctx).path))
+    tok.add_tokens(AddedToken(IMAGE_TOKEN, special=True, normalized=False), special_tokens=True)
+    if tok.pad_token is None:
+        tok.add_special_tokens({"pad_token": PAD_TOKEN})
+    return tok
+
+
+def converted_config(ctx: NodeContext, tokenizer):
+    """The LlavaConfig: text config from LLaVA's config.json, vision config from the tower's."""
+    from transformers import LlavaConfig
+
+    original = _config(ctx.input())
+    info = parse_original(original, "config.json")
+    text = text_config_dict(original, info.text_type)
+    vocab = int(text.get("vocab_size", 0))
+    text["vocab_size"] = resized_vocab(vocab, len(tokenizer))
+    text["pad_token_id"] = tokenizer.pad_token_id
+    vision = vision_config_dict(_config(ctx.input("vision")), "mm_vision_tower")
+    patches = (vision["image_size"] // vision["patch_size"]) ** 2
+    dtype = original.get("dtype") or original.get("torch_dtype")
+    config = LlavaConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        image_seq_length=patches + (1 if info.select_strategy == "full" else 0),
+        projector_hidden_act=info.projector_act,
+        vision_feature_select_strategy=info.select_strategy,
+        vision_feature_layer=info.select_layer,
+        multimodal_projector_bias=True,
+        tie_word_embeddings=bool(text.get("tie_word_embeddings", False)),
+        pad_token_id=tokenizer.pad_token_id,
+        # LLaVA's loader adds its image tokens from these (load_pretrained_model keeps doing so).
+        mm_use_im_start_end=info.use_im_start_end,
+        mm_use_im_patch_token=info.use_im_patch_token,
+        image_aspect_ratio=info.aspect_ratio,
+    )
+    config.architectures = ["LlavaForConditionalGeneration"]
+    if dtype:
+        config.dtype = dtype
+    return config, info, vocab
+
+
+def _sources(ctx: NodeContext, projector_type: str) -> list[tuple[str, str, str]]:
+    """(input name, source tensor, llava-hf name) for every tensor the converted model takes."""
+    model = ctx.input()
+    lm = ctx.inputs.get("base", model)
+    out: list[tuple[str, str, str]] = []
+    lm_input = "base" if "base" in ctx.inputs else "model"
+    stored_tower = [n for n in model.tensors if n.startswith(TOWER_PREFIX)]
+    for name in lm.tensors:
+        if name.startswith((PROJECTOR_PREFIX, TOWER_PREFIX)):
+            continue
+        new = legacy_name(name, projector_type)
+        if new is not None:
+            out.append((lm_input, name, new))
+    projector = [n for n in model.tensors if n.startswith(PROJECTOR_PREFIX)]
+    if not projector:
+        raise InputError(f"{model.manifest.get('source', {}).get('origin_path', 'source.model')}: no model.mm_projector.* tensors; not a LLaVA checkpoint")
+    out += [("model", n, legacy_name(n, projector_type)) for n in projector]
+    if "base" in ctx.inputs and len(projector) != len(model.tensors):
+        extra = sorted(set(model.tensors) - set(projector))[:3]
+        raise InputError(f"convert.model_base: the LLaVA checkpoint holds a language model too ({', '.join(extra)}...); drop model_base")
+    out += [("model", n, legacy_name(n, projector_type)) for n in stored_tower]
+    if not stored_tower:  # a tower saved inside the checkpoint (unfrozen in training) wins over the named one
+        out += [("vision", n, "vision_tower." + tower_name(n)) for n in ctx.input("vision").tensors if tower_keeps(n)]
+    return out
+
+
+def _disk_names(config, legacy: list[str]) -> tuple[dict[str, str], list[str]]:
+    """llava-hf name -> the name transformers' save_pretrained writes, and in-memory params left uncovered.
+
+    Both directions use transformers' own renames on the model built on the meta device.
+    """
+    import torch
+    from transformers import LlavaForConditionalGeneration
+    from transformers.core_model_loading import revert_weight_conversion
+
+    from loadgraph.formats.names import _rename_like_from_pretrained
+
+    with torch.device("meta"):
+        model = LlavaForConditionalGeneration(config)
+    to_model, _, unexpected = _rename_like_from_pretrained(model, legacy)
+    if unexpected:
+        raise InputError(f"LLaVA checkpoint tensors with no place in LlavaForConditionalGeneration: {', '.join(sorted(unexpected)[:5])}")
+    placeholders = {mem: torch.empty(0, device="meta") for mem in model.state_dict()}
+    owner = {id(t): mem for mem, t in placeholders.items()}
+    reverted = revert_weight_conversion(model, placeholders)
+    mem_to_disk = {owner[id(t)]: disk for disk, t in reverted.items()}
+    covered = set(to_model.values())
+    missing = [mem for mem in model.state_dict() if mem not in covered]
+    return {old: mem_to_disk[mem] for old, mem in to_model.items()}, [mem_to_disk[m] for m in missing]
+
+
+def _seed(seed: int, what: str) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}:{what}".encode()).digest()[:8], "little") & ((1 << 63) - 1)
+
+
+class ConvertStage(Stage):
+    name = "convert"
+    version = 1
+
+    def units(self, ctx: NodeContext) -> list[Unit]:
+        tokenizer = load_tokenizer(ctx)
+        config, info, vocab = converted_config(ctx, tokenizer)
+        rows = config.text_config.vocab_size
+        sources = _sources(ctx, info.projector_type)
+        to_disk, missing = _disk_names(config, [new for _, _, new in sources])
+        embed_input = "base" if "base" in ctx.inputs else "model"
+        embed = ctx.inputs[embed_input].tensors.get(EMBED)
+        if embed is None or embed["shape"][0] != vocab:
+            raise InputError(f"{EMBED}: expected {vocab} rows (config vocab_size) in the language model, found {embed and embed['shape']}")
+        stats = {"input": embed_input, "name": EMBED}
+        groups: dict[tuple[str, str], list[dict]] = {}
+        projector_group = None
+        for inp, name, new in sources:
+            t = ctx.inputs[inp].tensors[name]
+            entry = {"dst": to_disk[new], "input": inp, "src": name, "dtype": t["dtype"], "shape": list(t["shape"]), "op": "copy"}
+            if name in (EMBED, LM_HEAD) and rows != vocab:
+                entry.update(op="resize", shape=[rows, *t["shape"][1:]], stats=stats, seed=_seed(ctx.params["seed"], name))
+            group = groups.setdefault((inp, t["file"]), [])
+            group.append(entry)
+            if new == "multi_modal_projector.linear_1.weight":
+                projector_group, linear_1 = group, entry
+        unplaced = [m for m in missing if not (info.projector_type == "linear" and ".linear_2." in m)]
+        if unplaced:
+            raise InputError(f"LLaVA conversion leaves LlavaForConditionalGeneration tensors without weights: {', '.join(unplaced[:5])}; is mm_vision_tower the right tower?")
+        if info.projector_type == "linear":
+            hidden = linear_1["shape"][0]
+            for m in missing:
+                shape = [hidden, hidden] if m.endswith("weight") else [hidden]
+                projector_group.append({"dst": m, "op": "identity" if m.endswith("weight") else "zeros", "dtype": linear_1["dtype"], "shape": shape})
+        n = len(groups)
+        return [
+            Unit(id=f"shard-{i:05d}", payload={"file": SHARD_NAME.format(i=i, n=n), "tensors": entries},
+                 nbytes=sum(ctx.inputs[e["input"]].tensors[e["src"]]["end"] - ctx.inputs[e["input"]].tensors[e["src"]]["begin"] for e in entries if "src" in e))
+            for i, entries in enumerate(groups.values(), start=1)
+        ]
+
+    def run_unit(self, ctx: NodeContext, unit: Unit, out: Path) -> dict:
+        rel = unit.payload["file"]
+        entries = {e["dst"]: e for e in unit.payload["tensors"]}
+        writer = ShardWriter(out / rel, [PlannedTensor(e["dst"], e["dtype"], tuple(e["shape"])) for e in entries.values()], ST_METADATA)
+        buf = bytearray(COPY_CHUNK)
+        handles: dict[Path, object] = {}
+        try:
+            for planned in writer.order:
+                e = entries[planned.name]
+                if e["op"] == "copy":
+                    art = ctx.inputs[e["input"]]
+                    t = art.tensors[e["src"]]
+                    path = art.path / t["file"]
+                    fh = handles.get(path) or handles.setdefault(path, open(path, "rb", buffering=0))
+                    writer.copy_bytes(planned.name, fh, t["begin"], t["end"] - t["begin"], buf)
+                else:
+                    writer.write_tensor(planned.name, self._compute(ctx, e))
+            digest = writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+        finally:
+            for fh in handles.values():
+                fh.close()  # type: ignore[attr-defined]
+        size = (out / rel).stat().st_size
+        return {"files": {rel: {"size": size, "sha256": digest}}, "tensors": shard_table(out / rel, rel), "bytes": unit.nbytes}
+
+    @staticmethod
+    def _compute(ctx: NodeContext, e: dict):
+        import torch
+
+        dtype = getattr(torch, DTYPES[e["dtype"]][1])
+        if e["op"] == "identity":
+            return torch.eye(e["shape"][0], dtype=dtype)
+        if e["op"] == "zeros":
+            return torch.zeros(e["shape"], dtype=dtype)
+        art = ctx.inputs[e["input"]]
+        tensor = _read(art, e["src"])
+        stats_art = ctx.inputs[e["stats"]["input"]]
+        embed = tensor if (e["stats"]["input"], e["stats"]["name"]) == (e["input"], e["src"]) else _read(stats_art, e["stats"]["name"])
+        new_rows = e["shape"][0] - tensor.shape[0]
+        return torch.cat([tensor, sample_rows(embed, new_rows, e["seed"]).to(tensor.dtype)])
+
+    def finalize(self, ctx: NodeContext, results: dict[str, dict], out: Path) -> dict:
+        import shutil
+
+        tokenizer = load_tokenizer(ctx)
+        config, info, _ = converted_config(ctx, tokenizer)
+        config.save_pretrained(out)
+        lm = ctx.inputs.get("base", ctx.input())
+        if "generation_config.json" in lm.files:
+            shutil.copyfile(lm.path / "generation_config.json", out / "generation_config.json")
+        processor(ctx, tokenizer, config, info).save_pretrained(out)
+        tensors = {n: t for r in results.values() for n, t in r["tensors"].items()}
+        index = {"metadata": {"total_size": sum(t["end"] - t["begin"] for t in tensors.values())}, "weight_map": {n: tensors[n]["file"] for n in sorted(tensors)}}
+        (out / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+        return {"converted_from": {"format": "llava-original", "projector": info.projector_type, "vision_tower": ctx.input("vision").key}}
+
+
+def _read(art: Artifact, name: str):
+    t = art.tensors[name]
+    return read_tensor(art.path / t["file"], TensorEntry(t["dtype"], tuple(t["shape"]), t["begin"], t["end"]))
+
+
+def sample_rows(embed, rows: int, seed: int):
+    """`rows` draws from N(mean, 1e-5 * covariance) of the embedding rows, as the conversion script does.
+
+    The script's MultivariateNormal draws mu + L @ eps with L = cholesky(covariance); here eps
+    comes from a seeded generator (reproducible) and a semi-definite covariance falls back to an
+    eigen square root instead of failing.
+    """
+    import torch
+
+    if rows <= 0:
+        return embed[:0]
+    emb = embed.to(torch.float64)
+    mu = emb.mean(dim=0)
+    centered = emb - mu
+    cov = COVARIANCE_SCALE * (centered.T @ centered) / emb.shape[0]
+    factor, info = torch.linalg.cholesky_ex(cov)
+    if int(info) != 0:
+        vals, vecs = torch.linalg.eigh(cov)
+        factor = vecs * vals.clamp(min=0).sqrt()
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    eps = torch.randn((rows, emb.shape[1]), generator=generator, dtype=torch.float64)
+    return (mu + eps @ factor.T).to(torch.float32)
+
+
+def processor(ctx: NodeContext, tokenizer, config, info):
+    """LlavaProcessor: the tower's image processor (LlavaImageProcessor with padding for `pad`), the tokenizer."""
+    from transformers import AutoImageProcessor, CLIPImageProcessor, LlavaImageProcessor, LlavaProcessor
+
+    vision = ctx.input("vision")
+    if any(rel in ("preprocessor_config.json", "processor_config.json") for rel in vision.files):
+        image_processor = AutoImageProcessor.from_pretrained(str(vision.path))
+    else:  # LLaVA's CLIPVisionTower would use CLIP's defaults at the tower's resolution
+        side = config.vision_config.image_size
+        image_processor = CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
+    if info.aspect_ratio == "pad":
+        # LLaVA pads to a square of the mean colour before the CLIP transform: LlavaImageProcessor's do_pad.
+        settings = {k: v for k, v in image_processor.to_dict().items() if k not in ("image_processor_type", "processor_class")}
+        image_processor = LlavaImageProcessor(**settings, do_pad=True)
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=config.vision_config.patch_size,
+        vision_feature_select_strategy=config.vision_feature_select_strategy,
+        num_additional_image_tokens=1,  # CLIP's CLS token
+        chat_template=getattr(tokenizer, "chat_template", None),
+    )
+
+
+STAGES = {"convert": ConvertStage}
