@@ -9,8 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from benchmarks.bench_reshard import SHAPE
-from benchmarks.compare import loadgraph_cmd, run_pair, write_table
+from benchmarks.compare import add_shape_args, loadgraph_cmd, run_pair, shape_from, write_table
 from benchmarks.measure import make_checkpoint
 
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -51,17 +50,13 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--work", default="/tmp/loadgraph-bench-merge")
     ap.add_argument("--repeats", type=int, default=1)
-    ap.add_argument("--layers", type=int, default=SHAPE["num_layers"])
-    ap.add_argument("--hidden", type=int, default=SHAPE["hidden_size"])
-    ap.add_argument("--intermediate", type=int, default=SHAPE["intermediate_size"])
+    add_shape_args(ap)
     ap.add_argument("--executor", default="local")
     ap.add_argument("--results", default="benchmarks/results/merge.md")
     args = ap.parse_args(argv)
     work = Path(args.work)
     shutil.rmtree(work, ignore_errors=True)
-    shape = {**SHAPE, "num_layers": args.layers, "hidden_size": args.hidden, "intermediate_size": args.intermediate}
-    if args.hidden >= 4096:
-        shape.update(num_heads=32, num_kv_heads=32, vocab_size=32000)
+    shape = shape_from(args)
     make_checkpoint(work / "base", **shape, max_shard_size="5GB")
     subprocess.run([sys.executable, "-c", MAKE_ADAPTER, str(work / "base"), str(work / "adapter"), "16", ",".join(PROJECTIONS)], check=True)
     spec = work / "spec.yaml"

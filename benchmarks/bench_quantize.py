@@ -8,8 +8,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from benchmarks.bench_reshard import SHAPE
-from benchmarks.compare import loadgraph_cmd, run_pair, write_table
+from benchmarks.compare import add_shape_args, loadgraph_cmd, run_pair, shape_from, write_table
 from benchmarks.measure import make_checkpoint
 
 BASELINE = """
@@ -25,18 +24,14 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--work", default="/tmp/loadgraph-bench-quantize")
     ap.add_argument("--repeats", type=int, default=1)
-    ap.add_argument("--layers", type=int, default=SHAPE["num_layers"])
-    ap.add_argument("--hidden", type=int, default=SHAPE["hidden_size"])
-    ap.add_argument("--intermediate", type=int, default=SHAPE["intermediate_size"])
+    add_shape_args(ap)
     ap.add_argument("--device", default="cpu", help="cpu | cuda (the backend of both sides)")
     ap.add_argument("--executor", default="local")
     ap.add_argument("--results", default="benchmarks/results/quantize.md")
     args = ap.parse_args(argv)
     work = Path(args.work)
     shutil.rmtree(work, ignore_errors=True)
-    shape = {**SHAPE, "num_layers": args.layers, "hidden_size": args.hidden, "intermediate_size": args.intermediate}
-    if args.hidden >= 4096:
-        shape.update(num_heads=32, num_kv_heads=32, vocab_size=32000)
+    shape = shape_from(args)
     make_checkpoint(work / "base", **shape, max_shard_size="2GB")
     spec = work / "spec.yaml"
     spec.write_text(f"source: {{model: {work / 'base'}}}\ndtype: bfloat16\nquantize: {{method: bnb-nf4, double_quant: true, backend: {args.device}}}\n"

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from benchmarks.bench_merge import MAKE_ADAPTER, PROJECTIONS
-from benchmarks.bench_reshard import SHAPE
+from benchmarks.compare import SHAPE
 from benchmarks.compare import loadgraph_cmd
 from benchmarks.measure import make_checkpoint, measure
 

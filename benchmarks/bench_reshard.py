@@ -11,7 +11,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from benchmarks.compare import loadgraph_cmd, run_pair, write_table
+from benchmarks.compare import SHAPE, loadgraph_cmd, run_pair, write_table
 from benchmarks.measure import make_checkpoint
 
 BASELINE = """
@@ -20,7 +20,6 @@ from transformers import AutoModelForCausalLM
 m = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.bfloat16)
 m.save_pretrained(sys.argv[2], max_shard_size=sys.argv[3])
 """
-SHAPE = dict(hidden_size=2048, num_layers=16, intermediate_size=8192, vocab_size=128256, num_heads=32, num_kv_heads=8, dtype="bfloat16")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -11,6 +11,24 @@ from pathlib import Path
 from benchmarks.measure import Measurement, measure, median
 
 
+# ~1.2B Llama-shaped bf16: the shape the 2-core benchmarks of the issues name.
+SHAPE = dict(hidden_size=2048, num_layers=16, intermediate_size=8192, vocab_size=128256, num_heads=32, num_kv_heads=8, dtype="bfloat16")
+
+
+def add_shape_args(ap) -> None:
+    ap.add_argument("--layers", type=int, default=SHAPE["num_layers"])
+    ap.add_argument("--hidden", type=int, default=SHAPE["hidden_size"])
+    ap.add_argument("--intermediate", type=int, default=SHAPE["intermediate_size"])
+
+
+def shape_from(args) -> dict:
+    """The benchmark shape; hidden >= 4096 means a Llama-2-7B-like model (MHA, 32k vocab)."""
+    shape = {**SHAPE, "num_layers": args.layers, "hidden_size": args.hidden, "intermediate_size": args.intermediate}
+    if args.hidden >= 4096:
+        shape.update(num_heads=32, num_kv_heads=32, vocab_size=32000)
+    return shape
+
+
 def loadgraph_cmd(spec: Path, cache: Path, executor: str = "local") -> list[str]:
     return [sys.executable, "-m", "loadgraph.cli", "build", str(spec), "--executor", executor, "--cache", str(cache)]
 
