@@ -87,7 +87,7 @@ def build(
 
         with RichReporter(console) as reporter:
             report = run_build(graph, cache, make_executor_factory(executor), reporter, overwrite=overwrite)
-    except (LoadgraphError, Exception) as exc:  # noqa: BLE001 - every failure must become an exit code
+    except Exception as exc:  # noqa: BLE001 - every failure must become an exit code
         if json_out:
             doc = report.to_json() if report else {"ok": False, "nodes": [], "targets": []}
             doc.update(ok=False, error=str(exc))

@@ -13,10 +13,14 @@ import shutil
 from pathlib import Path
 
 from loadgraph.formats.checkpoint import INDEX_NAME
-from loadgraph.formats.safetensors import PlannedTensor, ShardWriter, TensorEntry, read_tensor, st_dtype
+from loadgraph.formats.safetensors import COPY_CHUNK, PlannedTensor, ShardWriter, TensorEntry, read_tensor, st_dtype
 from loadgraph.pipeline.stage import NodeContext, Stage, Unit
 from loadgraph.spec import QuantizeSpec
 from loadgraph.stages.export import ST_METADATA, shard_table
+
+
+def _entry(t: dict) -> TensorEntry:
+    return TensorEntry(t["dtype"], tuple(t["shape"]), t["begin"], t["end"])
 
 
 def settings_params(q: QuantizeSpec, dtype: str) -> dict:
@@ -65,21 +69,45 @@ class QuantizeStage(Stage):
         return plan_quantization(ctx.input().path, make_settings(ctx.params["settings"]))
 
     def run_unit(self, ctx: NodeContext, unit: Unit, out: Path) -> dict:
+        import torch
+
         base = ctx.input()
         rel = unit.payload["file"]
         plan = self._plan(ctx)
-        produced = {}
+        quantized: dict[str, torch.Tensor] = {}
+        kept: dict[str, tuple[str, dict, str]] = {}  # output name -> (input name, entry, output dtype)
         for name, t in base.tensors.items():
             if t["file"] != rel:
                 continue
-            tensor = read_tensor(base.path / rel, TensorEntry(t["dtype"], tuple(t["shape"]), t["begin"], t["end"]))
-            produced.update(plan.convert(name, tensor, device=ctx.params["backend"]))
-        if not produced:  # every tensor of this shard was dropped (e.g. a tied lm_head alone)
+            tp = plan.tensors.get(name)
+            if tp is not None and tp.kind == "keep":
+                # Unquantized tensors (embeddings, lm_head, norms: most of the bytes) are not held
+                # in memory: they are streamed (or cast) into the shard at write time.
+                kept[tp.rename[tp.memory_name]] = (name, t, st_dtype(torch.empty(0, dtype=tp.dtype)))
+                continue
+            tensor = read_tensor(base.path / rel, _entry(t))
+            quantized.update(plan.convert(name, tensor, device=ctx.params["backend"]))
+        planned = [PlannedTensor(n, st_dtype(v), tuple(v.shape)) for n, v in quantized.items()]
+        planned += [PlannedTensor(n, dtype, tuple(t["shape"])) for n, (_, t, dtype) in kept.items()]
+        if not planned:  # every tensor of this shard was dropped (e.g. a tied lm_head alone)
             return {"files": {}, "tensors": {}, "bytes": unit.nbytes}
-        writer = ShardWriter(out / rel, [PlannedTensor(n, st_dtype(v), tuple(v.shape)) for n, v in produced.items()], ST_METADATA)
-        for p in writer.pending:
-            writer.write_tensor(p.name, produced[p.name])
-        digest = writer.close()
+        writer = ShardWriter(out / rel, planned, ST_METADATA)
+        buf = bytearray(COPY_CHUNK)
+        try:
+            with open(base.path / rel, "rb", buffering=0) as src:
+                for p in writer.pending:
+                    if p.name in quantized:
+                        writer.write_tensor(p.name, quantized.pop(p.name))
+                        continue
+                    name, t, dtype = kept[p.name]
+                    if dtype == t["dtype"]:
+                        writer.copy_bytes(p.name, src, t["begin"], t["end"] - t["begin"], buf)
+                    else:
+                        writer.write_tensor(p.name, plan.convert(name, read_tensor(base.path / rel, _entry(t)))[p.name])
+            digest = writer.close()
+        except BaseException:
+            writer.abort()
+            raise
         return {"files": {rel: {"size": (out / rel).stat().st_size, "sha256": digest}}, "tensors": shard_table(out / rel, rel), "bytes": unit.nbytes}
 
     def finalize(self, ctx: NodeContext, results: dict[str, dict], out: Path) -> dict:
