@@ -79,7 +79,8 @@ def test_node_killed_mid_build_still_builds_the_same_bytes(ray_cluster, models, 
     victim = ray_cluster.add_node()
     starts = tmp_path / "starts.log"
     starts.touch()
-    fault = {"env_vars": {"LOADGRAPH_FAULT": "slow-units:0.5", "LOADGRAPH_FAULT_LOG": str(starts)}}
+    # Long enough that removing the node (slow on a loaded 2-core machine) lands mid-unit.
+    fault = {"env_vars": {"LOADGRAPH_FAULT": "slow-units:1.5", "LOADGRAPH_FAULT_LOG": str(starts)}}
     killed = threading.Event()
 
     def kill_when_victim_works() -> None:

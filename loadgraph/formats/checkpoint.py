@@ -81,10 +81,17 @@ def confined(root: Path, relname: str, what: str) -> Path:
     pure = PurePosixPath(relname)
     if not relname or pure.is_absolute() or ".." in pure.parts or "\\" in relname or relname.startswith("~"):
         raise InputError(f"{what}: path {relname!r} is absolute or leaves the checkpoint directory; only file names inside it are allowed")
+    if "\x00" in relname:
+        raise InputError(f"{what}: path {relname!r} contains a NUL byte; only file names inside the checkpoint are allowed")
     path = root / pure
-    real_root = root.resolve()
-    real = path.resolve()
-    if real != real_root and real_root not in real.parents:
+    try:
+        real_root = root.resolve()
+        real = path.resolve()
+    except (OSError, RuntimeError) as exc:  # name too long, symlink loop
+        raise InputError(f"{what}: path {relname!r} cannot be resolved ({exc.__class__.__name__}); only file names inside the checkpoint are allowed") from None
+    # A hub snapshot's files are links into the repo's own blobs/ (snapshots/<commit>/f -> ../../blobs/<sha>).
+    storage = real_root.parent.parent if real_root.parent.name == "snapshots" else real_root
+    if real != real_root and real_root not in real.parents and storage not in real.parents:
         raise InputError(f"{what}: {relname!r} resolves outside the checkpoint directory (symlink to {real}); copy the file in instead")
     return path
 
@@ -131,7 +138,11 @@ def _files_from_index(root: Path, index_path: Path) -> list[str]:
             raise InputError(f"{index_path}: weight_map[{tensor!r}] is not a file name")
         path = confined(root, fname, str(index_path))
         if fname not in files:
-            if not path.is_file():
+            try:
+                present = path.is_file()
+            except OSError:  # e.g. a name too long for the filesystem
+                present = False
+            if not present:
                 raise InputError(f"{index_path}: weight_map names {fname!r} (for {tensor!r}) but that shard is missing; re-download it")
             files.append(fname)
     return files

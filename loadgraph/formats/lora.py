@@ -366,7 +366,15 @@ def _tensor_headers(weights_file: Path) -> tuple[dict[str, tuple[int, ...]], dic
 
 def _load_pickle(weights_file: Path) -> dict[str, torch.Tensor]:
     # weights_only refuses arbitrary objects; the caller opted in with allow_pickle all the same.
-    return torch.load(str(weights_file), map_location="cpu", weights_only=True)
+    import pickle
+
+    try:
+        state = torch.load(str(weights_file), map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as exc:
+        raise AdapterError(f"{weights_file}: refused by torch.load(weights_only=True): {str(exc).splitlines()[0]}") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise AdapterError(f"{weights_file}: not a flat state dict of tensors; save the adapter as adapter_model.safetensors")
+    return state
 
 
 # -- the arithmetic -----------------------------------------------------------------------------

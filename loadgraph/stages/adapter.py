@@ -33,7 +33,10 @@ def resolve_adapter(adapter: AdapterSpec, index: int, cache: Cache, allow_pickle
     root, commit = locate(adapter.path, adapter.revision, what, allow_patterns=list(ADAPTER_FILES))
     if not (root / "adapter_config.json").is_file():
         raise InputError(f"{what}: {root} has no adapter_config.json; point at a PEFT adapter directory")
-    files = [n for n in ADAPTER_FILES if (root / n).is_file()]
+    from loadgraph.formats.checkpoint import confined
+
+    # Like a checkpoint's files, an adapter's must not be links out of its directory.
+    files = [n for n in ADAPTER_FILES if confined(root, n, what).is_file()]
     if "adapter_model.safetensors" not in files and not allow_pickle:
         raise InputError(f"{what}: {root} holds only a pickled adapter_model.bin; set source.allow_pickle: true or save it as safetensors")
     digests = hash_files({n: root / n for n in files}, cache.root)
