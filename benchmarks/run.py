@@ -15,6 +15,7 @@ def main() -> None:
             continue
         print(f"== {name}", flush=True)
         importlib.import_module(name).main([])
+    importlib.import_module("benchmarks.readme").main()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,36 @@
+"""Quote benchmarks/results/*.md in README.md between the BENCHMARKS markers (run by `make bench`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+ORDER = [
+    ("reshard.md", "Re-shard/export (issue: foundation)"),
+    ("merge.md", "LoRA merge + export"),
+    ("quantize.md", "NF4 quantization"),
+    ("ray.md", "Local vs Ray executor"),
+    ("chaos.md", "Faults and hostile input (tests/chaos)"),
+    ("device/merge-7b-h200x2.md", "7B merge on a GPU host (local executor)"),
+    ("device/merge-7b-h200x2-ray.md", "7B merge on a GPU host (Ray executor; RSS is the driver's only)"),
+    ("device/quantize-7b-h200x2.md", "7B NF4 on a GPU host (CUDA backend, local executor)"),
+    ("device/scale-7b-h200x2.md", "7B merge + NF4 + export through Ray on 1 and 2 GPUs"),
+]
+BEGIN, END = "<!-- BENCHMARKS:BEGIN -->", "<!-- BENCHMARKS:END -->"
+
+
+def main(argv: list[str] | None = None) -> None:
+    results = Path("benchmarks/results")
+    parts = []
+    for name, title in ORDER:
+        path = results / name
+        if path.exists():
+            parts.append(f"**{title}** (`benchmarks/results/{name}`)\n\n{path.read_text().strip()}\n")
+    readme = Path("README.md")
+    text = readme.read_text()
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    readme.write_text(head + BEGIN + "\n" + "\n".join(parts) + END + tail)
+
+
+if __name__ == "__main__":
+    main()
