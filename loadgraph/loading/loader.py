@@ -88,12 +88,7 @@ def plan_load(
                 "(mm_projector.*); drop model_base to load model_path on its own"
             )
     arch = resolve_architecture(model_name, read_config(source, "model_base" if model_base else "model_path"), f"{source}/config.json", multimodal)
-    quantize = None
-    if load_4bit:
-        # LLaVA's BitsAndBytesConfig: NF4, double quantization, compute in the load dtype.
-        quantize = QuantizeSpec(method="bnb-nf4", double_quant=True, compute_dtype=None if dtype == "auto" else dtype)
-    elif load_8bit:
-        quantize = QuantizeSpec(method="bnb-int8")
+    quantize = _quantize_spec(load_4bit, load_8bit, dtype)
     spec = BuildSpec(
         name=model_name,
         source=Source(model=str(source), **{k: v for k, v in source_kwargs.items() if v is not None}),
@@ -105,6 +100,13 @@ def plan_load(
         verify=VerifySpec() if verify and (adapters or quantize) else None,
     )
     return LoadPlan(spec, arch, projector)
+
+
+def _quantize_spec(load_4bit: bool, load_8bit: bool, dtype: str) -> QuantizeSpec | None:
+    """LLaVA's BitsAndBytesConfig: NF4, double quantization, compute in the load dtype; or int8."""
+    if load_4bit:
+        return QuantizeSpec(method="bnb-nf4", double_quant=True, compute_dtype=None if dtype == "auto" else dtype)
+    return QuantizeSpec(method="bnb-int8") if load_8bit else None
 
 
 # --- original-format LLaVA checkpoints (issue 9): the build's convert stage makes them transformers Llava ---
@@ -129,11 +131,7 @@ def _plan_original_llava(path: Path, model_base: str | None, model_name: str, *,
     arch = resolve_architecture(model_name, {"model_type": "llava", "text_config": {"model_type": info.text_type}}, f"{path}/config.json", True)
     if load_8bit and load_4bit:
         raise LoadingError("load_8bit and load_4bit are exclusive; pass at most one")
-    quantize = None
-    if load_4bit:
-        quantize = QuantizeSpec(method="bnb-nf4", double_quant=True, compute_dtype=None if dtype == "auto" else dtype)
-    elif load_8bit:
-        quantize = QuantizeSpec(method="bnb-int8")
+    quantize = _quantize_spec(load_4bit, load_8bit, dtype)
     spec = BuildSpec(
         name=model_name,
         source=Source(model=str(path), **{k: v for k, v in source_kwargs.items() if v is not None}),
