@@ -25,8 +25,11 @@ env: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m loadgraph.demo
 
+# Suites that start their own Ray cluster run in their own pytest process: one Ray per process.
+RAY_SUITES := tests/test_ray_cluster.py tests/chaos tests/test_integrations.py
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q tests $(addprefix --ignore=,$(RAY_SUITES))
+	set -e; for suite in $(RAY_SUITES); do $(BIN)/python -m pytest -q $$suite; done
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run

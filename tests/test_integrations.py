@@ -211,6 +211,11 @@ def _zero3_rank(rank: int, world: int, port: int, model_dir: str, cache: str, ou
         z.engine.step()
         losses.append(loss.item())
     Path(out, f"rank{rank}.json").write_text(json.dumps({**record, "losses": losses}))
+    # Tear the process group down before exit: gloo/shm threads left running at interpreter
+    # exit abort the process ("terminate called without an active exception").
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+    os._exit(0)
 
 
 def test_deepspeed_zero3_two_ranks_on_cpu(models, tmp_path):
