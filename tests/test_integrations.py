@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -39,7 +40,9 @@ def ray_cluster(tmp_path_factory):
     """
     ray = pytest.importorskip("ray")
     gcs, node_mgr, obj_mgr, client, agent_listen, agent_grpc, metrics, runtime_env, dash = _free_ports(9)
-    worker_lo = _free_ports(1)[0] % 20000 + 30000
+    # Below the ephemeral range the ports above come from (so no overlap), above Ray's default
+    # worker ports (10002-19999) other clusters here use: as clusters/local/cluster.py does.
+    worker_lo = 20000 + 250 * random.randrange(48)
     temp = Path("/tmp") / f"lg-ray-{os.getpid()}"  # short: Ray's unix socket paths have a length limit
     env = {
         **os.environ,

@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import itertools
 import os
+import random
 import shutil
 import signal
 import socket
@@ -56,6 +58,17 @@ def node_env() -> dict[str, str]:
     return env
 
 
+WORKER_BLOCKS = 48
+_BLOCKS = itertools.count(random.randrange(WORKER_BLOCKS))
+
+
+def worker_port_block() -> int:
+    """A 250-port range for one node's workers in 20000-32000: below the kernel's ephemeral range
+    (where the other ports above come from, so they cannot fall inside it) and above Ray's default
+    worker ports (10002-19999) that other clusters here use; successive nodes get distinct blocks."""
+    return 20000 + 250 * (next(_BLOCKS) % WORKER_BLOCKS)
+
+
 def node_ports() -> list[str]:
     ports = {
         "--node-manager-port": free_port(),
@@ -65,9 +78,9 @@ def node_ports() -> list[str]:
         "--metrics-export-port": free_port(),
         "--runtime-env-agent-port": free_port(),
     }
-    low = free_port()
+    low = worker_port_block()
     # Worker processes need a port range of their own, clear of other clusters' defaults.
-    return [f"{k}={v}" for k, v in ports.items()] + [f"--min-worker-port={low}", f"--max-worker-port={min(low + 200, 65000)}"]
+    return [f"{k}={v}" for k, v in ports.items()] + [f"--min-worker-port={low}", f"--max-worker-port={low + 200}"]
 
 
 def http_json(url: str) -> dict | None:
