@@ -40,10 +40,9 @@ def main(argv: list[str] | None = None) -> None:
     base, cold, warm = run_pair(baseline, loadgraph_cmd(spec, work / "cache", args.executor), [work / "hf-out", work / "cache", work / "lg-out"], args.repeats)
     size = sum(f.stat().st_size for f in (work / "base").glob("*.safetensors"))
     title = f"bf16 -> nf4 (double quant) on {args.device}, Llama-shaped (hidden {args.hidden}, {args.layers} layers, {size / 1e9:.2f} GB of bf16)"
-    table = write_table(Path(args.results), title, "transformers from_pretrained(BitsAndBytesConfig) + save_pretrained", base, cold, warm, args.repeats, args.executor)
+    write_table(Path(args.results), title, "transformers from_pretrained(BitsAndBytesConfig) + save_pretrained", base, cold, warm, args.repeats, args.executor)
     with open(args.results, "a") as f:
         f.write(f"\nloadgraph throughput: {size / cold.seconds / 1e9:.2f} GB/s of bf16 input (whole build, cold).\n")
-    del table
     shutil.rmtree(work, ignore_errors=True)
 
 

@@ -243,6 +243,8 @@ class ShardWriter:
         # next tensor meanwhile; at most MAX_PENDING wait, bounding memory.
         self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer")
         self._pending: list = []
+        self._sources: dict[str, BinaryIO] = {}  # files copied from, opened once, closed with the shard
+        self._buf: bytearray | None = None
         self._emit(encode_header(self.order, metadata))
 
     @property
@@ -279,10 +281,16 @@ class ShardWriter:
         while self._pending:
             self._pending.pop(0).result()
 
-    def copy_bytes(self, name: str, src: BinaryIO, begin: int, nbytes: int, buf: bytearray) -> None:
-        """Copy a tensor's bytes verbatim from an open source file through a fixed buffer."""
+    def copy_from(self, name: str, path: str | os.PathLike, begin: int, nbytes: int) -> None:
+        """Copy a tensor's bytes verbatim from `path` (absolute offsets) through one fixed buffer."""
         self._drain()
         self._expect(name, nbytes)
+        src = self._sources.get(str(path))
+        if src is None:
+            src = self._sources[str(path)] = open(path, "rb", buffering=0)
+        if self._buf is None:
+            self._buf = bytearray(COPY_CHUNK)
+        buf = self._buf
         view = memoryview(buf)
         src.seek(begin)
         left = nbytes
@@ -303,13 +311,20 @@ class ShardWriter:
         if FSYNC:
             os.fsync(self._file.fileno())
         self._file.close()
+        self._close_sources()
         return self._sha.hexdigest()
+
+    def _close_sources(self) -> None:
+        for src in self._sources.values():
+            src.close()
+        self._sources.clear()
 
     def abort(self) -> None:
         for pending in self._pending:
             pending.cancel()
         self._io.shutdown(wait=True)
         self._file.close()
+        self._close_sources()
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = COPY_CHUNK) -> str:

@@ -15,12 +15,12 @@ from pathlib import Path
 
 from loadgraph.errors import InputError
 from loadgraph.formats.checkpoint import INDEX_NAME
-from loadgraph.formats.safetensors import COPY_CHUNK, DTYPES, FLOAT_DTYPES, TORCH_TO_ST, PlannedTensor, ShardWriter, TensorEntry, read_tensor
+from loadgraph.formats.safetensors import DTYPES, FLOAT_DTYPES, TORCH_TO_ST, PlannedTensor, ShardWriter, TensorEntry, read_tensor
 from loadgraph.pipeline.cache import Cache
 from loadgraph.pipeline.hashing import hash_files
 from loadgraph.pipeline.stage import NodeContext, Stage, Unit
 from loadgraph.spec import AdapterSpec
-from loadgraph.stages.export import ST_METADATA, _set_dtype, shard_table
+from loadgraph.stages.export import ST_METADATA, set_config_dtype, shard_table
 from loadgraph.stages.fetch import locate
 from loadgraph.stages.inspect import link_or_copy
 
@@ -104,25 +104,23 @@ class MergeStage(Stage):
         dtype = ctx.params["dtype"]
         planned = [PlannedTensor(n, cast_target(t["dtype"], dtype), tuple(t["shape"])) for n, t in shard.items()]
         writer = ShardWriter(out / rel, planned, ST_METADATA)
-        buf = bytearray(COPY_CHUNK)
         try:
-            with open(base.path / rel, "rb", buffering=0) as src:
-                for p in writer.order:
-                    t = shard[p.name]
-                    if p.name not in touched and p.dtype == t["dtype"]:
-                        writer.copy_bytes(p.name, src, t["begin"], t["end"] - t["begin"], buf)
-                        continue
-                    tensor = read_tensor(base.path / rel, TensorEntry(t["dtype"], tuple(t["shape"]), t["begin"], t["end"]))
-                    # PEFT merges into a base already loaded in the spec's dtype: cast first.
-                    tensor = tensor.to(getattr(torch, DTYPES[p.dtype][1]))
-                    if ctx.params.get("base_roundtrip") == "nf4" and any(_lora_target(plan, p.name) for _, plan in plans):
-                        tensor = nf4_roundtrip(tensor)
-                    for (_, plan), tensors in zip(plans, adapter_tensors):
-                        if p.name in plan.ops:
-                            from loadgraph.formats.lora import merge_shard
+            for p in writer.order:
+                t = shard[p.name]
+                if p.name not in touched and p.dtype == t["dtype"]:
+                    writer.copy_from(p.name, base.path / rel, t["begin"], t["end"] - t["begin"])
+                    continue
+                tensor = read_tensor(base.path / rel, TensorEntry(t["dtype"], tuple(t["shape"]), t["begin"], t["end"]))
+                # PEFT merges into a base already loaded in the spec's dtype: cast first.
+                tensor = tensor.to(getattr(torch, DTYPES[p.dtype][1]))
+                if ctx.params.get("base_roundtrip") == "nf4" and any(_lora_target(plan, p.name) for _, plan in plans):
+                    tensor = nf4_roundtrip(tensor)
+                for (_, plan), tensors in zip(plans, adapter_tensors):
+                    if p.name in plan.ops:
+                        from loadgraph.formats.lora import merge_shard
 
-                            tensor = merge_shard(plan, {p.name: tensor}, tensors)[p.name]
-                    writer.write_tensor(p.name, tensor)
+                        tensor = merge_shard(plan, {p.name: tensor}, tensors)[p.name]
+                writer.write_tensor(p.name, tensor)
             digest = writer.close()
         except BaseException:
             writer.abort()
@@ -143,7 +141,7 @@ def copy_aux(src, out: Path, dtype: str) -> None:
         (out / rel).parent.mkdir(parents=True, exist_ok=True)
         if rel == "config.json" and dtype != "auto":
             config = json.loads((src.path / rel).read_text())
-            _set_dtype(config, dtype)
+            set_config_dtype(config, dtype)
             (out / rel).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         elif rel != INDEX_NAME or (src.path / rel).exists():
             shutil.copyfile(src.path / rel, out / rel)

@@ -33,7 +33,7 @@ from loadgraph.formats.llava_original import (
     tower_name,
     vision_config_dict,
 )
-from loadgraph.formats.safetensors import COPY_CHUNK, DTYPES, PlannedTensor, ShardWriter, TensorEntry, read_tensor
+from loadgraph.formats.safetensors import DTYPES, PlannedTensor, ShardWriter, TensorEntry, read_tensor
 from loadgraph.pipeline.cache import Artifact
 from loadgraph.pipeline.stage import NodeContext, Stage, Unit
 from loadgraph.stages.export import SHARD_NAME, ST_METADATA, shard_table
@@ -200,26 +200,19 @@ class ConvertStage(Stage):
         rel = unit.payload["file"]
         entries = {e["dst"]: e for e in unit.payload["tensors"]}
         writer = ShardWriter(out / rel, [PlannedTensor(e["dst"], e["dtype"], tuple(e["shape"])) for e in entries.values()], ST_METADATA)
-        buf = bytearray(COPY_CHUNK)
-        handles: dict[Path, object] = {}
         try:
             for planned in writer.order:
                 e = entries[planned.name]
                 if e["op"] == "copy":
                     art = ctx.inputs[e["input"]]
                     t = art.tensors[e["src"]]
-                    path = art.path / t["file"]
-                    fh = handles.get(path) or handles.setdefault(path, open(path, "rb", buffering=0))
-                    writer.copy_bytes(planned.name, fh, t["begin"], t["end"] - t["begin"], buf)
+                    writer.copy_from(planned.name, art.path / t["file"], t["begin"], t["end"] - t["begin"])
                 else:
                     writer.write_tensor(planned.name, self._compute(ctx, e))
             digest = writer.close()
         except BaseException:
             writer.abort()
             raise
-        finally:
-            for fh in handles.values():
-                fh.close()  # type: ignore[attr-defined]
         size = (out / rel).stat().st_size
         return {"files": {rel: {"size": size, "sha256": digest}}, "tensors": shard_table(out / rel, rel), "bytes": unit.nbytes}
 

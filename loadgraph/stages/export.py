@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 
 from loadgraph.formats.checkpoint import INDEX_NAME, TOKENIZER_FILES
-from loadgraph.formats.safetensors import COPY_CHUNK, DTYPES, FLOAT_DTYPES, TORCH_TO_ST, PlannedTensor, ShardWriter, read_header, read_tensor
+from loadgraph.formats.safetensors import DTYPES, FLOAT_DTYPES, TORCH_TO_ST, PlannedTensor, ShardWriter, read_header, read_tensor
 from loadgraph.formats.safetensors import TensorEntry
 from loadgraph.pipeline.stage import NodeContext, Stage, Unit
 from loadgraph.stages.inspect import link_or_copy
@@ -46,16 +46,13 @@ def write_shard(dest: Path, entries: list[dict], source_root: Path) -> tuple[str
     """Write one shard from its planned entries; returns (sha256, bytes read)."""
     writer = ShardWriter(dest, [PlannedTensor(e["name"], e["dtype"], tuple(e["shape"])) for e in entries], ST_METADATA)
     by_name = {e["name"]: e for e in entries}
-    buf = bytearray(COPY_CHUNK)
-    handles: dict[str, object] = {}
     read = 0
     try:
         for planned in writer.order:
             e = by_name[planned.name]
             src = source_root / e["file"]
             if e["dtype"] == e["src_dtype"]:
-                fh = handles.get(e["file"]) or handles.setdefault(e["file"], open(src, "rb", buffering=0))
-                writer.copy_bytes(e["name"], fh, e["begin"], e["end"] - e["begin"], buf)
+                writer.copy_from(e["name"], src, e["begin"], e["end"] - e["begin"])
             else:
                 import torch
 
@@ -67,9 +64,6 @@ def write_shard(dest: Path, entries: list[dict], source_root: Path) -> tuple[str
     except BaseException:
         writer.abort()
         raise
-    finally:
-        for fh in handles.values():
-            fh.close()  # type: ignore[attr-defined]
 
 
 def _whole_input_file(entries: list[dict], input_tensors: dict[str, dict]) -> str | None:
@@ -127,20 +121,20 @@ class ExportStage(Stage):
                 continue
             if rel == "config.json" and ctx.params["dtype"] != "auto":
                 config = json.loads((src.path / rel).read_text())
-                _set_dtype(config, ctx.params["dtype"])
+                set_config_dtype(config, ctx.params["dtype"])
                 (out / rel).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
             else:
                 shutil.copyfile(src.path / rel, out / rel)
         return {key: src.manifest[key] for key in ("adapters", "quantization") if key in src.manifest}
 
 
-def _set_dtype(config: dict, dtype: str) -> None:
+def set_config_dtype(config: dict, dtype: str) -> None:
     """transformers 5 records `dtype` (older files `torch_dtype`), also in nested sub-configs."""
     config.pop("torch_dtype", None)
     config["dtype"] = dtype
     for value in config.values():
         if isinstance(value, dict) and ("model_type" in value or "torch_dtype" in value or "dtype" in value):
-            _set_dtype(value, dtype)
+            set_config_dtype(value, dtype)
 
 
 STAGES = {"export": ExportStage}

@@ -13,7 +13,7 @@ import shutil
 from pathlib import Path
 
 from loadgraph.formats.checkpoint import INDEX_NAME
-from loadgraph.formats.safetensors import COPY_CHUNK, PlannedTensor, ShardWriter, TensorEntry, read_tensor, st_dtype
+from loadgraph.formats.safetensors import PlannedTensor, ShardWriter, TensorEntry, read_tensor, st_dtype
 from loadgraph.pipeline.stage import NodeContext, Stage, Unit
 from loadgraph.spec import QuantizeSpec
 from loadgraph.stages.export import ST_METADATA, shard_table
@@ -92,18 +92,16 @@ class QuantizeStage(Stage):
         if not planned:  # every tensor of this shard was dropped (e.g. a tied lm_head alone)
             return {"files": {}, "tensors": {}, "bytes": unit.nbytes}
         writer = ShardWriter(out / rel, planned, ST_METADATA)
-        buf = bytearray(COPY_CHUNK)
         try:
-            with open(base.path / rel, "rb", buffering=0) as src:
-                for p in writer.pending:
-                    if p.name in quantized:
-                        writer.write_tensor(p.name, quantized.pop(p.name))
-                        continue
-                    name, t, dtype = kept[p.name]
-                    if dtype == t["dtype"]:
-                        writer.copy_bytes(p.name, src, t["begin"], t["end"] - t["begin"], buf)
-                    else:
-                        writer.write_tensor(p.name, plan.convert(name, read_tensor(base.path / rel, _entry(t)))[p.name])
+            for p in writer.pending:
+                if p.name in quantized:
+                    writer.write_tensor(p.name, quantized.pop(p.name))
+                    continue
+                name, t, dtype = kept[p.name]
+                if dtype == t["dtype"]:
+                    writer.copy_from(p.name, base.path / rel, t["begin"], t["end"] - t["begin"])
+                else:
+                    writer.write_tensor(p.name, plan.convert(name, read_tensor(base.path / rel, _entry(t)))[p.name])
             digest = writer.close()
         except BaseException:
             writer.abort()
