@@ -35,6 +35,7 @@ class AdapterSpec(_Strict):
     revision: str | None = None
     mode: Literal["merge", "attach"] = "merge"
     scale: float = 1.0
+    allow_other_base: bool = False  # adapter_config.json names another architecture than the base's
 
 
 class MergeOptions(_Strict):
@@ -54,7 +55,8 @@ class QuantizeSpec(_Strict):
 
 
 class VerifySpec(_Strict):
-    load: bool = True
+    tensors: bool = True  # per-tensor checks: merge, quantize and export against their inputs
+    load: bool = True  # the whole-model smoke check (where the model fits)
     finite: bool = True
     logits: bool = True
     atol: float | None = None

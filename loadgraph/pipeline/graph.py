@@ -69,28 +69,29 @@ def _compile_target(graph: Graph, spec: BuildSpec, cache: Cache) -> Target:
 
     params, runtime = resolve_source(spec.source, cache)
     fetched = graph.add("fetch", params, {}, f"{spec.name}: fetch {Path(spec.source.model).name}", runtime)
-    current = graph.add("inspect", {}, {"model": fetched.key}, f"{spec.name}: inspect")
+    inspected = graph.add("inspect", {}, {"model": fetched.key}, f"{spec.name}: inspect")
     # Original-format LLaVA (issue 9): convert to transformers' Llava; later stages see only that.
-    current, checked_dir = _llava_convert(graph, spec, cache, runtime["path"], current)
+    current, checked_dir = _llava_convert(graph, spec, cache, runtime["path"], inspected)
     base = current
-    adapters = _adapter_nodes(graph, spec, cache)
+    # A converted source's class is not the one in its files: its adapters' base class is not checked.
+    adapters = _adapter_nodes(graph, spec, cache, runtime["path"] if current is inspected else None)
     merged = [(a, n) for a, n in zip(spec.adapters, adapters) if a.mode == "merge"]
     attached = [(a, n) for a, n in zip(spec.adapters, adapters) if a.mode == "attach"]
     cast_done = False
+    stages: dict[str, Node] = {}  # the transforming nodes verify checks: merge, quantize, export
     if merged:
         params = {"scales": [a.scale for a, _ in merged], "dtype": spec.dtype, "allow_pickle": spec.source.allow_pickle,
                   "base_roundtrip": spec.merge.base_roundtrip}
         inputs = {"model": current.key, **{f"adapter{i}": n.key for i, (_, n) in enumerate(merged)}}
-        current = graph.add("merge", params, inputs, f"{spec.name}: merge {len(merged)} adapter(s)")
+        current = stages["merge"] = graph.add("merge", params, inputs, f"{spec.name}: merge {len(merged)} adapter(s)")
         cast_done = True
         if cache.get(current.key) is None and checked_dir:
             _preflight_adapters(checked_dir, [n for _, n in merged], [a.scale for a, _ in merged], spec.source.allow_pickle)
-    pre_quantize = current
     if spec.quantize is not None:
         from loadgraph.stages.quantize import resolve_backend, settings_params
 
         qparams = {"settings": settings_params(spec.quantize, spec.dtype), "backend": resolve_backend(spec.quantize.backend)}
-        current = graph.add("quantize", qparams, {"model": current.key}, f"{spec.name}: quantize {spec.quantize.method}")
+        current = stages["quantize"] = graph.add("quantize", qparams, {"model": current.key}, f"{spec.name}: quantize {spec.quantize.method}")
         cast_done = True
         if cache.get(current.key) is None:
             from loadgraph.formats.quant_plan import plan_quantization
@@ -114,10 +115,10 @@ def _compile_target(graph: Graph, spec: BuildSpec, cache: Cache) -> Target:
             "dtype": "auto" if cast_done else spec.dtype,
             "copy_tokenizer": spec.export.copy_tokenizer,
         }
-        current = graph.add("export", export_params, {"model": current.key}, f"{spec.name}: export")
+        current = stages["export"] = graph.add("export", export_params, {"model": current.key}, f"{spec.name}: export")
         export_path = spec.export.path
-    if spec.verify is not None and not attached:
-        _verify_node(graph, spec, current, base, pre_quantize, merged)
+    if spec.verify is not None:
+        _verify_node(graph, spec, current, base, stages, [n for _, n in merged])
     return Target(spec.name, spec, current.key, export_path)
 
 
@@ -167,9 +168,9 @@ def scan_is_safetensors(path: str) -> bool:
     return any(Path(path).glob("*.safetensors"))
 
 
-def _adapter_nodes(graph: Graph, spec: BuildSpec, cache: Cache) -> list[Node]:
+def _adapter_nodes(graph: Graph, spec: BuildSpec, cache: Cache, base_dir: str | None) -> list[Node]:
     from loadgraph.errors import InputError
-    from loadgraph.stages.adapter import resolve_adapter
+    from loadgraph.stages.adapter import check_adapter_base, resolve_adapter
 
     modes = [a.mode for a in spec.adapters]
     if "attach" in modes and "merge" in modes[modes.index("attach"):]:
@@ -177,6 +178,8 @@ def _adapter_nodes(graph: Graph, spec: BuildSpec, cache: Cache) -> list[Node]:
     nodes = []
     for i, adapter in enumerate(spec.adapters):
         params, runtime = resolve_adapter(adapter, i, cache, spec.source.allow_pickle)
+        if base_dir and not adapter.allow_other_base:
+            check_adapter_base(Path(runtime["path"]), Path(base_dir), i)
         nodes.append(graph.add("fetch", params, {}, f"{spec.name}: fetch adapter {Path(adapter.path).name}", runtime))
     return nodes
 
@@ -193,13 +196,20 @@ def _preflight_adapters(base_dir: str, adapters: list[Node], scales: list[float]
     plan_adapters(Path(base_dir), tensors, [Path(n.runtime["path"]) for n in adapters], scales, allow_pickle)
 
 
-def _verify_node(graph: Graph, spec: BuildSpec, current: Node, base: Node, pre_quantize: Node, merged: list) -> None:
+def _verify_node(graph: Graph, spec: BuildSpec, final: Node, base: Node, stages: dict[str, Node], adapters: list[Node]) -> None:
+    """One verify node over the whole chain: each transforming node checked against its own input."""
     checks = spec.verify
-    params = {"load": checks.load, "finite": checks.finite, "logits": checks.logits, "rtol": checks.rtol, "dtype": spec.dtype,
-              "method": spec.quantize.method.lower() if spec.quantize else None, "scales": []}
-    if spec.quantize is not None:
-        inputs = {"model": current.key, "reference": pre_quantize.key}
-    else:
-        params["scales"] = [a.scale for a, _ in merged]
-        inputs = {"model": current.key, "reference": base.key, **{f"adapter{i}": n.key for i, (_, n) in enumerate(merged)}}
+    params: dict = {"tensors": checks.tensors, "load": checks.load, "finite": checks.finite, "logits": checks.logits, "rtol": checks.rtol,
+                    "method": spec.quantize.method.lower() if spec.quantize else None, "scales": [],
+                    "allow_pickle": spec.source.allow_pickle, "base_roundtrip": spec.merge.base_roundtrip}
+    inputs = {"model": final.key}
+    if "merge" in stages:
+        params["scales"] = list(stages["merge"].params["scales"])
+        inputs.update(merge_base=base.key, merged=stages["merge"].key, **{f"adapter{i}": n.key for i, n in enumerate(adapters)})
+    if "quantize" in stages:
+        params["quant_settings"] = stages["quantize"].params["settings"]
+        inputs.update(quant_input=stages["quantize"].inputs["model"], quantized=stages["quantize"].key)
+    if "export" in stages:
+        params["export_dtype"] = stages["export"].params["dtype"]
+        inputs.update(export_input=stages["export"].inputs["model"], exported=stages["export"].key)
     graph.add("verify", params, inputs, f"{spec.name}: verify")

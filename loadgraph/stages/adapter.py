@@ -43,6 +43,26 @@ def resolve_adapter(adapter: AdapterSpec, index: int, cache: Cache, allow_pickle
     return {"files": digests, "commit": commit, "convert_pickle": False}, {"path": str(root)}
 
 
+def check_adapter_base(adapter_dir: Path, base_dir: Path, index: int) -> None:
+    """Refuse an adapter whose config names another architecture than the base's (same shapes merge
+    silently into the wrong model otherwise). PEFT records the class in `auto_mapping`."""
+    from loadgraph.formats.checkpoint import load_json
+
+    config = load_json(adapter_dir / "adapter_config.json")
+    base_path = base_dir / "config.json"
+    base = load_json(base_path) if base_path.is_file() else {}
+    trained_class = (config.get("auto_mapping") or {}).get("base_model_class") or config.get("base_model_class")
+    architectures = base.get("architectures") or []
+    trained_type, base_type = config.get("model_type"), base.get("model_type")
+    if (trained_class and architectures and trained_class not in architectures) or (trained_type and base_type and trained_type != base_type):
+        trained = trained_class or trained_type
+        raise InputError(
+            f"adapters[{index}].path: {adapter_dir / 'adapter_config.json'} was trained on {trained} but the base "
+            f"{base_path} is {architectures[0] if architectures else base_type} ({base_type}); use the adapter's own base model, "
+            f"or set adapters[{index}].allow_other_base: true"
+        )
+
+
 def base_headers(tensors: dict[str, dict]) -> dict[str, tuple[str, tuple[int, ...]]]:
     return {name: (t["dtype"], tuple(t["shape"])) for name, t in tensors.items()}
 

@@ -1,13 +1,15 @@
-"""verify: a build is accepted only if its artifact loads cleanly, is finite, and computes what it should.
+"""verify: a build is accepted only if every tensor is what its transformations must have produced.
 
-1. load with transformers (`output_loading_info=True`): any missing, unexpected or mismatched
-   key fails (loading proves nothing by not raising);
-2. every floating tensor scanned for NaN/Inf, one unit per shard;
-3. logits on fixed probe inputs against a reference computed another way: a merged model
-   against base + adapters applied by PEFT unmerged, a quantized model against its
-   unquantized input, a re-export against its source, with a tolerance from dtype/method.
-The output artifact is the report (verify.json); a failed check fails the build, so nothing
-downstream (the export publish) happens.
+1. Per-tensor checks (verify_tensors), fanned out as work units sized by bytes like any stage, so
+   verify works at any model size with memory bounded per unit: merge against a float64 LoRA
+   reference (bound in ulps of the stored dtype), quantize against the format's error bound,
+   export byte-identical to its input, every floating tensor finite.
+2. A whole-model smoke check (verify_smoke) where the model fits: strict load, greedy generation,
+   logits on fixed probes against a reference computed another way; attached adapters load into
+   a PeftModel strictly and each LoRA module is checked. Skipped, with the reason in the report,
+   where the model fits neither the node's GPUs nor its RAM.
+The output artifact is the report (verify.json, and the manifest's `verify`); a failed check fails
+the build, so nothing downstream (the export publish) happens.
 """
 
 from __future__ import annotations
@@ -16,177 +18,166 @@ import json
 from pathlib import Path
 
 from loadgraph.errors import BuildError
-from loadgraph.formats.safetensors import FLOAT_DTYPES, TensorEntry, read_tensor
 from loadgraph.pipeline.stage import NodeContext, Stage, Unit
 
-# Relative L2 error of logits allowed, by what separates the artifact from its reference.
-# Quantization of random tiny models is noisier than of trained ones: these bounds are loose
-# enough for both and still catch a wrong tensor (which gives errors near 1).
-QUANT_TOLERANCE = {"bnb-nf4": 0.35, "bnb-fp4": 0.5, "bnb-int8": 0.1, "fp8": 0.1}
-DTYPE_TOLERANCE = {"float32": 1e-4, "float16": 2e-2, "bfloat16": 6e-2, "auto": 1e-4}
-GENERATE_TOKENS = 8
-PROBE_LENGTH = 16
-
-
-def probe_ids(vocab_size: int):
-    import torch
-
-    return ((torch.arange(PROBE_LENGTH) * 7919 + 11) % max(vocab_size - 1, 2)).unsqueeze(0)
-
-
-def model_class(path: Path):
-    import transformers
-
-    config = json.loads((path / "config.json").read_text())
-    for arch in config.get("architectures") or []:
-        if hasattr(transformers, arch):
-            return getattr(transformers, arch)
-    if "vision_config" in config:
-        return transformers.AutoModelForImageTextToText
-    return transformers.AutoModelForCausalLM
-
-
-def load_checked(path: Path, dtype: str | None = None):
-    """from_pretrained that fails on any missing/unexpected/mismatched key (on a GPU if there is one)."""
-    import torch
-
-    kwargs = {"output_loading_info": True, "device_map": "cuda" if torch.cuda.is_available() else "cpu"}
-    if dtype and dtype != "auto":
-        kwargs["dtype"] = getattr(torch, dtype)
-    model, info = model_class(path).from_pretrained(str(path), **kwargs)
-    bad = {k: sorted(info[k])[:5] for k in ("missing_keys", "unexpected_keys", "mismatched_keys") if info.get(k)}
-    if bad:
-        raise BuildError(f"verify: {path} does not load cleanly with transformers: {bad}")
-    return model.eval()
-
-
-def logits_of(model, vocab_size: int):
-    import torch
-
-    with torch.no_grad():
-        return model(input_ids=probe_ids(vocab_size).to(model.device)).logits.float().cpu()
-
-
-def generate_smoke(model, vocab_size: int) -> list[int]:
-    """A short greedy generation: catches generation-config and cache problems logits miss."""
-    import torch
-
-    ids = probe_ids(vocab_size)[:, :4].to(model.device)
-    with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=GENERATE_TOKENS, min_new_tokens=GENERATE_TOKENS, do_sample=False)
-    new = out[0, ids.shape[1]:].tolist()
-    if len(new) != GENERATE_TOKENS:
-        raise BuildError(f"verify: greedy generation produced {len(new)} tokens, expected {GENERATE_TOKENS}")
-    return new
-
-
-def vocab_size_of(path: Path) -> int:
-    config = json.loads((path / "config.json").read_text())
-    return int(config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size") or 32000)
+# Bytes one tensor-check unit reads (both sides): units fan out like every stage's, and their
+# memory is bounded by one tensor (in float64 chunks), not by the unit or the model.
+UNIT_BYTES = 512 * 2**20
 
 
 class VerifyStage(Stage):
     name = "verify"
-    version = 1
+    version = 2
 
+    # -- units -------------------------------------------------------------------------------
     def units(self, ctx: NodeContext) -> list[Unit]:
-        units = []
-        if ctx.params["finite"]:
-            files = sorted({t["file"] for t in ctx.input().tensors.values()})
-            units += [Unit(id=f"finite-{i:05d}", payload={"file": f}) for i, f in enumerate(files)]
-        if ctx.params["load"] or ctx.params["logits"]:
-            nbytes = sum(t["end"] - t["begin"] for t in ctx.input().tensors.values())
-            units.append(Unit(id="load-logits", nbytes=nbytes, gpu=True))
+        from loadgraph.stages import verify_tensors as vt
+
+        p = ctx.params
+        items: list[tuple[str, str, int]] = []  # (check, tensor, bytes read)
+        if p["tensors"]:
+            if "merged" in ctx.inputs:
+                base, merged = ctx.inputs["merge_base"], ctx.inputs["merged"]
+                items += [("merge", n, vt.tensor_bytes(base, n) + vt.tensor_bytes(merged, n)) for n in vt.merge_items(base, merged)]
+            if "quantized" in ctx.inputs:
+                source, quantized = ctx.inputs["quant_input"], ctx.inputs["quantized"]
+                items += [("quantize", n, 2 * vt.tensor_bytes(source, n)) for n in vt.quantize_items(source, quantized, p["quant_settings"])]
+            if "exported" in ctx.inputs:
+                source, exported = ctx.inputs["export_input"], ctx.inputs["exported"]
+                items += [("export", n, vt.tensor_bytes(source, n) + vt.tensor_bytes(exported, n)) for n in vt.export_items(source, exported)]
+        if p["finite"] and not items:
+            model = ctx.input()
+            items += [("finite", n, vt.tensor_bytes(model, n)) for n in sorted(model.tensors)]
+        units = _pack(items)
+        if p["load"]:
+            need = max(_bytes(ctx.input()), *(_bytes(ctx.inputs[k]) for k in ("merge_base", "quant_input") if k in ctx.inputs))
+            units.append(Unit(id="smoke", nbytes=need, gpu=True))
         return units
 
     def run_unit(self, ctx: NodeContext, unit: Unit, out: Path) -> dict:
-        if unit.id.startswith("finite"):
-            return {"finite": scan_finite(ctx.input().path, ctx.input().tensors, ctx.input().files, unit.payload["file"])}
-        return {"logits": self._load_and_compare(ctx)}
+        if unit.id == "smoke":
+            from loadgraph.stages.verify_smoke import run_smoke
 
-    def _load_and_compare(self, ctx: NodeContext) -> dict:
-        art = ctx.input()
-        # Both sides in the spec's dtype: an artifact that was not cast (no export) must not be
-        # compared in its stored dtype against a cast reference.
-        model = load_checked(art.path, ctx.params["dtype"])
-        result: dict = {"loaded": True}
-        vocab = vocab_size_of(art.path)
-        if hasattr(model, "generate") and getattr(model, "can_generate", lambda: False)():
-            result["generated"] = generate_smoke(model, vocab)
-        if not ctx.params["logits"] or "reference" not in ctx.inputs:
-            return result
-        got = logits_of(model, vocab)
-        del model
-        want = logits_of(self._reference_model(ctx), vocab)
-        err = float((got - want).norm() / want.norm().clamp_min(1e-12))
-        tol = ctx.params["rtol"] if ctx.params["rtol"] is not None else default_tolerance(ctx.params)
-        result.update(relative_error=err, tolerance=tol, max_abs_diff=float((got - want).abs().max()))
-        if not err <= tol:
-            raise BuildError(f"verify: logits parity failed: {art.key[:12]} differs from its reference by {err:.3g} (relative L2) > tolerance {tol:.3g}")
-        return result
-
-    def _reference_model(self, ctx: NodeContext):
-        """The same computation done another way (see the module docstring)."""
-        ref = ctx.inputs["reference"]
-        adapters = [ctx.inputs[f"adapter{i}"].path for i in range(len(ctx.params["scales"]))]
-        model = load_checked(ref.path, ctx.params["dtype"])
-        if not adapters:
-            return model
-        from peft import PeftModel
-
-        # Earlier adapters merged the way PEFT stacks them; the last one applied unmerged, unless
-        # it adapts a tied embedding: PEFT's unmerged forward does not carry that delta to the
-        # tied lm_head, so there PEFT's own merged model is the reference.
-        tied = bool(getattr(model.config.get_text_config(), "tie_word_embeddings", False))
-        for i, path in enumerate(adapters):
-            model = PeftModel.from_pretrained(model, str(path))
-            if ctx.params["scales"][i] != 1.0:
-                for module in model.modules():
-                    if hasattr(module, "scaling") and isinstance(module.scaling, dict):
-                        module.scaling = {k: v * ctx.params["scales"][i] for k, v in module.scaling.items()}
-            if i < len(adapters) - 1 or (tied and _targets_embeddings(path)):
-                model = model.merge_and_unload()
-        return model.eval()
+            return {"smoke": run_smoke(ctx)}
+        return {"tensors": _run_items(ctx, unit.payload["items"]), "bytes": unit.nbytes}
 
     def finalize(self, ctx: NodeContext, results: dict[str, dict], out: Path) -> dict:
-        report = {uid: r.get("finite") or r.get("logits") for uid, r in sorted(results.items())}
+        report = summarize(ctx.params, results)
         (out / "verify.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
         return {"verify": report, "verified": ctx.inputs["model"].key}
 
 
-def _targets_embeddings(adapter_dir: Path) -> bool:
-    config = json.loads((adapter_dir / "adapter_config.json").read_text())
-    names = json.dumps([config.get("target_modules"), config.get("modules_to_save")])
-    return "embed" in names or "lm_head" in names
+def _bytes(art) -> int:
+    return sum(t["end"] - t["begin"] for t in art.tensors.values())
 
 
-def default_tolerance(params: dict) -> float:
-    if params.get("method"):
-        return QUANT_TOLERANCE[params["method"]]
-    if not params.get("scales"):
-        return 0.0  # a re-export against its source (cast the same way): exact
-    return DTYPE_TOLERANCE.get(params.get("dtype") or "auto", 1e-4)
+def _pack(items: list[tuple[str, str, int]]) -> list[Unit]:
+    """Consecutive items into units of about UNIT_BYTES each (a big tensor alone in its own)."""
+    units: list[Unit] = []
+    batch: list[list[str]] = []
+    size = 0
+    for check, name, nbytes in items:
+        if batch and size + nbytes > UNIT_BYTES:
+            units.append(Unit(id=f"tensors-{len(units):05d}", payload={"items": batch}, nbytes=size))
+            batch, size = [], 0
+        batch.append([check, name])
+        size += nbytes
+    if batch and units and size < UNIT_BYTES // 2:
+        # A small remainder joins the last unit: no unit is too small for the executor's minimum request.
+        last = units.pop()
+        batch, size = last.payload["items"] + batch, last.nbytes + size
+    if batch:
+        units.append(Unit(id=f"tensors-{len(units):05d}", payload={"items": batch}, nbytes=size))
+    return units
 
 
-def scan_finite(root: Path, tensors: dict[str, dict], files: dict[str, dict], rel: str) -> dict:
-    """The shard's bytes must be those its manifest recorded, and no floating tensor may hold NaN/Inf."""
-    import torch
+def _run_items(ctx: NodeContext, items: list[list[str]]) -> dict:
+    """Run a unit's tensor checks; return per-check aggregates (worst figures and where)."""
+    from loadgraph.stages import verify_tensors as vt
+    from loadgraph.stages.verify_numerics import compute_device
 
-    from loadgraph.formats.safetensors import sha256_file
+    device = compute_device("auto")
+    p, inputs = ctx.params, ctx.inputs
+    adapters = [inputs[f"adapter{i}"] for i in range(len(p.get("scales") or []))]
+    figures: dict[str, dict] = {}
+    for check, name in items:
+        if check == "merge":
+            result = vt.run_merge_item(name, inputs["merge_base"], inputs["merged"], adapters, p, device)
+        elif check == "quantize":
+            result = vt.run_quantize_item(name, inputs["quant_input"], inputs["quantized"], p, device)
+        elif check == "export":
+            result = vt.run_export_item(name, inputs["export_input"], inputs["exported"], p)
+        else:
+            result = vt.run_finite_item(name, ctx.input())
+        _accumulate(figures.setdefault(check, {}), name, result)
+    return figures
 
-    want = files.get(rel, {}).get("sha256")
-    if want and sha256_file(root / rel) != want:
-        raise BuildError(f"verify: {rel}: sha256 differs from the manifest (bytes changed after it was written); run `loadgraph cache verify --evict` and rebuild")
-    checked = 0
-    for name, t in tensors.items():
-        if t["file"] != rel or t["dtype"] not in FLOAT_DTYPES:
-            continue
-        tensor = read_tensor(root / rel, TensorEntry(t["dtype"], tuple(t["shape"]), t["begin"], t["end"]))
-        if not bool(torch.isfinite(tensor).all()):
-            bad = int((~torch.isfinite(tensor)).sum())
-            raise BuildError(f"verify: {rel}: tensor {name!r} has {bad} NaN/Inf values")
-        checked += 1
-    return {"file": rel, "tensors_checked": checked}
+
+def _accumulate(agg: dict, name: str, result: dict) -> None:
+    agg["tensors"] = agg.get("tensors", 0) + 1
+    for key in ("finite", "kept", "quantized", "identical", "blocks"):
+        if key in result:
+            agg[key] = agg.get(key, 0) + int(result[key])
+    if result.get("exact") is False:
+        agg["adapted"] = agg.get("adapted", 0) + 1
+    for key in ("max_ulp", "bound_ulp", "worst"):
+        if key in result and result[key] >= agg.get(key, -1):
+            agg[key] = result[key]
+            agg[f"{key}_tensor"] = name
+
+
+def summarize(params: dict, results: dict[str, dict]) -> dict:
+    """Per check: its aggregate figures and one line a person reads (worst figure against its bound)."""
+    from loadgraph.stages.verify_tensors import QUANT_LABEL
+
+    checks: dict[str, dict] = {}
+    finite = 0
+    for uid in sorted(results):
+        for check, agg in results[uid].get("tensors", {}).items():
+            finite += agg.get("finite", 0)
+            merged = checks.setdefault(check, {})
+            for key, value in agg.items():
+                if key.endswith("_tensor") or key == "finite":
+                    continue
+                if key in ("max_ulp", "bound_ulp", "worst"):
+                    if value >= merged.get(key, -1):
+                        merged[key], merged[f"{key}_tensor"] = value, agg[f"{key}_tensor"]
+                else:
+                    merged[key] = merged.get(key, 0) + value
+    if "quantize" in checks:
+        checks[QUANT_LABEL.get(params["method"], params["method"])] = checks.pop("quantize")
+    checks.pop("finite", None)
+    if params["finite"]:
+        checks["finite"] = {"tensors": finite}
+    if "smoke" in results:
+        checks["smoke"] = results["smoke"]["smoke"]
+    return {"checks": checks, "summary": [summary_line(name, fig) for name, fig in checks.items()]}
+
+
+def summary_line(check: str, fig: dict) -> str:
+    if check == "merge":
+        return (f"merge: max {fig.get('max_ulp', 0)} ulp (bound {fig.get('bound_ulp', 0)}) from the float64 LoRA reference over "
+                f"{fig.get('adapted', 0)} adapted tensors; {fig['tensors'] - fig.get('adapted', 0)} others bit-equal")
+    if check in ("nf4", "fp4", "int8", "fp8"):
+        unit = "row" if check == "int8" else "block"
+        return (f"{check}: {fig.get('quantized', 0)} tensors, worst {unit} {fig.get('worst', 0.0):.2g} of bound; "
+                f"{fig.get('kept', 0)} unquantized bit-equal to input")
+    if check == "export":
+        return f"export: {fig.get('identical', 0)} tensors byte-identical to input"
+    if check == "finite":
+        return f"finite: {fig['tensors']} floating tensors, no NaN/Inf"
+    if check == "smoke":
+        if fig.get("skipped"):
+            return f"smoke: skipped ({fig['skipped']})"
+        parts = [f"loaded on {fig.get('device', '?')}"]
+        if "generated" in fig:
+            parts.append(f"generated {len(fig['generated'])} tokens")
+        if "relative_error" in fig:
+            parts.append(f"logits {fig['relative_error']:.2g} vs {fig['against']} (bound {fig['tolerance']:.2g})")
+        if "attach" in fig:
+            parts.append(f"{fig['attach']['modules']} LoRA modules, worst {fig['attach']['worst']:.2g} of bound")
+        return "smoke: " + ", ".join(parts)
+    raise BuildError(f"verify: unknown check {check!r}")
 
 
 STAGES = {"verify": VerifyStage}
