@@ -371,8 +371,12 @@ def make_llama_checkpoint(
     seed: int = 0,
     tokenizer: bool = True,
     tie_word_embeddings: bool = False,
+    sparse: bool = False,
 ) -> Path:
     """Write a Llama-shaped random checkpoint of any size with peak memory of about one shard.
+
+    ``sparse=True`` writes real headers over holes instead of values (files of full size that use
+    no disk): for planning a 70B build, where only names, shapes and offsets matter.
 
     For benchmarks at 1B-70B scale, where building the model would need its whole size in RAM.
     Names, shapes, tied-weight removal and the shard plan come from transformers' own code run on
@@ -412,6 +416,9 @@ def make_llama_checkpoint(
     )
     with ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:
         for filename, names in split.filename_to_tensors.items():
+            if sparse:
+                _write_sparse_shard(out / filename, {name: state[name] for name in names})
+                continue
             shard = {name: _fill(name, state[name].shape, torch_dtype, seed, pool) for name in names}
             save_file(shard, out / filename, metadata={"format": "pt"})
             del shard
@@ -428,6 +435,17 @@ def make_llama_checkpoint(
     if tokenizer:
         make_tokenizer(out, min(vocab_size, 512))
     return out
+
+
+def _write_sparse_shard(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """A safetensors file with the header save_file would write and a hole for the data."""
+    from loadgraph.formats.safetensors import PlannedTensor, encode_header, safetensors_order, st_dtype
+
+    planned = safetensors_order(PlannedTensor(n, st_dtype(t), tuple(t.shape)) for n, t in tensors.items())
+    header = encode_header(planned, {"format": "pt"})
+    with open(path, "wb") as f:
+        f.write(header)
+        f.truncate(len(header) + sum(p.nbytes for p in planned))
 
 
 # --------------------------------------------------------------------------------------------

@@ -50,7 +50,7 @@ class VerifyStage(Stage):
             items += [("finite", n, vt.tensor_bytes(model, n)) for n in sorted(model.tensors)]
         units = _pack(items)
         if p["load"]:
-            need = max(_bytes(ctx.input()), *(_bytes(ctx.inputs[k]) for k in ("merge_base", "quant_input") if k in ctx.inputs))
+            need = max([_bytes(ctx.input())] + [_bytes(ctx.inputs[k]) for k in ("merge_base", "quant_input") if k in ctx.inputs])
             units.append(Unit(id="smoke", nbytes=need, gpu=True))
         return units
 
@@ -72,12 +72,13 @@ def _bytes(art) -> int:
 
 
 def _pack(items: list[tuple[str, str, int]]) -> list[Unit]:
-    """Consecutive items into units of about UNIT_BYTES each (a big tensor alone in its own)."""
+    """Consecutive items into units of about UNIT_BYTES each; a unit is never left small (under half
+    UNIT_BYTES): the executor's minimum memory request must stay within a few times its bytes."""
     units: list[Unit] = []
     batch: list[list[str]] = []
     size = 0
     for check, name, nbytes in items:
-        if batch and size + nbytes > UNIT_BYTES:
+        if batch and size + nbytes > UNIT_BYTES and size >= UNIT_BYTES // 2:
             units.append(Unit(id=f"tensors-{len(units):05d}", payload={"items": batch}, nbytes=size))
             batch, size = [], 0
         batch.append([check, name])

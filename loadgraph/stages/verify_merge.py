@@ -23,7 +23,7 @@ import torch
 from loadgraph.errors import BuildError
 from loadgraph.formats.lora import LoraTarget
 from loadgraph.formats.names import KIND_EMBEDDING
-from loadgraph.stages.verify_numerics import U32, bitwise_equal, rounding_error, row_chunks, ulp, ulp_distance
+from loadgraph.stages.verify_numerics import U32, bitwise_equal, rounding_error, row_chunks, ulp
 
 
 @dataclass(frozen=True)
@@ -95,9 +95,13 @@ def check_merged(name: str, stored: torch.Tensor, base: torch.Tensor, steps: lis
                 "the merge is wrong (adapter, scale or base tensor)"
             )
         worst = max(worst, chunk_worst)
-        max_ulp = max(max_ulp, ulp_distance(stored_oi[rows].to(device), x.to(dtype)))
-        # The bound in ulps: how many representable values from the rounded reference it admits.
-        bound_ulp = max(bound_ulp, int((bound / ulp(x.abs(), dtype) + 0.5).floor().max()))
+        # In ulps of the stored dtype at the larger of the two magnitudes: the stored value's distance
+        # from the reference rounded to that dtype, and the most the bound admits (diff <= bound
+        # implies max_ulp <= bound_ulp; values that straddle zero count in the larger spacing).
+        rounded = x.to(dtype).double()
+        spacing = ulp(torch.maximum(got.abs(), rounded.abs()), dtype)
+        max_ulp = max(max_ulp, int(((got - rounded).abs() / spacing + 0.5).floor().max()))
+        bound_ulp = max(bound_ulp, int((bound / spacing + 1).floor().max()))
     return {"max_ulp": max_ulp, "bound_ulp": bound_ulp, "worst": worst, "exact": False}
 
 

@@ -30,21 +30,6 @@ def ulp(magnitude: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.ldexp(torch.ones_like(magnitude), (floor_log2 - mantissa).to(magnitude.dtype))
 
 
-def ulp_distance(a: torch.Tensor, b: torch.Tensor) -> int:
-    """Largest number of representable values between a[i] and b[i] (same floating dtype)."""
-    if a.numel() == 0:
-        return 0
-    bits = {2: (torch.int16, 0x7FFF), 4: (torch.int32, 0x7FFFFFFF), 8: (torch.int64, 0x7FFFFFFFFFFFFFFF)}
-    int_dtype, magnitude_mask = bits[a.element_size()]
-
-    def ordered(x: torch.Tensor) -> torch.Tensor:
-        # Sign-magnitude bit patterns -> integers in the same order as the values (+0 == -0).
-        i = x.contiguous().view(int_dtype).to(torch.int64)
-        return torch.where(i < 0, -(i & magnitude_mask), i)
-
-    return int((ordered(a) - ordered(b)).abs().max())
-
-
 def rounding_error(value64: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Largest error of rounding `value64` to `dtype` (half an ulp, at the next binade to be safe)."""
     if dtype in (torch.float32, torch.float64):
