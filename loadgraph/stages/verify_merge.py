@@ -73,7 +73,7 @@ def check_merged(name: str, stored: torch.Tensor, base: torch.Tensor, steps: lis
     start_oi = start.T if transposed else start
     if stored_oi.ndim == 1:
         stored_oi, start_oi = stored_oi.view(1, -1), start_oi.view(1, -1)
-    max_ulp, bound_ulp, worst = 0, 0, 0.0
+    max_ulp, bound_ulp, worst, ill = 0, 0, 0.0, 0
     factors = {}  # per step: (A, B) as float64 on the compute device, loaded once
     for rows in row_chunks(stored_oi.shape[0], stored_oi.shape[1]):
         x = start_oi[rows].to(device=device, dtype=torch.float64)
@@ -95,14 +95,18 @@ def check_merged(name: str, stored: torch.Tensor, base: torch.Tensor, steps: lis
                 "the merge is wrong (adapter, scale or base tensor)"
             )
         worst = max(worst, chunk_worst)
-        # In ulps of the stored dtype at the larger of the two magnitudes: the stored value's distance
-        # from the reference rounded to that dtype, and the most the bound admits (diff <= bound
-        # implies max_ulp <= bound_ulp; values that straddle zero count in the larger spacing).
+        # In ulps of the stored dtype, over the well-conditioned elements (bound within one ulp of
+        # the larger of the two magnitudes): the stored value's distance from the reference rounded
+        # to that dtype, and the most the bound admits there. Elements where W and the delta cancel
+        # have bounds of many ulps of their tiny values; they are held to the absolute bound above.
         rounded = x.to(dtype).double()
         spacing = ulp(torch.maximum(got.abs(), rounded.abs()), dtype)
-        max_ulp = max(max_ulp, int(((got - rounded).abs() / spacing + 0.5).floor().max()))
-        bound_ulp = max(bound_ulp, int((bound / spacing + 1).floor().max()))
-    return {"max_ulp": max_ulp, "bound_ulp": bound_ulp, "worst": worst, "exact": False}
+        conditioned = bound <= spacing
+        ill += int((~conditioned).sum())
+        if bool(conditioned.any()):
+            max_ulp = max(max_ulp, int(((got - rounded).abs() / spacing + 0.5).floor()[conditioned].max()))
+            bound_ulp = max(bound_ulp, int((bound / spacing + 1).floor()[conditioned].max()))
+    return {"max_ulp": max_ulp, "bound_ulp": bound_ulp, "worst": worst, "exact": False, "elements": stored.numel(), "ill_conditioned": ill}
 
 
 def _apply_step(step: MergeStep, index: int, x, bound, rows: slice, dtype: torch.dtype, factors: dict, device):

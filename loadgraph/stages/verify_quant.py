@@ -35,7 +35,6 @@ def _fail(name: str, what: str) -> BuildError:
 
 def check_4bit(name: str, value: torch.Tensor, stored: Mapping[str, torch.Tensor], device) -> dict:
     """`value`: the weight as quantized; `stored`: {suffix ('' for the packed weight, 'absmax', ...): tensor}."""
-    import bitsandbytes.functional as bnbf
     from bitsandbytes.functional import QuantState
 
     stats = {k: v for k, v in stored.items() if k}
@@ -45,12 +44,15 @@ def check_4bit(name: str, value: torch.Tensor, stored: Mapping[str, torch.Tensor
         raise _fail(name, f"unreadable quant state ({exc})") from None
     if tuple(state.shape) != tuple(value.shape):
         raise _fail(name, f"quant state shape {list(state.shape)} != weight shape {list(value.shape)}")
-    dequantized = bnbf.dequantize_4bit(stored[""].to(device), state).reshape(-1)
     x = value.to(device).reshape(-1)
     size = state.blocksize
     true_absmax = _block_absmax(x, size)
     if state.nested:
-        stored_absmax = (bnbf.dequantize_blockwise(state.absmax, state.state2) + state.offset).double()
+        # The format, decoded here rather than by bitsandbytes' kernels (whose CPU dequantize_4bit
+        # is wrong for weights narrower than a block): code[q] * nested absmax + offset.
+        nested = state.state2
+        per_nested = nested.absmax.to(device).double().repeat_interleave(nested.blocksize)[: state.absmax.numel()]
+        stored_absmax = nested.code.to(device).double()[state.absmax.to(device).long()] * per_nested + float(state.offset)
         absmax_bound = _nested_absmax_bound(name, true_absmax, state)
         absmax_err = (stored_absmax - true_absmax).abs()
         if not bool((absmax_err <= absmax_bound).all()):
@@ -58,19 +60,22 @@ def check_4bit(name: str, value: torch.Tensor, stored: Mapping[str, torch.Tensor
             raise _fail(name, f"block {bad} absmax {float(stored_absmax[bad]):.6g} is {float(absmax_err[bad]):.3g} from the true "
                               f"{float(true_absmax[bad]):.6g}, over the double-quant bound {float(absmax_bound[bad]):.3g}")
     else:
-        stored_absmax = state.absmax.double()
+        stored_absmax = state.absmax.to(device).double()
         if not torch.equal(stored_absmax, true_absmax.float().double()):
             bad = int((stored_absmax != true_absmax.float().double()).nonzero()[0])
             raise _fail(name, f"block {bad} absmax {float(stored_absmax[bad]):.6g} != the block's true absmax {float(true_absmax[bad]):.6g}")
         absmax_bound = torch.zeros_like(true_absmax)
-    codes = torch.unique(state.code.to(device=device, dtype=torch.float64))
-    out_round = 0.5 * ulp(true_absmax + absmax_bound, state.dtype)
+    quant_map = state.code.to(device=device, dtype=torch.float64)
+    codes = torch.unique(quant_map)
+    packed = stored[""].to(device).reshape(-1)
+    out_round = 0.5 * ulp(true_absmax + absmax_bound, state.dtype)  # loaders round to the compute dtype
     ratio = torch.empty_like(true_absmax)
     step = max(1, CHUNK_ELEMENTS // size) * size  # whole blocks per chunk: float64 temporaries stay small
     for start in range(0, x.numel(), step):
         first = start // size
         chunk_x = _blocks(x[start:start + step].double(), size)
-        chunk_d = _blocks(dequantized[start:start + step].double(), size)
+        chunk_d = _blocks(_decode_4bit(packed[start // 2:(start + step) // 2], quant_map)[: min(step, x.numel() - start)], size)
+        chunk_d = chunk_d * stored_absmax[first:first + chunk_d.shape[0]].unsqueeze(1)
         rows = slice(first, first + chunk_x.shape[0])
         absmax = true_absmax[rows].unsqueeze(1)
         width = _interval_width(chunk_x / absmax.clamp_min(1e-300), codes)
@@ -78,6 +83,12 @@ def check_4bit(name: str, value: torch.Tensor, stored: Mapping[str, torch.Tensor
         err = (chunk_d - chunk_x).abs()
         ratio[rows] = torch.where(bound > 0, err / bound.clamp_min(1e-300), torch.where(err > 0, torch.inf, 0.0)).amax(dim=1)
     return _worst(name, ratio, torch.ones_like(ratio), "block")
+
+
+def _decode_4bit(packed: torch.Tensor, quant_map: torch.Tensor) -> torch.Tensor:
+    """Two codes per byte, the high nibble first: bitsandbytes' packing."""
+    pairs = torch.stack([packed.long() >> 4, packed.long() & 15], dim=1).reshape(-1)
+    return quant_map[pairs]
 
 
 def _blocks(flat: torch.Tensor, size: int) -> torch.Tensor:
@@ -108,14 +119,14 @@ def _nested_absmax_bound(name: str, true_absmax: torch.Tensor, state) -> torch.T
     nested_absmax = _blocks(shifted.abs(), nested_block).amax(dim=1, keepdim=True)
     codes = torch.unique(state.state2.code.to(device=shifted.device, dtype=torch.float64))
     width = _interval_width(_blocks(shifted, nested_block) / nested_absmax.clamp_min(1e-300), codes)
-    per_block = (nested_absmax * width).reshape(-1)[: shifted.numel()]
+    # bitsandbytes' blockwise quantizer lands within ~3e-5 (normalized) of the codes it chooses
+    # between, not exactly on the nearest (measured on CPU): 2**-12 of room for that.
+    per_block = (nested_absmax * (width + 2.0**-12)).reshape(-1)[: shifted.numel()]
     # Plus the fp32 offset arithmetic and the offset's own rounding.
     return per_block * SLACK + 4 * U32 * true_absmax.abs() + 4 * U32 * abs(offset)
 
 
 def check_int8(name: str, value: torch.Tensor, weight: torch.Tensor, scb: torch.Tensor, device) -> dict:
-    import bitsandbytes.functional as bnbf
-
     x = value.to(device).to(torch.float16)  # Int8Params casts to float16 before quantizing
     true_scb = x.abs().amax(dim=1).float()
     if scb.shape != true_scb.shape or not torch.equal(scb.to(device), true_scb):
@@ -123,7 +134,7 @@ def check_int8(name: str, value: torch.Tensor, weight: torch.Tensor, scb: torch.
     weight, scb = weight.to(device), scb.to(device)
     err = torch.empty(x.shape[0], dtype=torch.float64, device=device)
     for rows in row_chunks(x.shape[0], x.shape[1]):
-        dequantized = bnbf.int8_vectorwise_dequant(weight[rows], scb[rows]).double()
+        dequantized = weight[rows].double() * (scb[rows].double() / 127).unsqueeze(1)  # the format: q * SCB / 127
         err[rows] = (dequantized - x[rows].double()).abs().amax(dim=1)
     bound = true_scb.double() / 254 * SLACK + 4 * U32 * true_scb.double()
     return _worst(name, err, bound, "row")

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import functools
 import json
+import os
+import threading
 from pathlib import Path
 
 import torch
@@ -25,9 +27,35 @@ from loadgraph.stages.verify_numerics import bitwise_equal
 QUANT_LABEL = {"bnb-nf4": "nf4", "bnb-fp4": "fp4", "bnb-int8": "int8", "fp8": "fp8"}
 
 
-def read(art: Artifact, name: str) -> torch.Tensor:
+def read(art: Artifact, name: str, device: torch.device | None = None) -> torch.Tensor:
+    """One tensor of an artifact, on `device`: to a GPU through a pinned staging buffer (pageable
+    host-to-device copies run at ~2 GB/s, pinned ones at ~50)."""
     t = art.tensors[name]
-    return read_tensor(art.path / t["file"], TensorEntry(t["dtype"], tuple(t["shape"]), t["begin"], t["end"]))
+    entry = TensorEntry(t["dtype"], tuple(t["shape"]), t["begin"], t["end"])
+    if device is None or device.type != "cuda" or entry.nbytes == 0:
+        return read_tensor(art.path / t["file"], entry)
+    staging = _pinned(entry.nbytes)
+    view = memoryview(staging.numpy())[: entry.nbytes]
+    with open(art.path / t["file"], "rb", buffering=0) as f:
+        pos = 0
+        while pos < entry.nbytes:
+            got = os.preadv(f.fileno(), [view[pos:]], entry.begin + pos)
+            if got <= 0:
+                raise BuildError(f"verify: {art.path / t['file']}: unexpected end of file reading tensor {name!r}")
+            pos += got
+    on_device = staging[: entry.nbytes].to(device)  # synchronous: the buffer is reused right after
+    return on_device.view(getattr(torch, DTYPES[entry.dtype][1])).reshape(entry.shape)
+
+
+_staging = threading.local()
+
+
+def _pinned(nbytes: int) -> torch.Tensor:
+    """This thread's pinned buffer, grown to the largest tensor read so far."""
+    buf = getattr(_staging, "buf", None)
+    if buf is None or buf.numel() < nbytes:
+        buf = _staging.buf = torch.empty(max(nbytes, 64 * 2**20), dtype=torch.uint8, pin_memory=True)
+    return buf
 
 
 def check_finite(name: str, tensor: torch.Tensor) -> int:
@@ -103,9 +131,9 @@ def run_merge_item(name: str, base: Artifact, merged: Artifact, adapters: list[A
 
     plans, tensors = _merge_plans(base.key, str(base.path), tuple(str(a.path) for a in adapters), tuple(params["scales"]),
                                   params["allow_pickle"], json.dumps(base.tensors, sort_keys=True))
-    stored = read(merged, name)
+    stored = read(merged, name, device)
     finite = check_finite(name, stored)
-    source = read(base, name)
+    source = read(base, name, device)
     if source.is_floating_point():
         source = source.to(stored.dtype)
     steps = merge_steps(name, plans, tensors)
@@ -121,8 +149,8 @@ def run_quantize_item(name: str, source_art: Artifact, quantized: Artifact, para
     settings = params["quant_settings"]
     plan = quant_plan(str(source_art.path), json.dumps(settings, sort_keys=True))
     tp = plan.tensors[name]
-    value = read(source_art, name).to(tp.dtype)
-    out = {mem: read(quantized, disk) for mem, disk in tp.rename.items() if disk in quantized.tensors}
+    value = read(source_art, name, device).to(tp.dtype)
+    out = {mem: read(quantized, disk, device) for mem, disk in tp.rename.items() if disk in quantized.tensors}
     finite = sum(check_finite(tp.rename[mem], t) for mem, t in out.items())
     if tp.kind == "keep":
         check_kept(tp.rename[tp.memory_name], value, out[tp.memory_name])
@@ -146,14 +174,17 @@ def run_quantize_item(name: str, source_art: Artifact, quantized: Artifact, para
     return {**result, "finite": finite, "quantized": 1}
 
 
-def run_export_item(name: str, source: Artifact, exported: Artifact, params: dict) -> dict:
+def run_export_item(name: str, source: Artifact, exported: Artifact, params: dict, device, scanned: bool) -> dict:
+    """`scanned`: another check already scanned the export's input for NaN/Inf."""
     s, e = source.tensors[name], exported.tensors[name]
     same_place = (s["begin"], s["end"]) == (e["begin"], e["end"]) and _same_file(source.path / s["file"], exported.path / e["file"])
-    stored = read(exported, name)
+    if same_place and scanned:
+        return {"identical": 1}  # one file (a hard link): the same bytes by construction, already scanned
+    stored = read(exported, name, device)
     finite = check_finite(name, stored)
     if same_place:
-        return {"identical": 1, "finite": finite}  # one file (a hard link): the same bytes by construction
-    want = read(source, name)
+        return {"identical": 1, "finite": finite}
+    want = read(source, name, device)
     dtype = params.get("export_dtype") or "auto"
     if dtype != "auto" and s["dtype"] in FLOAT_DTYPES:
         want = want.to(getattr(torch, dtype))
@@ -162,8 +193,8 @@ def run_export_item(name: str, source: Artifact, exported: Artifact, params: dic
     return {"identical": 1, "finite": finite}
 
 
-def run_finite_item(name: str, art: Artifact) -> dict:
-    return {"finite": check_finite(name, read(art, name))}
+def run_finite_item(name: str, art: Artifact, device) -> dict:
+    return {"finite": check_finite(name, read(art, name, device))}
 
 
 def _same_file(a: Path, b: Path) -> bool:
