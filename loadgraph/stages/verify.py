@@ -14,6 +14,7 @@ the build, so nothing downstream (the export publish) happens.
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -58,11 +59,12 @@ class VerifyStage(Stage):
         return units
 
     def run_unit(self, ctx: NodeContext, unit: Unit, out: Path) -> dict:
+        started = time.perf_counter()
         if unit.id == "smoke":
             from loadgraph.stages.verify_smoke import run_smoke
 
-            return {"smoke": run_smoke(ctx)}
-        return {"tensors": _run_items(ctx, unit.payload["items"]), "bytes": unit.nbytes}
+            return {"smoke": run_smoke(ctx), "wall": time.perf_counter() - started}
+        return {"tensors": _run_items(ctx, unit.payload["items"]), "bytes": unit.nbytes, "wall": time.perf_counter() - started}
 
     def finalize(self, ctx: NodeContext, results: dict[str, dict], out: Path) -> dict:
         report = summarize(ctx.params, results)
@@ -121,12 +123,17 @@ def _run_items(ctx: NodeContext, items: list[list[str]]) -> dict:
 
     # On a GPU, a few tensors in flight keep the disk, the copies and the kernels busy together
     # (each thread stages through its own pinned buffer); on CPU torch already uses every core.
-    threads = GPU_THREADS if device.type == "cuda" else 1
+    results = _gpu_pool().map(one, items) if device.type == "cuda" else map(one, items)
     figures: dict[str, dict] = {}
-    with ThreadPoolExecutor(threads) as pool:
-        for (check, name), result in zip(items, pool.map(one, items)):
-            _accumulate(figures.setdefault(check, {}), name, result)
+    for (check, name), result in zip(items, results):
+        _accumulate(figures.setdefault(check, {}), name, result)
     return figures
+
+
+@functools.lru_cache(maxsize=1)
+def _gpu_pool() -> ThreadPoolExecutor:
+    """One pool for the process: its threads keep their pinned staging buffers from unit to unit."""
+    return ThreadPoolExecutor(GPU_THREADS, thread_name_prefix="verify-gpu")
 
 
 def _accumulate(agg: dict, name: str, result: dict) -> None:
@@ -166,8 +173,10 @@ def summarize(params: dict, results: dict[str, dict]) -> dict:
     if params["finite"]:
         checks["finite"] = {"tensors": finite}
     if "smoke" in results:
-        checks["smoke"] = results["smoke"]["smoke"]
-    return {"checks": checks, "summary": [summary_line(name, fig) for name, fig in checks.items()]}
+        checks["smoke"] = {**results["smoke"]["smoke"], "seconds": results["smoke"].get("wall", 0.0)}
+    seconds = {"tensor_units": sum(r.get("wall", 0.0) for uid, r in results.items() if uid != "smoke"),
+               "smoke": results.get("smoke", {}).get("wall", 0.0)}
+    return {"checks": checks, "seconds": seconds, "summary": [summary_line(name, fig) for name, fig in checks.items()]}
 
 
 def summary_line(check: str, fig: dict) -> str:

@@ -23,7 +23,7 @@ import torch
 from loadgraph.errors import BuildError
 from loadgraph.formats.lora import LoraTarget
 from loadgraph.formats.names import KIND_EMBEDDING
-from loadgraph.stages.verify_numerics import U32, bitwise_equal, rounding_error, row_chunks, ulp
+from loadgraph.stages.verify_numerics import U32, bitwise_equal, chunk_elements, rounding_error, row_chunks, ulp
 
 
 @dataclass(frozen=True)
@@ -75,7 +75,7 @@ def check_merged(name: str, stored: torch.Tensor, base: torch.Tensor, steps: lis
         stored_oi, start_oi = stored_oi.view(1, -1), start_oi.view(1, -1)
     max_ulp, bound_ulp, worst, ill = 0, 0, 0.0, 0
     factors = {}  # per step: (A, B) as float64 on the compute device, loaded once
-    for rows in row_chunks(stored_oi.shape[0], stored_oi.shape[1]):
+    for rows in row_chunks(stored_oi.shape[0], stored_oi.shape[1], chunk_elements(device)):
         x = start_oi[rows].to(device=device, dtype=torch.float64)
         bound = torch.zeros_like(x)
         for i, step in enumerate(merges):

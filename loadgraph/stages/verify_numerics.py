@@ -20,6 +20,12 @@ _FORMAT = {
 U32 = 2.0**-24
 # Chunks of this many elements keep float64 temporaries small (memory bounded by the unit, not the tensor).
 CHUNK_ELEMENTS = 1 << 22
+# On a GPU, bigger chunks: fewer kernel launches, and device memory is not the host's RAM.
+GPU_CHUNK_ELEMENTS = 1 << 25
+
+
+def chunk_elements(device: torch.device) -> int:
+    return GPU_CHUNK_ELEMENTS if device.type == "cuda" else CHUNK_ELEMENTS
 
 
 def ulp(magnitude: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -46,9 +52,9 @@ def bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(a.contiguous().reshape(-1).view(torch.uint8), b.contiguous().reshape(-1).view(torch.uint8))
 
 
-def row_chunks(rows: int, cols: int):
-    """Row ranges of at most CHUNK_ELEMENTS elements each (at least one row)."""
-    step = max(1, CHUNK_ELEMENTS // max(cols, 1))
+def row_chunks(rows: int, cols: int, elements: int = CHUNK_ELEMENTS):
+    """Row ranges of at most `elements` elements each (at least one row)."""
+    step = max(1, elements // max(cols, 1))
     for start in range(0, rows, step):
         yield slice(start, min(rows, start + step))
 

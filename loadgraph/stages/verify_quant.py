@@ -23,7 +23,7 @@ from collections.abc import Mapping
 import torch
 
 from loadgraph.errors import BuildError
-from loadgraph.stages.verify_numerics import CHUNK_ELEMENTS, U32, bitwise_equal, row_chunks, ulp
+from loadgraph.stages.verify_numerics import CHUNK_ELEMENTS, U32, bitwise_equal, chunk_elements, row_chunks, ulp
 
 SLACK = 1 + 1e-5  # float32 rounding inside the kernels (scaling by 1/absmax and the like)
 FP8_MAX = 448.0
@@ -70,7 +70,7 @@ def check_4bit(name: str, value: torch.Tensor, stored: Mapping[str, torch.Tensor
     packed = stored[""].to(device).reshape(-1)
     out_round = 0.5 * ulp(true_absmax + absmax_bound, state.dtype)  # loaders round to the compute dtype
     ratio = torch.empty_like(true_absmax)
-    step = max(1, CHUNK_ELEMENTS // size) * size  # whole blocks per chunk: float64 temporaries stay small
+    step = max(1, chunk_elements(device) // size) * size  # whole blocks per chunk: float64 temporaries stay small
     for start in range(0, x.numel(), step):
         first = start // size
         chunk_x = _blocks(x[start:start + step].double(), size)
@@ -133,7 +133,7 @@ def check_int8(name: str, value: torch.Tensor, weight: torch.Tensor, scb: torch.
         raise _fail(name, "SCB (row scales) differ from the rows' absmax")
     weight, scb = weight.to(device), scb.to(device)
     err = torch.empty(x.shape[0], dtype=torch.float64, device=device)
-    for rows in row_chunks(x.shape[0], x.shape[1]):
+    for rows in row_chunks(x.shape[0], x.shape[1], chunk_elements(device)):
         dequantized = weight[rows].double() * (scb[rows].double() / 127).unsqueeze(1)  # the format: q * SCB / 127
         err[rows] = (dequantized - x[rows].double()).abs().amax(dim=1)
     bound = true_scb.double() / 254 * SLACK + 4 * U32 * true_scb.double()

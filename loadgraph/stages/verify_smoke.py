@@ -231,6 +231,25 @@ def _lora_key(name: str, adapter: str | None) -> str:
     return name.removeprefix("base_model.model.").removesuffix(".weight")
 
 
+def placement_cpu(need_bytes: int) -> str | None:
+    return "cpu" if need_bytes * HEADROOM <= available_ram() else None
+
+
+def _load_and_probe(final, device_map: str, where: str):
+    """Strict load, then attached-adapter parity, or greedy generation and the probe logits."""
+    started = time.perf_counter()
+    model = load_checked(final.path, device_map)
+    result: dict = {"loaded": True, "device": where, "dtype": stored_dtype_name(model), "load_seconds": time.perf_counter() - started}
+    attached = final.manifest.get("adapters") or []
+    if attached:
+        result["attach"] = attached_parity(model, [(final.path / a["path"], float(a["scale"])) for a in attached])
+        return model, result, None
+    vocab = vocab_size_of(final.path)
+    if getattr(model, "can_generate", lambda: False)():
+        result["generated"] = generate_smoke(model, vocab)
+    return model, result, logits_of(model, vocab)
+
+
 def run_smoke(ctx) -> dict:
     """The smoke unit: place, load strictly, generate, compare logits; or skip with the reason."""
     import gc
@@ -242,18 +261,19 @@ def run_smoke(ctx) -> dict:
     device_map, where = placement(max(sizes))
     if device_map is None:
         return {"skipped": f"the model fits nowhere on this node: {where}"}
-    started = time.perf_counter()
-    model = load_checked(final.path, device_map)
-    result: dict = {"loaded": True, "device": where, "dtype": stored_dtype_name(model), "load_seconds": time.perf_counter() - started}
-    attached = final.manifest.get("adapters") or []
-    if attached:
-        result["attach"] = attached_parity(model, [(final.path / a["path"], float(a["scale"])) for a in attached])
+    try:
+        model, result, got = _load_and_probe(final, device_map, where)
+    except ImportError as exc:
+        # A GPU path that needs a package this node lacks (transformers' FP8 matmul needs the hub
+        # `kernels`): the CPU path (FP8 dequantized on load) checks the same files.
+        if device_map == "cpu" or placement_cpu(max(sizes)) is None:
+            return {"skipped": f"cannot run on this node's GPU ({str(exc).splitlines()[0][:160]}) and it does not fit its RAM"}
+        device_map = "cpu"
+        model, result, got = _load_and_probe(final, "cpu", f"cpu (GPU path unavailable: {str(exc).splitlines()[0][:120]})")
+    if "attach" in result:
         return result
-    vocab = vocab_size_of(final.path)
-    if getattr(model, "can_generate", lambda: False)():
-        result["generated"] = generate_smoke(model, vocab)
-    got = logits_of(model, vocab)
     dtype = model.dtype
+    vocab = vocab_size_of(final.path)
     del model
     gc.collect()
     if not p["logits"] or reference is None:
