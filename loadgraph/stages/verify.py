@@ -106,6 +106,12 @@ def _run_items(ctx: NodeContext, items: list[list[str]]) -> dict:
     p, inputs = ctx.params, ctx.inputs
     adapters = [inputs[f"adapter{i}"] for i in range(len(p.get("scales") or []))]
     scanned = "merged" in inputs or "quantized" in inputs
+    # Plans first, in this thread: they import transformers, whose lazy imports race between threads.
+    checks = {check for check, _ in items}
+    if "merge" in checks:
+        vt.merge_plans(inputs["merge_base"], adapters, p)
+    if "quantize" in checks:
+        vt.quant_plan(str(inputs["quant_input"].path), json.dumps(p["quant_settings"], sort_keys=True))
 
     def one(item: list[str]) -> dict:
         start = time.perf_counter()

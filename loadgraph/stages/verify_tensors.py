@@ -125,12 +125,16 @@ def _merge_plans(base_key: str, base_dir: str, adapter_dirs: tuple[str, ...], sc
 # -- the checks ------------------------------------------------------------------------------------
 
 
+def merge_plans(base: Artifact, adapters: list[Artifact], params: dict):
+    return _merge_plans(base.key, str(base.path), tuple(str(a.path) for a in adapters), tuple(params["scales"]),
+                        params["allow_pickle"], json.dumps(base.tensors, sort_keys=True))
+
+
 def run_merge_item(name: str, base: Artifact, merged: Artifact, adapters: list[Artifact], params: dict, device) -> dict:
     from loadgraph.stages.adapter import nf4_roundtrip
     from loadgraph.stages.verify_merge import check_merged, merge_steps
 
-    plans, tensors = _merge_plans(base.key, str(base.path), tuple(str(a.path) for a in adapters), tuple(params["scales"]),
-                                  params["allow_pickle"], json.dumps(base.tensors, sort_keys=True))
+    plans, tensors = merge_plans(base, adapters, params)
     stored = read(merged, name, device)
     finite = check_finite(name, stored)
     source = read(base, name, device)
