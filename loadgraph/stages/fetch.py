@@ -86,15 +86,18 @@ class FetchStage(Stage):
             actual = sha256_file(src)
             _check_unchanged(src, actual, expected)
             return convert_pickle(src, out)
+        linked = False
         if stat_matches(src, expected, ctx.cache.root):
             # Unchanged since it was hashed: link (same filesystem) or copy without rehashing.
-            link_or_copy(src, out / rel)
+            linked = link_or_copy(src, out / rel)
             actual = expected
         else:
-            actual = copy_and_hash(src, out / rel)
+            actual = copy_and_hash(src.resolve(), out / rel)
             _check_unchanged(src, actual, expected)
         size = (out / rel).stat().st_size
-        return {"files": {rel: {"size": size, "sha256": actual, "shared": True}}, "bytes": size}
+        # "shared": the cache file is the user's own inode; nothing may chmod it or link it into an export.
+        meta = {"size": size, "sha256": actual, **({"shared": True} if linked else {})}
+        return {"files": {rel: meta}, "bytes": size}
 
     def finalize(self, ctx: NodeContext, results: dict[str, dict], out: Path) -> dict:
         if PICKLE_INDEX in ctx.params["files"]:
