@@ -71,6 +71,8 @@ def load_json(path: Path) -> dict:
         raise InputError(f"{path}: file not found") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InputError(f"{path}: not valid JSON ({exc}); fix or remove the file") from None
+    except RecursionError:
+        raise InputError(f"{path}: JSON nested too deeply to be a config; fix or remove the file") from None
     if not isinstance(doc, dict):
         raise InputError(f"{path}: expected a JSON object")
     return doc
@@ -89,11 +91,23 @@ def confined(root: Path, relname: str, what: str) -> Path:
         real = path.resolve()
     except (OSError, RuntimeError) as exc:  # name too long, symlink loop
         raise InputError(f"{what}: path {relname!r} cannot be resolved ({exc.__class__.__name__}); only file names inside the checkpoint are allowed") from None
-    # A hub snapshot's files are links into the repo's own blobs/ (snapshots/<commit>/f -> ../../blobs/<sha>).
-    storage = real_root.parent.parent if real_root.parent.name == "snapshots" else real_root
-    if real != real_root and real_root not in real.parents and storage not in real.parents:
+    blobs = hub_blobs(real_root)
+    if real != real_root and real_root not in real.parents and not (blobs and real.parent == blobs):
         raise InputError(f"{what}: {relname!r} resolves outside the checkpoint directory (symlink to {real}); copy the file in instead")
     return path
+
+
+def hub_blobs(snapshot: Path) -> Path | None:
+    """The repo's blobs/ if `snapshot` is really a hub cache snapshot, else None.
+
+    A hub snapshot's files are links into its repo's own blobs/ (`<repo>/snapshots/<commit>/f ->
+    ../../blobs/<sha>`); only that exact structure (snapshots/ beside blobs/ and refs/) earns
+    the exception: a directory that merely sits in a folder named `snapshots` does not."""
+    parent = snapshot.parent
+    repo = parent.parent
+    if parent.name != "snapshots" or not (repo / "blobs").is_dir() or not (repo / "refs").is_dir():
+        return None
+    return repo / "blobs"
 
 
 def scan_checkpoint(root: str | os.PathLike, *, allow_pickle: bool = False, read_headers: bool = True) -> Checkpoint:
@@ -174,7 +188,7 @@ def parse_size(value: str | int, field_name: str = "max_shard_size") -> int:
     unit = text[len(num):] or "B"
     try:
         size = int(float(num) * units[unit])
-    except (KeyError, ValueError):
+    except (KeyError, ValueError, OverflowError):
         raise InputError(f"{field_name}: cannot read size {value!r}; write e.g. 5GB, 500MB or 2GiB") from None
     if size <= 0:
         raise InputError(f"{field_name}: must be positive, got {value!r}")

@@ -15,6 +15,7 @@ import os
 import shutil
 from pathlib import Path
 
+from loadgraph import faults
 from loadgraph.errors import BuildError, InputError
 from loadgraph.formats.safetensors import copy_and_hash
 from loadgraph.pipeline.cache import MANIFEST, MANIFEST_FORMAT, Artifact, Cache, check_cache_outside
@@ -205,8 +206,10 @@ def _swap_into_place(staged: Path, dest: Path, art: Artifact, verifier: Verifier
                     raise
         if export_intact(art, dest, verifier):
             raise _AlreadyThere
+        faults.export_step(1)
         try:
             if exchange(staged, dest):
+                faults.export_step(2)
                 remove(staged)  # now the old export
                 return
         except FileNotFoundError:
