@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -15,6 +16,7 @@ from loadgraph.errors import InputError
 from loadgraph.formats.safetensors import Header, TensorEntry, read_header
 
 INDEX_NAME = "model.safetensors.index.json"
+_COMMIT_DIR = re.compile(r"[0-9a-f]{40}")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 # Files a checkpoint carries besides weights, which loaders look for by name.
 AUX_PATTERNS = (
@@ -101,11 +103,15 @@ def hub_blobs(snapshot: Path) -> Path | None:
     """The repo's blobs/ if `snapshot` is really a hub cache snapshot, else None.
 
     A hub snapshot's files are links into its repo's own blobs/ (`<repo>/snapshots/<commit>/f ->
-    ../../blobs/<sha>`); only that exact structure (snapshots/ beside blobs/ and refs/) earns
-    the exception: a directory that merely sits in a folder named `snapshots` does not."""
+    ../../blobs/<sha>`); only that structure earns the exception (a directory named by a commit
+    in snapshots/, beside blobs/, in a `models--org--name` repo dir or one with refs/), and only
+    for links that land directly in blobs/: a directory that merely sits in a folder named
+    `snapshots` does not. (refs/ alone is not required: a download pinned to a commit has none.)"""
     parent = snapshot.parent
     repo = parent.parent
-    if parent.name != "snapshots" or not (repo / "blobs").is_dir() or not (repo / "refs").is_dir():
+    if parent.name != "snapshots" or not _COMMIT_DIR.fullmatch(snapshot.name) or not (repo / "blobs").is_dir():
+        return None
+    if not (repo / "refs").is_dir() and not repo.name.startswith(("models--", "datasets--", "spaces--")):
         return None
     return repo / "blobs"
 
