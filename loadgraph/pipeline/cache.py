@@ -118,9 +118,21 @@ class Cache:
         return Artifact(key, path, manifest)
 
     def touch(self, key: str) -> None:
+        """Record a use (for LRU eviction). Another member's marker in a group-shared cache may not
+        be ours to utime: a fresh one replaces it. A read-only cache records nothing."""
         marker = self.root / "used" / key
-        marker.touch()
-        os.utime(marker)
+        try:
+            marker.touch()
+            os.utime(marker)
+        except PermissionError:
+            try:
+                fresh = marker.with_name(f".{key}.{os.getpid()}")
+                fresh.touch()
+                os.replace(fresh, marker)
+            except OSError:
+                pass
+        except OSError:
+            pass
 
     def new_tmp_dir(self, label: str) -> Path:
         from loadgraph.pipeline.fsops import owned_name
@@ -262,6 +274,8 @@ class Cache:
             gc_lock.acquire(timeout=0)
         except Timeout:
             raise InputError(f"cache gc: another `cache gc` is running on {self.root}; wait for it") from None
+        except OSError as exc:
+            raise InputError(f"cache gc: the cache {self.root} is not writable here ({os.strerror(exc.errno or 0)}); run gc as a user who may write it") from None
         try:
             held = leased_keys(self.root)
             removed_tmp = 0

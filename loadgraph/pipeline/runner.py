@@ -278,7 +278,7 @@ def _assemble(node: Node, stage, ctx, units: list[Unit], results: dict[str, dict
             unit_dir = cache.unit_dir(node.key, unit.id)
             for rel, meta in results[unit.id].get("files", {}).items():
                 (staged / rel).parent.mkdir(parents=True, exist_ok=True)
-                os.link(unit_dir / rel, staged / rel)
+                _link_unit_file(unit_dir / rel, staged / rel, meta)
                 known[rel] = ((staged / rel).stat().st_ino, meta)
         extras = stage.finalize(ctx, results, staged)
         for rel, meta in extras.pop("files", {}).items():
@@ -307,6 +307,19 @@ def _assemble(node: Node, stage, ctx, units: list[Unit], results: dict[str, dict
     except BaseException:
         shutil.rmtree(staged, ignore_errors=True)
         raise
+
+
+def _link_unit_file(src: Path, dst: Path, meta: dict) -> None:
+    """A unit's file into the staged artifact: a hardlink, or a verified copy where linking is not
+    permitted (another member's file in a group-shared cache, under fs.protected_hardlinks)."""
+    try:
+        os.link(src, dst)
+    except PermissionError:
+        from loadgraph.formats.safetensors import copy_and_hash
+
+        digest = copy_and_hash(src, dst)
+        if digest != meta.get("sha256", digest):
+            raise BuildError(f"{src}: sha256 {digest[:12]} != recorded {meta['sha256'][:12]}; delete {src.parent} and rerun") from None
 
 
 def tool_versions() -> dict[str, str]:
