@@ -45,6 +45,7 @@ MIN_MEMORY = 64 * 2**20
 GPU_POLICY_ENV = "LOADGRAPH_RAY_GPU"
 GPU_POLICIES = ("auto", "require", "never")
 DRIVER_CHECK_S = 1.0
+CANCEL_GRACE_S = 10.0
 
 
 def _inject_fault(unit_id: str) -> None:
@@ -249,8 +250,19 @@ class RayExecutor:
                         raise getattr(errors, result["error_class"], BuildError)(result["error"])
                     on_result(unit, result)
         finally:
-            for ref in pending:
-                ray.cancel(ref, force=True)
+            self._cancel(list(pending))
+
+    def _cancel(self, refs: list) -> None:
+        """Stop units still in flight after a failure. A plain cancel interrupts the task in Python,
+        so the unit removes its own staging dir; wait briefly for that, then kill what is left."""
+        if not refs:
+            return
+        ray = self.ray
+        for ref in refs:
+            ray.cancel(ref, force=False)
+        _, stuck = ray.wait(refs, num_returns=len(refs), timeout=CANCEL_GRACE_S)
+        for ref in stuck:
+            ray.cancel(ref, force=True)
 
     def close(self) -> None:
         if self._owns_connection:
