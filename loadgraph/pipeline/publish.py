@@ -9,6 +9,7 @@ without --overwrite.
 from __future__ import annotations
 
 import errno
+import glob
 import hashlib
 import json
 import os
@@ -107,16 +108,10 @@ def leftovers(dest: Path) -> list[Path]:
     out = []
     for kind in ("tmp", "old"):
         prefix = f".{dest.name}.loadgraph-{kind}"
-        for p in dest.parent.glob(glob_escape(prefix) + "*"):
+        for p in dest.parent.glob(glob.escape(prefix) + "*"):
             if owner_gone(p.name, p):
                 out.append(p)
     return out
-
-
-def glob_escape(text: str) -> str:
-    import glob
-
-    return glob.escape(text)
 
 
 def _linkable(art: Artifact, rel: Path, meta: dict | None) -> bool:

@@ -57,7 +57,7 @@ def test_units_of_a_killed_driver_are_never_published(ray_cluster, workload, tmp
     driver.wait()  # reaped: a zombie would still answer kill(pid, 0)
     killed_at = time.time()
     TALLY.add(ROW, faults=1, runs=1, failed_runs=1)
-    time.sleep(6)  # in-flight units sleep 1.5 s, then would publish; the watch ends them within ~2 s
+    time.sleep(5)  # in-flight units sleep 1.5 s, then would publish; the watch ends them within ~2 s
     late = [u for u, t in _published_units(cache_root).items() if t > killed_at + 0.5]
     assert not late, late
     workers = {int(line.split()[2]) for line in log.read_text().splitlines()}
