@@ -198,6 +198,9 @@ def cache_ls(cache_dir: Optional[Path] = CacheOpt, as_json: bool = typer.Option(
         table.add_row(e["key"][:12], str(e["stage"]), _human(e["size"]), used, "yes" if e["pinned"] else "", "yes" if e["valid"] else "NO")
     out.print(table)
     out.print(f"{len(entries)} entries, {_human(sum(e['size'] for e in entries))}")
+    units, unit_bytes = cache.unit_dirs_size()
+    if units:  # resume points of unfinished builds (and orphans, which `cache gc` removes)
+        out.print(f"{units} unfinished nodes' work units, {_human(unit_bytes)}")
 
 
 @cache_app.command("verify")

@@ -345,7 +345,10 @@ class Cache:
 
     def unit_dirs_size(self) -> tuple[int, int]:
         """(unit dirs, bytes): resume points and orphans, which `cache ls` reports apart."""
-        dirs = [p for p in (self.root / "units").iterdir() if p.is_dir()]
+        try:
+            dirs = [p for p in (self.root / "units").iterdir() if p.is_dir()]
+        except OSError:
+            return 0, 0
         return len(dirs), sum(dir_size(p) for p in dirs)
 
 
