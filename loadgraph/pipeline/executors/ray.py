@@ -108,10 +108,13 @@ def _watch_driver(desc: dict) -> threading.Event:
     if not lease:
         return stop
 
+    leases_dir = Path(lease).parent
+
     def watch() -> None:
         misses = 0
         while not stop.wait(DRIVER_CHECK_S):
-            misses = 0 if lease_alive(lease) else misses + 1
+            # A node that cannot see the cache's leases/ at all proves nothing about the driver.
+            misses = 0 if lease_alive(lease) or not leases_dir.is_dir() else misses + 1
             if misses >= 2:
                 os._exit(1)
 
