@@ -26,10 +26,17 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 ORDER = [
     "kill -9 (local executor)",
+    "kill -9 while replacing an export",
     "Ray worker killed mid-unit",
+    "Ray driver killed / disk full under Ray",
     "concurrent builders (processes)",
+    "two specs, one export path",
+    "gc beside running builds",
     "cache tampering",
+    "final artifact / export tampered (size+mtime kept)",
     "disk full (ENOSPC)",
+    "user's files (mode, links, overlap)",
+    "read-only and group-shared cache",
     "hostile input",
     "fuzz: header + index parser",
 ]

@@ -7,6 +7,7 @@ Heavy imports (torch, ray) happen only inside commands that need them, so a full
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import sys
@@ -34,8 +35,32 @@ CacheOpt = typer.Option(None, "--cache", help="cache root (default $LOADGRAPH_CA
 
 def _fail(exc: BaseException) -> None:
     code = exc.exit_code if isinstance(exc, LoadgraphError) else 1
+    if isinstance(exc, OSError) and not isinstance(exc, LoadgraphError):
+        # One line, naming the file: never a bare "[Errno 13]" without the path.
+        where = f"{exc.filename}: " if exc.filename else ""
+        if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            code = 2  # a path the user gave (cache, spec, destination) that we may not write
+        exc = f"{where}{exc.strerror or exc}; check the path and its permissions"
     console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
+
+
+def _check_report_path(json_out: Optional[Path]) -> None:
+    """--json must be writable before the build starts, not discovered after it."""
+    if json_out is None:
+        return
+    parent = json_out.expanduser().absolute().parent
+    if not parent.is_dir():
+        _fail(InputError(f"--json: directory {parent} does not exist; create it or give another report path"))
+    if json_out.is_dir():
+        _fail(InputError(f"--json: {json_out} is a directory; give a file path for the report"))
+
+
+def _write_report(json_out: Path, doc: dict) -> None:
+    try:
+        json_out.write_text(json.dumps(doc, indent=2))
+    except OSError as exc:
+        _fail(InputError(f"--json: cannot write {json_out} ({exc.strerror}); give a writable report path"))
 
 
 def _open_cache(cache_dir: Optional[Path]):
@@ -80,6 +105,7 @@ def build(
 
     if executor not in ("ray", "local"):
         _fail(InputError(f"--executor: unknown executor {executor!r}; use ray or local"))
+    _check_report_path(json_out)
     report = None
     try:
         cache, graph = _compile(specs, cache_dir)
@@ -91,13 +117,13 @@ def build(
         if json_out:
             doc = report.to_json() if report else {"ok": False, "nodes": [], "targets": []}
             doc.update(ok=False, error=str(exc))
-            json_out.write_text(json.dumps(doc, indent=2))
+            _write_report(json_out, doc)
         if not isinstance(exc, LoadgraphError) and "--debug" in sys.argv:
             raise
         _fail(exc)
     console.print(summary_table(report))
     if json_out:
-        json_out.write_text(json.dumps(report.to_json(), indent=2))
+        _write_report(json_out, report.to_json())
 
 
 @app.command()
@@ -156,8 +182,11 @@ def cache_ls(cache_dir: Optional[Path] = CacheOpt, as_json: bool = typer.Option(
     """List entries with sizes and last use."""
     import datetime
 
-    cache = _open_cache(cache_dir)
-    entries = cache.entries()
+    try:
+        cache = _open_cache(cache_dir)
+        entries = cache.entries()
+    except Exception as exc:  # noqa: BLE001 - a read-only or foreign cache: one line
+        _fail(exc)
     if as_json:
         out.print_json(json.dumps(entries))
         return
@@ -169,23 +198,29 @@ def cache_ls(cache_dir: Optional[Path] = CacheOpt, as_json: bool = typer.Option(
         table.add_row(e["key"][:12], str(e["stage"]), _human(e["size"]), used, "yes" if e["pinned"] else "", "yes" if e["valid"] else "NO")
     out.print(table)
     out.print(f"{len(entries)} entries, {_human(sum(e['size'] for e in entries))}")
+    units, unit_bytes = cache.unit_dirs_size()
+    if units:  # resume points of unfinished builds (and orphans, which `cache gc` removes)
+        out.print(f"{units} unfinished nodes' work units, {_human(unit_bytes)}")
 
 
 @cache_app.command("verify")
 def cache_verify(cache_dir: Optional[Path] = CacheOpt, evict: bool = typer.Option(False, "--evict", help="remove corrupt entries")) -> None:
     """Re-hash every entry; report (and optionally evict) corrupt ones. Exit 1 if any is corrupt."""
-    cache = _open_cache(cache_dir)
     bad = 0
-    for e in cache.entries():
-        problems = cache.verify(e["key"])
-        if problems:
-            bad += 1
-            for p in problems:
-                out.print(f"[red]corrupt[/] {p}")
-            if evict:
-                cache.evict(e["key"])
-        else:
-            out.print(f"ok {e['key'][:12]} {e['stage']}")
+    try:
+        cache = _open_cache(cache_dir)
+        for e in cache.entries():
+            problems = cache.verify(e["key"])
+            if problems:
+                bad += 1
+                for p in problems:
+                    out.print(f"[red]corrupt[/] {p}")
+                if evict:
+                    cache.evict(e["key"])
+            else:
+                out.print(f"ok {e['key'][:12]} {e['stage']}")
+    except Exception as exc:  # noqa: BLE001
+        _fail(exc)
     if bad:
         raise typer.Exit(1)
 
@@ -200,9 +235,9 @@ def cache_gc(
 
     try:
         budget = parse_size(max_size, "--max-size")
-    except InputError as exc:
+        result = _open_cache(cache_dir).gc(budget)
+    except Exception as exc:  # noqa: BLE001
         _fail(exc)
-    result = _open_cache(cache_dir).gc(budget)
     out.print(f"evicted {len(result['evicted'])} entries, removed {result['removed_tmp']} leftovers; cache now {_human(result['size_after'])}")
 
 

@@ -19,3 +19,9 @@ class BuildError(LoadgraphError):
     """A build that failed while running (exit 1)."""
 
     exit_code = 1
+
+
+def disk_full_message(cache_root: object, what: str) -> str:
+    """The one line for ENOSPC in the cache, the same under every executor."""
+    return (f"no space left on the device of the cache {cache_root} while building {what}: nothing was published; "
+            "free space (e.g. `loadgraph cache gc --max-size ...`) and rerun, finished units are kept")

@@ -5,6 +5,8 @@
   kill-in-unit:N       SIGKILL it inside the Nth fresh unit, after its files are written to
                        the staging dir and before they are published (a crash mid-unit)
   enospc-after-bytes:N raise ENOSPC once shard writes in this process pass N bytes
+  kill-at-export:N     SIGKILL it at step N of replacing an export (1: staged, before the swap;
+                       2: swapped, before the old export is deleted)
 `LOADGRAPH_UNIT_LOG=FILE` appends "<node key> <unit id> <pid>" for every unit computed (not
 reused), so a test can prove that concurrent builders computed each unit once.
 """
@@ -58,3 +60,9 @@ def wrote(nbytes: int) -> None:
     _written += nbytes
     if _written > limit:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def export_step(step: int) -> None:
+    """Replacing an export: 1 = the new one is staged, 2 = swapped in, the old one not yet deleted."""
+    if _arg("kill-at-export") == step:
+        os.kill(os.getpid(), signal.SIGKILL)

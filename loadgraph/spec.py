@@ -235,7 +235,13 @@ def resolve_paths(spec: BuildSpec, base_dir: Path) -> BuildSpec:
         updates["convert"] = spec.convert.model_copy(update={k: local(v) for k in ("model_base", "vision_tower") if (v := getattr(spec.convert, k))})
     if spec.export and "://" not in spec.export.path:
         path = Path(spec.export.path).expanduser()
-        updates["export"] = spec.export.model_copy(update={"path": str(path if path.is_absolute() else (base_dir / path).absolute())})
+        dest = path if path.is_absolute() else (base_dir / path).absolute()
+        # Replacing the export deletes its directory: never the one holding this spec (and the
+        # inputs it names relative to it), nor one above it.
+        real_dest, real_base = dest.resolve(), base_dir.absolute().resolve()
+        if real_dest == real_base or real_dest in real_base.parents:
+            raise InputError(f"export.path: {real_dest} is or contains the spec's own directory {real_base}; export to a new directory (e.g. ./out)")
+        updates["export"] = spec.export.model_copy(update={"path": str(dest)})
     return spec.model_copy(update=updates)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -15,6 +16,7 @@ from loadgraph.errors import InputError
 from loadgraph.formats.safetensors import Header, TensorEntry, read_header
 
 INDEX_NAME = "model.safetensors.index.json"
+_COMMIT_DIR = re.compile(r"[0-9a-f]{40}")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 # Files a checkpoint carries besides weights, which loaders look for by name.
 AUX_PATTERNS = (
@@ -71,6 +73,8 @@ def load_json(path: Path) -> dict:
         raise InputError(f"{path}: file not found") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InputError(f"{path}: not valid JSON ({exc}); fix or remove the file") from None
+    except RecursionError:
+        raise InputError(f"{path}: JSON nested too deeply to be a config; fix or remove the file") from None
     if not isinstance(doc, dict):
         raise InputError(f"{path}: expected a JSON object")
     return doc
@@ -89,11 +93,27 @@ def confined(root: Path, relname: str, what: str) -> Path:
         real = path.resolve()
     except (OSError, RuntimeError) as exc:  # name too long, symlink loop
         raise InputError(f"{what}: path {relname!r} cannot be resolved ({exc.__class__.__name__}); only file names inside the checkpoint are allowed") from None
-    # A hub snapshot's files are links into the repo's own blobs/ (snapshots/<commit>/f -> ../../blobs/<sha>).
-    storage = real_root.parent.parent if real_root.parent.name == "snapshots" else real_root
-    if real != real_root and real_root not in real.parents and storage not in real.parents:
+    blobs = hub_blobs(real_root)
+    if real != real_root and real_root not in real.parents and not (blobs and real.parent == blobs):
         raise InputError(f"{what}: {relname!r} resolves outside the checkpoint directory (symlink to {real}); copy the file in instead")
     return path
+
+
+def hub_blobs(snapshot: Path) -> Path | None:
+    """The repo's blobs/ if `snapshot` is really a hub cache snapshot, else None.
+
+    A hub snapshot's files are links into its repo's own blobs/ (`<repo>/snapshots/<commit>/f ->
+    ../../blobs/<sha>`); only that structure earns the exception (a directory named by a commit
+    in snapshots/, beside blobs/, in a `models--org--name` repo dir or one with refs/), and only
+    for links that land directly in blobs/: a directory that merely sits in a folder named
+    `snapshots` does not. (refs/ alone is not required: a download pinned to a commit has none.)"""
+    parent = snapshot.parent
+    repo = parent.parent
+    if parent.name != "snapshots" or not _COMMIT_DIR.fullmatch(snapshot.name) or not (repo / "blobs").is_dir():
+        return None
+    if not (repo / "refs").is_dir() and not repo.name.startswith(("models--", "datasets--", "spaces--")):
+        return None
+    return repo / "blobs"
 
 
 def scan_checkpoint(root: str | os.PathLike, *, allow_pickle: bool = False, read_headers: bool = True) -> Checkpoint:
@@ -174,7 +194,7 @@ def parse_size(value: str | int, field_name: str = "max_shard_size") -> int:
     unit = text[len(num):] or "B"
     try:
         size = int(float(num) * units[unit])
-    except (KeyError, ValueError):
+    except (KeyError, ValueError, OverflowError):
         raise InputError(f"{field_name}: cannot read size {value!r}; write e.g. 5GB, 500MB or 2GiB") from None
     if size <= 0:
         raise InputError(f"{field_name}: must be positive, got {value!r}")

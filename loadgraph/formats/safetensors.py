@@ -119,11 +119,14 @@ def read_header(path: str | os.PathLike) -> Header:
         doc = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise _bad(path, f"header is not valid JSON ({exc.__class__.__name__})") from None
+    except RecursionError:  # a nesting bomb: no real header nests more than two levels
+        raise _bad(path, "header JSON is nested too deeply") from None
     if not isinstance(doc, dict):
         raise _bad(path, "header is not a JSON object")
     data_offset = 8 + header_len
     data_size = file_size - data_offset
-    metadata = doc.pop("__metadata__", None) or {}
+    # Only an absent key means "no metadata": [] or 0 or false is a malformed header (unloadable).
+    metadata = doc.pop("__metadata__", {})
     if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
         raise _bad(path, "__metadata__ must map strings to strings")
     tensors = {name: _parse_entry(path, name, entry, data_offset, data_size) for name, entry in doc.items()}

@@ -35,6 +35,9 @@ MANIFEST_FORMAT = "loadgraph-artifact/1"
 SMALL_FILE = 1 << 20
 
 
+SUBDIRS = ("objects", "units", "tmp", "locks", "used", "pins", "leases")
+
+
 def default_cache_root() -> Path:
     return Path(os.environ.get("LOADGRAPH_CACHE") or Path.home() / ".cache" / "loadgraph")
 
@@ -71,8 +74,17 @@ class Cache:
             raise InputError(f"--cache: {root} is a URL; the cache needs a POSIX filesystem (atomic rename, hard links, locks): use a shared mount")
         self.root = Path(root) if root else default_cache_root()
         self.root = self.root.expanduser().absolute()
-        for sub in ("objects", "units", "tmp", "locks", "used", "pins"):
-            (self.root / sub).mkdir(parents=True, exist_ok=True)
+        if self.root.exists() and not self.root.is_dir():
+            raise InputError(f"--cache: {self.root} is a file, not a directory; give a directory for the cache (or remove the file)")
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise InputError(f"--cache: cannot create the cache directory {self.root} ({os.strerror(exc.errno or 0)}); give a writable directory") from None
+        for sub in SUBDIRS:
+            try:
+                (self.root / sub).mkdir(exist_ok=True)
+            except OSError:
+                pass  # a read-only cache still serves what it holds; writes there fail with one line
 
     # -- published artifacts -------------------------------------------------
     def object_dir(self, key: str) -> Path:
@@ -106,12 +118,26 @@ class Cache:
         return Artifact(key, path, manifest)
 
     def touch(self, key: str) -> None:
+        """Record a use (for LRU eviction). Another member's marker in a group-shared cache may not
+        be ours to utime: a fresh one replaces it. A read-only cache records nothing."""
         marker = self.root / "used" / key
-        marker.touch()
-        os.utime(marker)
+        try:
+            marker.touch()
+            os.utime(marker)
+        except PermissionError:
+            try:
+                fresh = marker.with_name(f".{key}.{os.getpid()}")
+                fresh.touch()
+                os.replace(fresh, marker)
+            except OSError:
+                pass
+        except OSError:
+            pass
 
     def new_tmp_dir(self, label: str) -> Path:
-        path = self.root / "tmp" / f"{label}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        from loadgraph.pipeline.fsops import owned_name
+
+        path = self.root / "tmp" / owned_name(label)  # the owner's host and pid: gc can tell it is dead
         path.mkdir(parents=True)
         return path
 
@@ -122,7 +148,10 @@ class Cache:
             # Published files are read-only (exports hardlink them), except files linked from a
             # user's source directory, whose permissions are not ours to change.
             if not meta.get("shared"):
-                (staged / rel).chmod(0o444)
+                try:
+                    (staged / rel).chmod(0o444)
+                except PermissionError:
+                    pass  # not our inode (a shared cache): exports then copy it instead of linking
             # The mtime at publication: get() treats a later write as damage (a stat, no hashing).
             files[rel] = {**meta, "mtime_ns": (staged / rel).stat().st_mtime_ns}
         manifest = {**manifest, "files": files, "key": key, "format": MANIFEST_FORMAT}
@@ -230,28 +259,117 @@ class Cache:
         (self.root / "used" / key).unlink(missing_ok=True)
 
     def gc(self, budget_bytes: int, *, min_tmp_age_s: float = 3600.0) -> dict:
-        """Drop leftovers, invalid entries, then unpinned entries LRU-first until under budget."""
-        removed_tmp = 0
-        now = time.time()
-        for leftover in (self.root / "tmp").iterdir():
-            if now - leftover.stat().st_mtime >= min_tmp_age_s:
-                shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink(missing_ok=True)
-                removed_tmp += 1
-        entries = self.entries()
-        evicted = []
-        for e in entries:
-            if not e["valid"]:
-                self.evict(e["key"])
-                evicted.append(e["key"])
-        live = [e for e in entries if e["valid"]]
-        total = sum(e["size"] for e in live)
-        for e in sorted((e for e in live if not e["pinned"]), key=lambda e: e["last_used"]):
-            if total <= budget_bytes:
-                break
-            self.evict(e["key"])
-            evicted.append(e["key"])
-            total -= e["size"]
+        """Drop leftovers, invalid entries, then unpinned entries LRU-first until under budget.
+
+        Never touches what a running build holds: keys in a live lease (its inputs and outputs),
+        keys whose build lock is held, and staging dirs whose owner is alive. One gc at a time.
+        """
+        from filelock import Timeout
+
+        from loadgraph.pipeline.fsops import owner_gone, remove
+        from loadgraph.pipeline.leases import leased_keys
+
+        try:
+            gc_lock = FileLock(str(self.root / "locks" / "gc.lock"))
+            gc_lock.acquire(timeout=0)
+        except Timeout:
+            raise InputError(f"cache gc: another `cache gc` is running on {self.root}; wait for it") from None
+        except OSError as exc:
+            raise InputError(f"cache gc: the cache {self.root} is not writable here ({os.strerror(exc.errno or 0)}); run gc as a user who may write it") from None
+        try:
+            held = leased_keys(self.root)
+            removed_tmp = 0
+            now = time.time()
+            for leftover in (self.root / "tmp").iterdir():
+                if owner_gone(leftover.name, leftover) or now - leftover.lstat().st_mtime >= min_tmp_age_s:
+                    remove(leftover)
+                    removed_tmp += 1
+            removed_tmp += self._gc_units(held)
+            removed_tmp += _gc_export_leftovers(self)
+            entries = self.entries()
+            evicted = []
+            for e in entries:
+                if not e["valid"] and e["key"] not in held and self._evict_unlocked(e["key"]):
+                    evicted.append(e["key"])
+            live = [e for e in entries if e["valid"]]
+            total = sum(e["size"] for e in live)
+            for e in sorted((e for e in live if not e["pinned"] and e["key"] not in held), key=lambda e: e["last_used"]):
+                if total <= budget_bytes:
+                    break
+                if self._evict_unlocked(e["key"]):
+                    evicted.append(e["key"])
+                    total -= e["size"]
+        finally:
+            gc_lock.release()
         return {"evicted": evicted, "removed_tmp": removed_tmp, "size_after": total}
+
+    def _try_lock(self, key: str):
+        from filelock import Timeout
+
+        lock = FileLock(str(self.root / "locks" / f"{key}.lock"))
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            return None
+        return lock
+
+    def _evict_unlocked(self, key: str) -> bool:
+        """Evict unless a builder holds the key's lock (it may be publishing or reading it)."""
+        lock = self._try_lock(key)
+        if lock is None:
+            return False
+        try:
+            self.evict(key)
+        except FileNotFoundError:
+            return False
+        finally:
+            lock.release()
+        return True
+
+    def _gc_units(self, held: set[str]) -> int:
+        """Finished units of a key already published are dead weight (a kill during clean-up)."""
+        removed = 0
+        for unit_root in (self.root / "units").iterdir():
+            key = unit_root.name
+            if key in held or self.get(key) is None:
+                continue  # a resume point, or in use
+            lock = self._try_lock(key)
+            if lock is None:
+                continue
+            try:
+                shutil.rmtree(unit_root, ignore_errors=True)
+                removed += 1
+            finally:
+                lock.release()
+        return removed
+
+    def unit_dirs_size(self) -> tuple[int, int]:
+        """(unit dirs, bytes): resume points and orphans, which `cache ls` reports apart."""
+        try:
+            dirs = [p for p in (self.root / "units").iterdir() if p.is_dir()]
+        except OSError:
+            return 0, 0
+        return len(dirs), sum(dir_size(p) for p in dirs)
+
+
+def _gc_export_leftovers(cache: "Cache") -> int:
+    """Staging dirs and moved-aside exports beside each pinned export path, whose builder ended."""
+    from loadgraph.pipeline.fsops import remove
+    from loadgraph.pipeline.leases import export_claimed
+    from loadgraph.pipeline.publish import is_remote, leftovers
+
+    removed = 0
+    for pin in (cache.root / "pins").glob("*.json"):
+        try:
+            dest = json.loads(pin.read_text()).get("dest")
+        except (OSError, ValueError):
+            continue
+        if not dest or is_remote(dest) or export_claimed(cache.root, dest):
+            continue
+        for stale in leftovers(Path(dest)):
+            remove(stale)
+            removed += 1
+    return removed
 
 
 def dir_size(path: Path) -> int:

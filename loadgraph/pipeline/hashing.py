@@ -24,7 +24,12 @@ def _stat_id(path: Path) -> list[int]:
 def hash_files(paths: dict[str, Path], cache_root: Path) -> dict[str, str]:
     """relname -> sha256 for each file, reusing digests of files whose stat is unchanged."""
     store = cache_root / "statcache.json"
-    with FileLock(str(cache_root / "locks" / "statcache.lock")):
+    lock = FileLock(str(cache_root / "locks" / "statcache.lock"))
+    try:
+        lock.acquire()
+    except OSError:  # a read-only cache (or one we may not write): hash without recording
+        lock = None
+    try:
         try:
             memo: dict[str, dict] = json.loads(store.read_text())
         except (OSError, ValueError):
@@ -44,10 +49,16 @@ def hash_files(paths: dict[str, Path], cache_root: Path) -> dict[str, str]:
         for rel, (real, stat_id) in misses.items():
             out[rel] = digests[rel]
             memo[real] = {"stat": stat_id, "sha256": digests[rel]}
-        if misses:
+        if misses and lock is not None:
             tmp = store.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(memo))
-            os.replace(tmp, store)
+            try:
+                tmp.write_text(json.dumps(memo))
+                os.replace(tmp, store)
+            except OSError:
+                pass  # full or read-only: the next plan hashes again
+    finally:
+        if lock is not None:
+            lock.release()
     return out
 
 

@@ -1,22 +1,27 @@
 """Publishing a built artifact at the user's export destination, all or nothing.
 
-Files are staged beside the destination (same filesystem), hardlinked from the cache when
-possible, and renamed into place; the manifest marks a directory as a loadgraph export, the
-only kind an export may replace without --overwrite.
+Files are staged beside the destination (same filesystem), hardlinked from the cache when the
+cache owns them (copied, and hashed in that pass, otherwise), and swapped into place atomically;
+the manifest marks a directory as a loadgraph export, the only kind an export may replace
+without --overwrite.
 """
 
 from __future__ import annotations
 
 import errno
+import glob
 import hashlib
 import json
 import os
 import shutil
-import uuid
 from pathlib import Path
 
-from loadgraph.errors import InputError
+from loadgraph import faults
+from loadgraph.errors import BuildError, InputError
+from loadgraph.formats.safetensors import copy_and_hash
 from loadgraph.pipeline.cache import MANIFEST, MANIFEST_FORMAT, Artifact, Cache, check_cache_outside
+from loadgraph.pipeline.fsops import exchange, owned_name, owner_gone, remove
+from loadgraph.pipeline.integrity import Verifier, record_files
 
 
 def is_remote(dest: str) -> bool:
@@ -31,8 +36,17 @@ def existing_export_key(dest: Path) -> str | None:
     return doc.get("key") if doc.get("format") == MANIFEST_FORMAT else None
 
 
-def check_destination(dest: str, cache: Cache, overwrite: bool) -> None:
-    """Refuse, before any work, a destination we would clobber or that overlaps the cache."""
+def _real(path: str | Path) -> Path:
+    return Path(path).expanduser().absolute().resolve()
+
+
+def check_destination(dest: str, cache: Cache, overwrite: bool, inputs: list[str] = ()) -> None:
+    """Refuse, before any work, a destination we would clobber or that overlaps the cache or an input.
+
+    Replacing an export deletes what was at its path: a path that is, holds or lies inside an
+    input of the build (a source, an adapter, a vision tower) would destroy the user's files,
+    so it is refused with or without --overwrite.
+    """
     if is_remote(dest):
         return
     path = Path(dest)
@@ -41,6 +55,11 @@ def check_destination(dest: str, cache: Cache, overwrite: bool) -> None:
         # it would silently drop the user's link: neither is ours to decide.
         raise InputError(f"export.path: {path} is a symbolic link (to {os.readlink(path)}); give the real directory or remove the link")
     check_cache_outside(cache, path, "export.path")
+    real = _real(path)
+    for given in inputs:
+        src = _real(given)
+        if real == src or real in src.parents or src in real.parents:
+            raise InputError(f"export.path: {real} overlaps the build input {src} (replacing the export would delete it); export somewhere outside every input")
     if not path.exists() or overwrite:
         return
     if not path.is_dir():
@@ -49,20 +68,27 @@ def check_destination(dest: str, cache: Cache, overwrite: bool) -> None:
         raise InputError(f"export.path: {path} exists and is not a loadgraph export; choose another path or pass --overwrite")
 
 
-def publish_export(art: Artifact, dest: str, cache: Cache) -> str:
-    """Place `art` at `dest`; returns "up-to-date" or "published"."""
+def publish_export(art: Artifact, dest: str, cache: Cache, verifier: Verifier) -> str:
+    """Place `art` at `dest`; returns "up-to-date" or "published". `art` must be verified."""
     pin_name = hashlib.sha256(dest.encode()).hexdigest()[:16]
     if is_remote(dest):
         status = _publish_remote(art, dest)
     else:
-        status = _publish_local(art, Path(dest))
-    cache.pin(f"export-{pin_name}", art.key, dest=dest)
+        status = _publish_local(art, Path(dest), verifier)
+    try:
+        cache.pin(f"export-{pin_name}", art.key, dest=dest)
+    except OSError:
+        pass  # a read-only cache: nothing will evict the entry there anyway
     return status
 
 
-def export_intact(art: Artifact, dest: Path) -> bool:
-    """`dest` holds `art`: its manifest names the key, and each file is there at its size and,
-    for hardlinked shards, is still the cache's file (a rebuilt entry has new inodes)."""
+def export_intact(art: Artifact, dest: Path, verifier: Verifier) -> bool:
+    """`dest` holds `art`: its manifest names the key and every file has the recorded bytes.
+
+    A file that is the cache's own inode is as good as the (already verified) cache entry; any
+    other (a copy on another filesystem, a copied config) is checked by sha256, memoised by its
+    ctime, so that a copy altered in place, keeping its size and mtime, is replaced.
+    """
     if not dest.is_dir() or dest.is_symlink() or existing_export_key(dest) != art.key:
         return False
     for rel, meta in art.files.items():
@@ -70,49 +96,99 @@ def export_intact(art: Artifact, dest: Path) -> bool:
             st, ours = (dest / rel).stat(), (art.path / rel).stat()
         except OSError:
             return False
-        if st.st_size != meta["size"] or (rel.endswith(".safetensors") and st.st_dev == ours.st_dev and st.st_ino != ours.st_ino):
+        if st.st_size != meta["size"]:
+            return False
+        if (st.st_dev, st.st_ino) != (ours.st_dev, ours.st_ino) and not verifier.matches(dest / rel, meta["sha256"]):
             return False
     return True
 
 
-def _publish_local(art: Artifact, dest: Path) -> str:
-    if export_intact(art, dest):
+def leftovers(dest: Path) -> list[Path]:
+    """Staging dirs and moved-aside exports of `dest` whose builder has ended."""
+    out = []
+    for kind in ("tmp", "old"):
+        prefix = f".{dest.name}.loadgraph-{kind}"
+        for p in dest.parent.glob(glob.escape(prefix) + "*"):
+            if owner_gone(p.name, p):
+                out.append(p)
+    return out
+
+
+def _linkable(art: Artifact, rel: Path, meta: dict | None) -> bool:
+    """Shards the cache owns (read-only, not a user's file) are hardlinked; everything else is
+    copied, so that editing an export can alter neither the cache nor the user's source."""
+    if rel.suffix != ".safetensors" or not meta or meta.get("shared"):
+        return False
+    return (art.path / rel).stat().st_mode & 0o222 == 0
+
+
+def _publish_local(art: Artifact, dest: Path, verifier: Verifier) -> str:
+    for stale in leftovers(dest):
+        remove(stale)
+    if export_intact(art, dest, verifier):
         return "up-to-date"
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    staged = dest.parent / f".{dest.name}.loadgraph-tmp-{uuid.uuid4().hex[:8]}"
-    staged.mkdir()
     try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        staged = dest.parent / owned_name(f".{dest.name}.loadgraph-tmp")
+        staged.mkdir()
+    except OSError as exc:
+        raise _destination_error(dest, exc) from None
+    try:
+        placed: dict[str, str] = {}
         for rel in sorted(p.relative_to(art.path) for p in art.path.rglob("*") if p.is_file()):
             if str(rel) == MANIFEST:
                 continue
+            meta = art.files.get(str(rel))
             (staged / rel).parent.mkdir(parents=True, exist_ok=True)
-            # Shards are hardlinked (free, read-only); small files are copied so that editing an
-            # exported config.json cannot alter the cache entry it came from.
-            try:
-                if rel.suffix != ".safetensors":
-                    raise OSError
-                os.link(art.path / rel, staged / rel)
-            except OSError:
-                shutil.copyfile(art.path / rel, staged / rel)
+            if _linkable(art, rel, meta):
+                try:
+                    os.link(art.path / rel, staged / rel)
+                    continue
+                except OSError:
+                    pass  # another filesystem, or links not permitted: copy
+            digest = copy_and_hash(art.path / rel, staged / rel)
+            if meta and digest != meta["sha256"]:
+                raise BuildError(f"{art.path / rel}: sha256 {digest[:12]} != recorded {meta['sha256'][:12]} while exporting it; "
+                                 f"run `loadgraph cache verify --evict` and rebuild")
+            if meta:
+                placed[str(rel)] = digest
         shutil.copyfile(art.path / MANIFEST, staged / MANIFEST)  # last: marks the export complete
-        _swap_into_place(staged, dest, art)
+        _swap_into_place(staged, dest, art, verifier)
     except _AlreadyThere:
-        shutil.rmtree(staged, ignore_errors=True)
+        remove(staged)
         return "up-to-date"
+    except OSError as exc:
+        remove(staged)
+        raise _destination_error(dest, exc) from None
     except BaseException:
-        shutil.rmtree(staged, ignore_errors=True)
+        remove(staged)
         raise
+    # Linking changed the cache files' ctime and the copies are new: remember them as verified.
+    record_files(verifier, art.path, art.files)
+    record_files(verifier, dest, {rel: {"sha256": d} for rel, d in placed.items()})
     return "published"
+
+
+def _destination_error(dest: Path, exc: OSError) -> Exception:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return BuildError(f"export.path: no space left on the device of {dest.parent}: nothing there was replaced; "
+                          "free space or choose another export.path and rerun (the artifact stays in the cache)")
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return InputError(f"export.path: cannot write in {dest.parent} ({os.strerror(exc.errno)}); choose a writable export.path")
+    return BuildError(f"export.path: {dest}: {os.strerror(exc.errno) if exc.errno else exc}; nothing there was replaced, rerun")
 
 
 class _AlreadyThere(Exception):
     pass
 
 
-def _swap_into_place(staged: Path, dest: Path, art: Artifact, attempts: int = 5) -> None:
-    """Rename `staged` to `dest`, replacing what is there. Concurrent builders of one spec race
-    here: a rename onto a directory another one just placed fails (ENOTEMPTY/EEXIST); if that
-    directory already holds this artifact we are done, else we retry the swap."""
+def _swap_into_place(staged: Path, dest: Path, art: Artifact, verifier: Verifier, attempts: int = 5) -> None:
+    """Put `staged` at `dest` so that at every instant `dest` holds the old or the new export.
+
+    Absent: one rename. Present: an atomic exchange (renameat2), then the old one, now at the
+    staged name, is deleted; a kill in between leaves only a leftover that the next build (or
+    gc) removes. Where the filesystem cannot exchange, two renames are the fallback.
+    """
     for _ in range(attempts):
         if dest.is_symlink():
             raise InputError(f"export.path: {dest} became a symbolic link during the build; not replacing it")
@@ -123,13 +199,21 @@ def _swap_into_place(staged: Path, dest: Path, art: Artifact, attempts: int = 5)
             except OSError as exc:
                 if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
                     raise
-        if export_intact(art, dest):
+        if export_intact(art, dest, verifier):
             raise _AlreadyThere
-        old = dest.parent / f".{dest.name}.loadgraph-old-{uuid.uuid4().hex[:8]}"
+        faults.export_step(1)
+        try:
+            if exchange(staged, dest):
+                faults.export_step(2)
+                remove(staged)  # now the old export
+                return
+        except FileNotFoundError:
+            continue  # another builder moved it aside first
+        old = dest.parent / owned_name(f".{dest.name}.loadgraph-old")
         try:
             os.rename(dest, old)
         except FileNotFoundError:
-            continue  # another builder moved it aside first
+            continue
         try:
             os.rename(staged, dest)
         except OSError as exc:
@@ -137,7 +221,7 @@ def _swap_into_place(staged: Path, dest: Path, art: Artifact, attempts: int = 5)
                 raise
             continue
         finally:
-            shutil.rmtree(old, ignore_errors=True) if old.is_dir() and not old.is_symlink() else old.unlink(missing_ok=True)
+            remove(old)
         return
     raise OSError(errno.EBUSY, f"{dest}: other builders keep replacing this export; rerun")
 

@@ -17,12 +17,14 @@ from pathlib import Path
 from typing import Protocol
 
 from loadgraph import faults
-from loadgraph.errors import BuildError
+from loadgraph.errors import BuildError, InputError, disk_full_message
 from loadgraph.formats.safetensors import sha256_file
 from loadgraph.pipeline.cache import UNIT_RECORD, Artifact, Cache
 from loadgraph.pipeline.executors.base import Executor
 from loadgraph.pipeline.graph import Graph, Node
-from loadgraph.pipeline.publish import check_destination, publish_export
+from loadgraph.pipeline.integrity import Verifier, damaged_files, record_files
+from loadgraph.pipeline.leases import BuildLease, claim_exports
+from loadgraph.pipeline.publish import check_destination, is_remote, publish_export
 from loadgraph.pipeline.stage import Unit, get_stage, stage_version
 from loadgraph.pipeline.units import node_context
 
@@ -78,10 +80,28 @@ def node_status(graph: Graph, node: Node, cache: Cache) -> tuple[str, int, int |
     return ("partial" if done else "to build"), done, None
 
 
+def input_dirs(graph: Graph) -> list[str]:
+    """Every directory the build reads from outside the cache (sources, adapters, towers)."""
+    return sorted({n.runtime["path"] for n in graph.nodes.values() if n.stage == "fetch" and n.runtime.get("path")})
+
+
+def local_exports(graph: Graph) -> dict[str, str]:
+    """Local export path -> final key; one path named for two different artifacts is refused."""
+    exports: dict[str, str] = {}
+    for target in graph.targets:
+        if target.export_path and not is_remote(target.export_path):
+            dest = str(Path(target.export_path).expanduser().absolute())
+            if exports.setdefault(dest, target.final) != target.final:
+                raise InputError(f"export.path: {dest} is the destination of two targets with different products; give each its own path")
+    return exports
+
+
 def preflight(graph: Graph, cache: Cache, overwrite: bool) -> None:
+    inputs = input_dirs(graph)
+    local_exports(graph)
     for target in graph.targets:
         if target.export_path:
-            check_destination(target.export_path, cache, overwrite)
+            check_destination(target.export_path, cache, overwrite, inputs)
 
 
 class CorruptInput(BuildError):
@@ -117,11 +137,18 @@ def verify_inputs(cache: Cache, inputs: dict) -> None:
             _verified[ident] = digest
     for key, path, meta, ident in todo:
         if _verified[ident] != meta["sha256"]:
-            try:
-                cache.evict(key)
-            except FileNotFoundError:
-                pass  # a concurrent builder evicted it first
+            _evict(cache, key)
             raise CorruptInput(f"{path}: sha256 {_verified[ident][:12]} != recorded {meta['sha256'][:12]}; cache entry {key[:12]} evicted", key)
+
+
+def _evict(cache: Cache, key: str) -> None:
+    try:
+        cache.evict(key)
+    except FileNotFoundError:
+        pass  # a concurrent builder evicted it first
+    except OSError as exc:  # a read-only cache: report, never use
+        raise BuildError(f"{cache.object_dir(key)}: damaged, and the cache cannot be repaired here ({os.strerror(exc.errno or 0)}); "
+                         "run `loadgraph cache verify --evict` where the cache is writable") from None
 
 
 def build(graph: Graph, cache: Cache, executor_factory, reporter: Reporter | None = None, overwrite: bool = False) -> BuildReport:
@@ -133,52 +160,67 @@ def build(graph: Graph, cache: Cache, executor_factory, reporter: Reporter | Non
     holder: list[Executor] = []
     start = time.perf_counter()
     corrupt = 0
-    try:
-        for attempt in range(MAX_CORRUPT_RESTARTS + 1):
-            report = BuildReport()
-            try:
-                _build_graph(graph, cache, executor_factory, reporter, report, holder)
-                break
-            except CorruptInput as exc:
-                if attempt == MAX_CORRUPT_RESTARTS:
-                    raise BuildError(f"{exc}; still corrupt after {attempt} rebuilds: check the disk and the source files") from None
-                corrupt += 1
-    finally:
-        if holder:
-            holder[0].close()
+    verifier = Verifier(cache.root)
+    # The lease keeps gc off this build's entries and tells Ray workers the driver lives; the
+    # export claims keep a rival build of another artifact from replacing our exports meanwhile.
+    with BuildLease(cache.root, list(graph.nodes)) as lease, claim_exports(cache.root, local_exports(graph)):
+        try:
+            for attempt in range(MAX_CORRUPT_RESTARTS + 1):
+                report = BuildReport()
+                try:
+                    _build_graph(graph, cache, executor_factory, reporter, report, holder, verifier, lease)
+                    break
+                except CorruptInput as exc:
+                    if attempt == MAX_CORRUPT_RESTARTS:
+                        raise BuildError(f"{exc}; still corrupt after {attempt} rebuilds: check the disk and the source files") from None
+                    corrupt += 1
+        finally:
+            verifier.save()
+            if holder:
+                holder[0].close()
     report.seconds = time.perf_counter() - start
     report.corrupt_rebuilt = corrupt
     return report
 
 
-def _build_graph(graph: Graph, cache: Cache, executor_factory, reporter: Reporter, report: BuildReport, holder: list) -> None:
+def _build_graph(graph: Graph, cache: Cache, executor_factory, reporter: Reporter, report: BuildReport, holder: list,
+                 verifier: Verifier, lease: BuildLease) -> None:
     if holder:
         report.executor = holder[0].name
     for node in graph.nodes.values():
         art = cache.get(node.key)
         if art is not None:
-            cache.touch(node.key)
+            try:
+                cache.touch(node.key)
+            except OSError:
+                pass  # a read-only cache serves its entries without recording their use
             nr = NodeReport(node.key, node.stage, node.labels, "cached")
             reporter.node_finished(node, nr)
         else:
             if not holder:
                 holder.append(executor_factory())
                 report.executor = holder[0].name
-            nr = _build_node(node, cache, holder[0], reporter)
+            nr = _build_node(node, cache, holder[0], reporter, verifier, lease)
         nr.details = {k: v for k, v in (cache.get(node.key) or art).manifest.items() if k in ("verify", "quantization")}
         report.nodes.append(nr)
     for target in graph.targets:
         entry: dict = {"name": target.name, "key": target.final, "path": str(cache.object_dir(target.final))}
+        final = cache.get(target.final)
+        if final is None:  # damaged since it was built or found: walk the graph again
+            raise CorruptInput(f"{cache.object_dir(target.final)}: damaged after it was built", target.final)
+        # What is exported or loaded is checked whole (sha256, memoised by ctime): a flip that
+        # keeps size and mtime passes get()'s stat but must never leave the cache.
+        damaged = damaged_files(verifier, final.path, final.files)
+        if damaged:
+            _evict(cache, final.key)
+            raise CorruptInput(f"{final.path / damaged[0]}: sha256 differs from the manifest; cache entry {final.key[:12]} evicted", final.key)
         if target.export_path:
             entry["export"] = target.export_path
-            final = cache.get(target.final)
-            if final is None:  # damaged since it was built or found: walk the graph again
-                raise CorruptInput(f"{cache.object_dir(target.final)}: damaged after it was built", target.final)
-            entry["export_status"] = publish_export(final, target.export_path, cache)
+            entry["export_status"] = publish_export(final, target.export_path, cache, verifier)
         report.targets.append(entry)
 
 
-def _build_node(node: Node, cache: Cache, executor: Executor, reporter: Reporter) -> NodeReport:
+def _build_node(node: Node, cache: Cache, executor: Executor, reporter: Reporter, verifier: Verifier, lease: BuildLease) -> NodeReport:
     t0 = time.perf_counter()
     with cache.lock(node.key):
         art = cache.get(node.key)
@@ -203,16 +245,16 @@ def _build_node(node: Node, cache: Cache, executor: Executor, reporter: Reporter
 
         try:
             if todo:
-                executor.run_units(str(cache.root), node.describe(), todo, on_result)
+                desc = {**node.describe(), "lease": str(lease.path) if lease.path else None}
+                executor.run_units(str(cache.root), desc, todo, on_result)
             art = _assemble(node, stage, ctx, units, results, cache)
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise BuildError(
-                    f"no space left on the device of the cache {cache.root} while building {node.stage} {node.short}: "
-                    "nothing was published; free space (e.g. `loadgraph cache gc --max-size ...`) and rerun, finished units are kept"
-                ) from None
+                raise BuildError(disk_full_message(cache.root, f"{node.stage} {node.short}")) from None
             raise
         cache.drop_units(node.key)
+        # Digests were computed from the bytes as they were written: trust them until the inode changes.
+        record_files(verifier, art.path, art.files)
     nr = NodeReport(
         node.key,
         node.stage,
@@ -236,7 +278,7 @@ def _assemble(node: Node, stage, ctx, units: list[Unit], results: dict[str, dict
             unit_dir = cache.unit_dir(node.key, unit.id)
             for rel, meta in results[unit.id].get("files", {}).items():
                 (staged / rel).parent.mkdir(parents=True, exist_ok=True)
-                os.link(unit_dir / rel, staged / rel)
+                _link_unit_file(unit_dir / rel, staged / rel, meta)
                 known[rel] = ((staged / rel).stat().st_ino, meta)
         extras = stage.finalize(ctx, results, staged)
         for rel, meta in extras.pop("files", {}).items():
@@ -265,6 +307,19 @@ def _assemble(node: Node, stage, ctx, units: list[Unit], results: dict[str, dict
     except BaseException:
         shutil.rmtree(staged, ignore_errors=True)
         raise
+
+
+def _link_unit_file(src: Path, dst: Path, meta: dict) -> None:
+    """A unit's file into the staged artifact: a hardlink, or a verified copy where linking is not
+    permitted (another member's file in a group-shared cache, under fs.protected_hardlinks)."""
+    try:
+        os.link(src, dst)
+    except PermissionError:
+        from loadgraph.formats.safetensors import copy_and_hash
+
+        digest = copy_and_hash(src, dst)
+        if digest != meta.get("sha256", digest):
+            raise BuildError(f"{src}: sha256 {digest[:12]} != recorded {meta['sha256'][:12]}; delete {src.parent} and rerun") from None
 
 
 def tool_versions() -> dict[str, str]:

@@ -10,6 +10,7 @@ import shutil
 from dataclasses import asdict
 
 from loadgraph import faults
+from loadgraph.errors import BuildError
 from loadgraph.pipeline.cache import Cache
 from loadgraph.pipeline.stage import NodeContext, Unit, get_stage
 
@@ -30,17 +31,28 @@ def execute_unit(cache_root: str, desc: dict, unit: dict) -> dict:
     done = cache.unit_result(desc["key"], unit["id"])
     if done is not None:
         return {**done, "reused": True}
+    check_driver(desc)
     stage = get_stage(desc["stage"])
     ctx = node_context(cache, desc)
     staged = cache.new_tmp_dir(f"unit-{desc['key'][:12]}-{unit['id']}")
     try:
         result = stage.run_unit(ctx, Unit(**unit), staged)
         faults.unit_staged(desc["key"], unit["id"])
+        check_driver(desc)  # a unit of a dead build is not published: nobody would use it
         cache.publish_unit(desc["key"], unit["id"], staged, result)
     except BaseException:
         shutil.rmtree(staged, ignore_errors=True)
         raise
     return {**result, "reused": False}
+
+
+def check_driver(desc: dict) -> None:
+    """Refuse to go on for a build whose driver has ended (its lease is gone or stale)."""
+    from loadgraph.pipeline.leases import lease_alive
+
+    lease = desc.get("lease")
+    if lease and not lease_alive(lease):
+        raise BuildError(f"{desc['stage']} {desc['key'][:12]}: the build that asked for this unit has ended (lease {lease} is gone); not publishing")
 
 
 def unit_dict(unit: Unit) -> dict:

@@ -39,6 +39,7 @@ def resolve_adapter(adapter: AdapterSpec, index: int, cache: Cache, allow_pickle
     files = [n for n in ADAPTER_FILES if confined(root, n, what).is_file()]
     if "adapter_model.safetensors" not in files and not allow_pickle:
         raise InputError(f"{what}: {root} holds only a pickled adapter_model.bin; set source.allow_pickle: true or save it as safetensors")
+    _check_config_patterns(root, files)
     digests = hash_files({n: root / n for n in files}, cache.root)
     return {"files": digests, "commit": commit, "convert_pickle": False}, {"path": str(root)}
 
@@ -61,6 +62,17 @@ def check_adapter_base(adapter_dir: Path, base_dir: Path, index: int) -> None:
             f"{base_path} is {architectures[0] if architectures else base_type} ({base_type}); use the adapter's own base model, "
             f"or set adapters[{index}].allow_other_base: true"
         )
+
+
+def _check_config_patterns(root: Path, files: list[str]) -> None:
+    """PEFT matches the config's regexes with `re` (no timeout): refuse one that would hang it."""
+    from loadgraph.formats.checkpoint import load_json
+    from loadgraph.formats.patterns import check_patterns
+    from loadgraph.formats.safetensors import read_header
+
+    config_path = root / "adapter_config.json"
+    names = list(read_header(root / "adapter_model.safetensors").tensors) if "adapter_model.safetensors" in files else []
+    check_patterns(config_path, load_json(config_path), names)
 
 
 def base_headers(tensors: dict[str, dict]) -> dict[str, tuple[str, tuple[int, ...]]]:

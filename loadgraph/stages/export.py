@@ -98,9 +98,11 @@ class ExportStage(Stage):
         whole = _whole_input_file(unit.payload["tensors"], src.tensors)
         if whole is not None:
             # The shard is exactly one input file, uncast: link it (cache entries are immutable).
-            link_or_copy(src.path / whole, out / rel)
+            linked = link_or_copy(src.path / whole, out / rel)
             meta = src.files[whole]
-            return {"files": {rel: {"size": meta["size"], "sha256": meta["sha256"]}}, "tensors": shard_table(out / rel, rel), "bytes": 0}
+            # A link to a user's source file stays marked so that nobody chmods or exports that inode.
+            shared = {"shared": True} if linked and meta.get("shared") else {}
+            return {"files": {rel: {"size": meta["size"], "sha256": meta["sha256"], **shared}}, "tensors": shard_table(out / rel, rel), "bytes": 0}
         digest, read = write_shard(out / rel, unit.payload["tensors"], src.path)
         return {"files": {rel: {"size": (out / rel).stat().st_size, "sha256": digest}}, "tensors": shard_table(out / rel, rel), "bytes": read}
 

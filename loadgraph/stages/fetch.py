@@ -51,10 +51,27 @@ def resolve_source(source: Source, cache: Cache, what: str = "source.model") -> 
         raise InputError(f"source.trust_remote_code: remote code runs only at a pinned commit; set source.revision to a 40-hex commit sha")
     root, commit = locate(source.model, source.revision, what)
     ckpt = scan_checkpoint(root, allow_pickle=source.allow_pickle)
+    if not source.trust_remote_code:
+        check_no_custom_code(ckpt.root / "config.json", ckpt.config(), what)
     files = source_files(ckpt, source.trust_remote_code)
     digests = hash_files({rel: root / rel for rel in files}, cache.root)
     params = {"files": digests, "commit": commit, "convert_pickle": bool(ckpt.pickle_files)}
     return params, {"path": str(root)}
+
+
+def check_no_custom_code(config_path: Path, config: dict, what: str) -> None:
+    """A config whose model_type transformers does not know needs its auto_map's code: refused
+    here (exit 2) rather than by transformers mid-build with a prompt and a multi-line error."""
+    if not config.get("auto_map"):
+        return
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    model_type = config.get("model_type")
+    if model_type not in CONFIG_MAPPING:
+        raise InputError(
+            f"{config_path}: model_type {model_type!r} exists only as custom code (auto_map) and {what.split('.')[0]}.trust_remote_code is false; "
+            "set trust_remote_code: true with a pinned commit revision, or use a checkpoint transformers supports"
+        )
 
 
 def source_files(ckpt: Checkpoint, with_code: bool) -> list[str]:
@@ -86,15 +103,18 @@ class FetchStage(Stage):
             actual = sha256_file(src)
             _check_unchanged(src, actual, expected)
             return convert_pickle(src, out)
+        linked = False
         if stat_matches(src, expected, ctx.cache.root):
             # Unchanged since it was hashed: link (same filesystem) or copy without rehashing.
-            link_or_copy(src, out / rel)
+            linked = link_or_copy(src, out / rel)
             actual = expected
         else:
-            actual = copy_and_hash(src, out / rel)
+            actual = copy_and_hash(src.resolve(), out / rel)
             _check_unchanged(src, actual, expected)
         size = (out / rel).stat().st_size
-        return {"files": {rel: {"size": size, "sha256": actual, "shared": True}}, "bytes": size}
+        # "shared": the cache file is the user's own inode; nothing may chmod it or link it into an export.
+        meta = {"size": size, "sha256": actual, **({"shared": True} if linked else {})}
+        return {"files": {rel: meta}, "bytes": size}
 
     def finalize(self, ctx: NodeContext, results: dict[str, dict], out: Path) -> dict:
         if PICKLE_INDEX in ctx.params["files"]:
@@ -124,7 +144,13 @@ def convert_pickle(src: Path, out: Path) -> dict:
     from safetensors.torch import save_file
 
     try:
-        state = torch.load(src, map_location="cpu", weights_only=True, mmap=True)
+        try:
+            state = torch.load(src, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:
+            if "mmap" not in str(exc):
+                raise
+            # The legacy (pre-zipfile) format cannot be memory-mapped: read it whole instead.
+            state = torch.load(src, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:
         raise InputError(f"{src}: refused by torch.load(weights_only=True): {str(exc).splitlines()[0]}") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):

@@ -13,15 +13,22 @@ from loadgraph.formats.checkpoint import scan_checkpoint
 from loadgraph.pipeline.stage import NodeContext, Stage, Unit
 
 
-def link_or_copy(src: Path, dst: Path) -> None:
-    """Hardlink inside one filesystem (free), copy across filesystems."""
+def link_or_copy(src: Path, dst: Path) -> bool:
+    """Hardlink inside one filesystem (free), copy across filesystems or where a link is not
+    permitted (another user's file under fs.protected_hardlinks). True if linked.
+
+    The link target is resolved first: a hub snapshot's files are relative symlinks into
+    blobs/, and hardlinking the symlink itself would leave a link that dangles in the cache."""
     dst.parent.mkdir(parents=True, exist_ok=True)
+    real = Path(os.path.realpath(src))
     try:
-        os.link(src, dst)
+        os.link(real, dst)
+        return True
     except OSError:
         import shutil
 
-        shutil.copyfile(src, dst)
+        shutil.copyfile(real, dst)
+        return False
 
 
 def tensor_table(root: Path) -> dict[str, dict]:

@@ -10,13 +10,15 @@ and every unit checks it again before it touches the cache.
 
 from __future__ import annotations
 
+import errno
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 from loadgraph import errors
-from loadgraph.errors import BuildError, InputError, LoadgraphError
+from loadgraph.errors import BuildError, InputError, LoadgraphError, disk_full_message
 from loadgraph.pipeline.executors.base import OnResult
 from loadgraph.pipeline.executors.ray_nodes import (
     NodeInfo,
@@ -42,6 +44,8 @@ MIN_MEMORY = 64 * 2**20
 # never: GPU units run on CPUs.
 GPU_POLICY_ENV = "LOADGRAPH_RAY_GPU"
 GPU_POLICIES = ("auto", "require", "never")
+DRIVER_CHECK_S = 1.0
+CANCEL_GRACE_S = 10.0
 
 
 def _inject_fault(unit_id: str) -> None:
@@ -75,15 +79,47 @@ def _remote_execute(cache_root: str, identity: str, desc: dict, unit: dict) -> d
     if not sees_cache(cache_root, identity):
         # Checked before execute_unit, whose Cache() would create an empty local cache here.
         return {"error": unreachable_message(cache_root, [f"{here['node_id'][:12]} ({here['host']})"]), "error_class": "BuildError"}
-    _inject_fault(unit["id"])
-    _use_assigned_cpus()
+    stop = _watch_driver(desc)
     try:
+        _inject_fault(unit["id"])
+        _use_assigned_cpus()
         result = execute_unit(cache_root, desc, unit)
     except LoadgraphError as exc:
         # Deterministic, user-facing failures: returned, not raised, so Ray does not retry them
         # and the CLI keeps the class (exit code) and the one-line message.
         return {"error": str(exc), "error_class": type(exc).__name__}
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):  # retrying cannot free space: say so, once
+            return {"error": disk_full_message(cache_root, f"{desc['stage']} {desc['key'][:12]}"), "error_class": "BuildError"}
+        raise
+    finally:
+        stop.set()
     return {**result, "ran_on": here}
+
+
+def _watch_driver(desc: dict) -> threading.Event:
+    """Ray keeps a dead driver's tasks running for a while: end this worker once the driver's
+    lease is gone (checked every DRIVER_CHECK_S, twice in a row, so one bad read is forgiven).
+    The unit's staging dir is left for gc, which sees its owner is dead."""
+    from loadgraph.pipeline.leases import lease_alive
+
+    stop = threading.Event()
+    lease = desc.get("lease")
+    if not lease:
+        return stop
+
+    leases_dir = Path(lease).parent
+
+    def watch() -> None:
+        misses = 0
+        while not stop.wait(DRIVER_CHECK_S):
+            # A node that cannot see the cache's leases/ at all proves nothing about the driver.
+            misses = 0 if lease_alive(lease) or not leases_dir.is_dir() else misses + 1
+            if misses >= 2:
+                os._exit(1)
+
+    threading.Thread(target=watch, name="loadgraph-driver-watch", daemon=True).start()
+    return stop
 
 
 def reads_driver_paths(desc: dict, cache_root: str) -> bool:
@@ -217,8 +253,19 @@ class RayExecutor:
                         raise getattr(errors, result["error_class"], BuildError)(result["error"])
                     on_result(unit, result)
         finally:
-            for ref in pending:
-                ray.cancel(ref, force=True)
+            self._cancel(list(pending))
+
+    def _cancel(self, refs: list) -> None:
+        """Stop units still in flight after a failure. A plain cancel interrupts the task in Python,
+        so the unit removes its own staging dir; wait briefly for that, then kill what is left."""
+        if not refs:
+            return
+        ray = self.ray
+        for ref in refs:
+            ray.cancel(ref, force=False)
+        _, stuck = ray.wait(refs, num_returns=len(refs), timeout=CANCEL_GRACE_S)
+        for ref in stuck:
+            ray.cancel(ref, force=True)
 
     def close(self) -> None:
         if self._owns_connection:
