@@ -5,6 +5,8 @@
   kill-in-unit:N       SIGKILL it inside the Nth fresh unit, after its files are written to
                        the staging dir and before they are published (a crash mid-unit)
   enospc-after-bytes:N raise ENOSPC once shard writes in this process pass N bytes
+  slow-progress:S      sleep S seconds after every progress report of a unit (so that a test
+                       sees a unit's progress arrive while it runs, also from Ray workers)
 `LOADGRAPH_UNIT_LOG=FILE` appends "<node key> <unit id> <pid>" for every unit computed (not
 reused), so a test can prove that concurrent builders computed each unit once.
 """
@@ -58,3 +60,11 @@ def wrote(nbytes: int) -> None:
     _written += nbytes
     if _written > limit:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def progress_reported() -> None:
+    spec = os.environ.get("LOADGRAPH_FAULT", "")
+    if spec.startswith("slow-progress:"):
+        import time
+
+        time.sleep(float(spec.split(":", 1)[1]))
