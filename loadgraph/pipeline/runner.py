@@ -169,7 +169,7 @@ def _build_graph(graph: Graph, cache: Cache, executor_factory, reporter: Reporte
                 reporter.phase(f"starting the {getattr(executor_factory, 'label', 'executor')}")
                 holder.append(executor_factory())
                 report.executor = holder[0].name
-            nr = _build_node(node, cache, holder[0], reporter)
+            nr = _build_node(node, cache, holder[0], reporter, built_for(graph, node))
         final = art if art is not None else cache.get(node.key)
         if final is not None:
             nr.details = {k: v for k, v in final.manifest.items() if k in ("verify", "quantization")}
@@ -200,7 +200,17 @@ def artifact_contents(art: Artifact) -> dict:
             "quantization": method, "adapters": len(art.manifest.get("adapters", []))}
 
 
-def _build_node(node: Node, cache: Cache, executor: Executor, reporter: Reporter) -> NodeReport:
+def built_for(graph: Graph, node: Node) -> dict:
+    """The model and targets a node was built for, recorded in its manifest for `cache ls`:
+    the source model is the one its chain of "model" inputs starts from (the fetch label names it)."""
+    current = node
+    while current.stage != "fetch" and "model" in current.inputs and current.inputs["model"] in graph.nodes:
+        current = graph.nodes[current.inputs["model"]]
+    model = next((label.split(": fetch ", 1)[1] for label in current.labels if ": fetch " in label), "")
+    return {"model": model, "targets": sorted({label.split(":", 1)[0] for label in node.labels})}
+
+
+def _build_node(node: Node, cache: Cache, executor: Executor, reporter: Reporter, origin: dict | None = None) -> NodeReport:
     t0 = time.perf_counter()
     with cache.lock(node.key):
         art = cache.get(node.key)
@@ -229,7 +239,7 @@ def _build_node(node: Node, cache: Cache, executor: Executor, reporter: Reporter
         try:
             if todo:
                 executor.run_units(str(cache.root), node.describe(), todo, on_result, on_progress)
-            art = _assemble(node, stage, ctx, units, results, cache)
+            art = _assemble(node, stage, ctx, units, results, cache, origin or {})
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise BuildError(
@@ -253,7 +263,7 @@ def _build_node(node: Node, cache: Cache, executor: Executor, reporter: Reporter
     return nr
 
 
-def _assemble(node: Node, stage, ctx, units: list[Unit], results: dict[str, dict], cache: Cache) -> Artifact:
+def _assemble(node: Node, stage, ctx, units: list[Unit], results: dict[str, dict], cache: Cache, origin: dict) -> Artifact:
     """Link unit files into a staged artifact, let the stage finish it, write the manifest, publish."""
     staged = cache.new_tmp_dir(f"node-{node.short}")
     try:
@@ -285,7 +295,8 @@ def _assemble(node: Node, stage, ctx, units: list[Unit], results: dict[str, dict
             "tensors": tensors,
             "tool_versions": tool_versions(),
             "provenance": {"host": platform.node(), "pid": os.getpid(), "created": time.time(), **extras.pop("provenance", {})},
-            "labels": node.labels,  # which targets and model it was built for: `cache ls` shows them
+            "labels": node.labels,  # what it was built for, as the plan says it; `cache ls` shows it
+            "built_for": origin,
             **extras,
         }
         return cache.publish(node.key, staged, manifest)

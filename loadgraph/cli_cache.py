@@ -1,0 +1,95 @@
+"""`loadgraph cache ls | verify | gc`: what is in the cache, is it intact, make room."""
+
+from __future__ import annotations
+
+import datetime
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from loadgraph.cli_common import CacheOpt, fail, open_cache, out
+from loadgraph.errors import InputError
+from loadgraph.pipeline.cache import MANIFEST
+from loadgraph.render.text import human_bytes, table
+
+cache_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="List, verify and evict cache entries.")
+
+
+def entry_labels(root: Path, key: str) -> dict:
+    """{model, targets, what} from the manifest; entries built before labels were recorded have none."""
+    try:
+        manifest = json.loads((root / "objects" / key / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return {"model": "", "targets": [], "what": ""}
+    origin = manifest.get("built_for") or {}
+    labels = manifest.get("labels") or []
+    what = sorted({label.split(": ", 1)[1] for label in labels if ": " in label})
+    return {"model": origin.get("model", ""), "targets": origin.get("targets", []), "what": "; ".join(what)}
+
+
+def _described(root: Path, entries: list[dict]) -> list[dict]:
+    return [{**e, **entry_labels(root, e["key"])} for e in entries]
+
+
+@cache_app.command("ls")
+def cache_ls(cache_dir: Optional[Path] = CacheOpt, as_json: bool = typer.Option(False, "--json", help="print JSON")) -> None:
+    """List entries: stage, model and targets they were built for, size, last use."""
+    cache = open_cache(cache_dir)
+    entries = _described(cache.root, cache.entries())
+    if as_json:
+        out.print_json(json.dumps(entries))
+        return
+    t = table(f"cache: {cache.root}", "key", "stage", "model", "target: what", "size", "last used", "flags")
+    t.columns[4].justify = "right"
+    for e in entries:
+        used = datetime.datetime.fromtimestamp(e["last_used"]).strftime("%m-%d %H:%M")
+        flags = ", ".join(f for f, on in (("pinned", e["pinned"]), ("INVALID", not e["valid"])) if on)
+        target = ", ".join(e["targets"]) + (f": {e['what']}" if e["what"] else "")
+        t.add_row(e["key"][:12], str(e["stage"] or "?"), e["model"], target, human_bytes(e["size"]), used, flags)
+    out.print(t)
+    out.print(f"{len(entries)} entries, {human_bytes(sum(e['size'] for e in entries))}")
+
+
+@cache_app.command("verify")
+def cache_verify(cache_dir: Optional[Path] = CacheOpt, evict: bool = typer.Option(False, "--evict", help="remove corrupt entries")) -> None:
+    """Re-hash every entry; report (and optionally evict) corrupt ones. Exit 1 if any is corrupt."""
+    cache = open_cache(cache_dir)
+    bad = 0
+    for e in cache.entries():
+        problems = cache.verify(e["key"])
+        if problems:
+            bad += 1
+            for p in problems:
+                out.print(f"[red]corrupt[/] {p}")
+            if evict:
+                cache.evict(e["key"])
+        else:
+            out.print(f"ok {e['key'][:12]} {e['stage']}")
+    if bad:
+        raise typer.Exit(1)
+
+
+@cache_app.command("gc")
+def cache_gc(
+    cache_dir: Optional[Path] = CacheOpt,
+    max_size: str = typer.Option("100GB", "--max-size", help="size budget to evict down to"),
+) -> None:
+    """Evict unpinned entries least-recently-used first down to --max-size; drop crash leftovers."""
+    from loadgraph.formats.checkpoint import parse_size
+
+    try:
+        budget = parse_size(max_size, "--max-size")
+    except InputError as exc:
+        fail(exc)
+    cache = open_cache(cache_dir)
+    # Described before eviction: afterwards their manifests are gone.
+    known = {e["key"]: e for e in _described(cache.root, cache.entries())}
+    result = cache.gc(budget)
+    for key in result["evicted"]:
+        e = known.get(key, {"stage": "?", "model": "", "targets": [], "what": "", "size": 0, "valid": False})
+        why = "" if e["valid"] else " (invalid)"
+        target = ", ".join(e["targets"]) + (f": {e['what']}" if e["what"] else "")
+        out.print(f"evicted {key[:12]} {e['stage'] or '?'}{why} {e['model']} {target} {human_bytes(e['size'])}".replace("  ", " "), highlight=False, soft_wrap=True)
+    out.print(f"evicted {len(result['evicted'])} entries, removed {result['removed_tmp']} leftovers; cache now {human_bytes(result['size_after'])}")
