@@ -41,13 +41,13 @@ def cache_ls(cache_dir: Optional[Path] = CacheOpt, as_json: bool = typer.Option(
     if as_json:
         out.print_json(json.dumps(entries))
         return
-    t = table(f"cache: {cache.root}", "key", "stage", "model", "target: what", "size", "last used", "flags")
+    t = table(f"cache: {cache.root}", "key", "stage", "model", "targets", "size", "last used", "flags")
+    t.columns[0].no_wrap = t.columns[5].no_wrap = True
     t.columns[4].justify = "right"
-    for e in entries:
+    for e in sorted(entries, key=lambda e: e["last_used"]):
         used = datetime.datetime.fromtimestamp(e["last_used"]).strftime("%m-%d %H:%M")
         flags = ", ".join(f for f, on in (("pinned", e["pinned"]), ("INVALID", not e["valid"])) if on)
-        target = ", ".join(e["targets"]) + (f": {e['what']}" if e["what"] else "")
-        t.add_row(e["key"][:12], str(e["stage"] or "?"), e["model"], target, human_bytes(e["size"]), used, flags)
+        t.add_row(e["key"][:12], str(e["stage"] or "?"), e["model"], ", ".join(e["targets"]), human_bytes(e["size"]), used, flags)
     out.print(t)
     out.print(f"{len(entries)} entries, {human_bytes(sum(e['size'] for e in entries))}")
 
@@ -90,6 +90,6 @@ def cache_gc(
     for key in result["evicted"]:
         e = known.get(key, {"stage": "?", "model": "", "targets": [], "what": "", "size": 0, "valid": False})
         why = "" if e["valid"] else " (invalid)"
-        target = ", ".join(e["targets"]) + (f": {e['what']}" if e["what"] else "")
-        out.print(f"evicted {key[:12]} {e['stage'] or '?'}{why} {e['model']} {target} {human_bytes(e['size'])}".replace("  ", " "), highlight=False, soft_wrap=True)
+        built_for = " ".join(x for x in (e["model"], f"for {', '.join(e['targets'])}" if e["targets"] else "") if x)
+        out.print(f"evicted {key[:12]} {e['stage'] or '?'}{why} {built_for} ({human_bytes(e['size'])})".replace("  ", " "), highlight=False, soft_wrap=True)
     out.print(f"evicted {len(result['evicted'])} entries, removed {result['removed_tmp']} leftovers; cache now {human_bytes(result['size_after'])}")

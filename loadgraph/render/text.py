@@ -9,12 +9,14 @@ from rich.table import Table
 
 
 def human_bytes(n: float | None) -> str:
-    """Decimal units, three significant digits: 307.4 kB, 13.5 GB (the units disks and rich use)."""
+    """Decimal units, three significant digits: 307 kB, 70.7 kB, 1.20 GB (the units disks and rich use)."""
     if n is None:
         return ""
     for unit in ("B", "kB", "MB", "GB", "TB"):
         if abs(n) < 1000 or unit == "TB":
-            return f"{int(n)} B" if unit == "B" else f"{n:.3g} {unit}" if n < 100 else f"{n:.0f} {unit}"
+            if unit == "B":
+                return f"{int(n)} B"
+            return f"{n:.{2 if n < 10 else 1 if n < 100 else 0}f} {unit}"
         n /= 1000
     return f"{n:.0f} TB"
 
