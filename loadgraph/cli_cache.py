@@ -23,14 +23,21 @@ def entry_labels(root: Path, key: str) -> dict:
         manifest = json.loads((root / "objects" / key / MANIFEST).read_text())
     except (OSError, ValueError):
         return {"model": "", "targets": [], "what": ""}
+    info = {"manifest_stage": manifest.get("stage")}  # an invalid entry's stage, for gc to name it
     origin = manifest.get("built_for") or {}
     labels = manifest.get("labels") or []
     what = sorted({label.split(": ", 1)[1] for label in labels if ": " in label})
-    return {"model": origin.get("model", ""), "targets": origin.get("targets", []), "what": "; ".join(what)}
+    return {**info, "model": origin.get("model", ""), "targets": origin.get("targets", []), "what": "; ".join(what)}
 
 
 def _described(root: Path, entries: list[dict]) -> list[dict]:
-    return [{**e, **entry_labels(root, e["key"])} for e in entries]
+    out = []
+    for e in entries:
+        labels = entry_labels(root, e["key"])
+        stage = e["stage"] or labels.pop("manifest_stage", None)
+        labels.pop("manifest_stage", None)
+        out.append({**e, **labels, "stage": stage})
+    return out
 
 
 @cache_app.command("ls")

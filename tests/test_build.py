@@ -250,6 +250,10 @@ def test_cache_ls_verify_gc(models, tmp_path, cache_dir):
     entries = json.loads(ls.stdout)
     assert len(entries) == 4 and all(e["valid"] for e in entries)
     assert [e["pinned"] for e in entries].count(True) == 1
+    model = models("llama").name
+    assert {(e["stage"], e["model"], tuple(e["targets"])) for e in entries} == {(st, model, ("default",)) for st in ("fetch", "inspect", "export", "verify")}
+    table = run_cli("cache", "ls", "--cache", cache_dir, env={"COLUMNS": "80"}).stdout
+    assert all(len(line) <= 80 for line in table.splitlines()[1:]) and table.count(model) == 4 and "pinned" in table
     assert run_cli("cache", "verify", "--cache", cache_dir).returncode == 0
     # Flip one byte of a cached shard: verify reports it, and a build never uses it.
     fetch = next(e for e in entries if e["stage"] == "fetch")
@@ -261,9 +265,14 @@ def test_cache_ls_verify_gc(models, tmp_path, cache_dir):
     bad = run_cli("cache", "verify", "--cache", cache_dir)
     assert bad.returncode == 1 and "sha256 mismatch" in bad.stdout
     # gc to a tiny budget evicts everything except the pinned export root; leftovers go too.
+    damaged = {e["key"] for e in json.loads(run_cli("cache", "ls", "--cache", cache_dir, "--json").stdout) if not e["valid"]}
+    assert len(damaged) == 2  # fetch and inspect share the shard (a hardlink)
     (cache_dir / "tmp" / "node-crashed").mkdir()
     gc = run_cli("cache", "gc", "--cache", cache_dir, "--max-size", "1B")
     assert gc.returncode == 0, gc.stderr
+    for e in entries:  # gc names what it evicted
+        named = f"evicted {e['key'][:12]} {e['stage']}{' (invalid)' if e['key'] in damaged else ''} {model} for default"
+        assert (named in gc.stdout) == (not e["pinned"]), gc.stdout
     left = json.loads(run_cli("cache", "ls", "--cache", cache_dir, "--json").stdout)
     assert [e["stage"] for e in left] == ["export"]
 

@@ -63,6 +63,9 @@ def test_example_builds_as_written(name, models, tmp_path):
     assert report["ok"] and sorted(t["export"] for t in report["targets"]) == sorted(str(tmp_path / e) for e in exports)
     for export in exports:
         assert (tmp_path / export / "model.safetensors.index.json").is_file() and (tmp_path / export / "manifest.json").is_file()
+    if name == "merge-quantize-export.yaml":  # inspect counts an NF4 export's packed weights as the parameters they hold
+        counted = [json.loads(run_cli("inspect", p, "--json").stdout)["parameters"] for p in (tmp_path / exports[0], tmp_path / "llama-2-7b")]
+        assert counted[0] == counted[1]
     if name == "batch-matrix.yaml":  # shared nodes built once: one base fetch, one merge per adapter
         stages = [n["stage"] for n in report["nodes"]]
         assert stages.count("inspect") == 1 and stages.count("merge") == 2 and stages.count("quantize") == 2 and stages.count("export") == 4
