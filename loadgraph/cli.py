@@ -53,7 +53,7 @@ def make_executor_factory(kind: str):
     import os
 
     # What the build is waiting for while the executor starts (Ray takes 6-20 s on 2 cores).
-    factory.label = "local executor" if kind == "local" else (
+    factory.label = "the local executor" if kind == "local" else (
         f"Ray (joining {os.environ['RAY_ADDRESS']})" if os.environ.get("RAY_ADDRESS") else "Ray (embedded local instance)")
     return factory
 

@@ -42,9 +42,10 @@ _FLAG_VALUES = {"true", "false", "yes", "no", "on", "off", "1", "0"}
 
 def fail(exc: BaseException, log: Optional[Path] = None) -> NoReturn:
     code = exc.exit_code if isinstance(exc, LoadgraphError) else 1
-    console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
     if log is not None and log.exists() and log.stat().st_size:
-        console.print(f"log: {log}", highlight=False, soft_wrap=True)
+        # Before the error, so that the error stays the last line (scripts read it).
+        console.print(f"third-party output: {log}", highlight=False, soft_wrap=True)
+    console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 

@@ -19,8 +19,6 @@ from loadgraph.pipeline.plan import PlanRow
 from loadgraph.pipeline.runner import NodeReport
 from loadgraph.pipeline.stage import Unit
 from loadgraph.render.plan import plan_table
-from loadgraph.render.summary import summary  # noqa: F401 - summary_table's old home
-from loadgraph.render.summary import summary_table  # noqa: F401
 from loadgraph.render.text import human_bytes, human_rate
 
 

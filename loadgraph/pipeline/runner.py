@@ -166,7 +166,7 @@ def _build_graph(graph: Graph, cache: Cache, executor_factory, reporter: Reporte
             reporter.node_finished(node, nr)
         else:
             if not holder:
-                reporter.phase(f"starting the {getattr(executor_factory, 'label', 'executor')}")
+                reporter.phase(f"starting {getattr(executor_factory, 'label', 'the executor')}")
                 holder.append(executor_factory())
                 report.executor = holder[0].name
             nr = _build_node(node, cache, holder[0], reporter, built_for(graph, node))

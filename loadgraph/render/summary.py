@@ -80,7 +80,3 @@ def summary(report: BuildReport, wall_s: float | None = None) -> RenderableType:
     if report.corrupt_rebuilt:
         extra.append(f"{report.corrupt_rebuilt} damaged cache input(s) found, evicted and rebuilt")
     return Group(t, *(Text(line, overflow="fold") for line in extra))
-
-
-# The name the CLI used before the summary moved here.
-summary_table = summary
