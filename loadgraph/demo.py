@@ -1,6 +1,6 @@
 """`make demo`: the product on a tiny model, offline, in under a minute after set-up.
 
-Makes a tiny Llama and a LoRA adapter, prints the spec, plans it, builds merge + NF4 + verify +
+Makes a tiny Llama and a LoRA adapter, prints the spec, plans and builds merge + NF4 + verify +
 export on an embedded local Ray (live progress, then the summary), loads the export with
 transformers and generates a few tokens, builds again (everything cached, no Ray), and writes
 the DAG picture (SVG with Graphviz, else DOT).
@@ -80,7 +80,7 @@ def _load_and_generate(export: Path, log: Path) -> None:
     console.print(f"AutoModelForCausalLM.from_pretrained({export.name!r}): {type(model).__name__}, "
                   f"{'4-bit ' + quant.bnb_4bit_quant_type if quant is not None and quant.load_in_4bit else 'not quantized'}")
     console.print(f"generate({PROMPT!r}, 8 new tokens, greedy) -> ids {generated[0, ids.shape[1]:].tolist()} = {text!r}")
-    console.print("(a random tiny model: the words are noise; that it loads and generates is the point)", style="dim")
+    console.print("(random tiny weights: the words are noise; it loads and generates)", style="dim")
 
 
 def main() -> None:
@@ -98,9 +98,8 @@ def main() -> None:
     os.chdir(root)
     _step("the spec")
     console.print(Syntax(SPEC, "yaml", theme="ansi_dark", background_color="default"))
-    _step("plan: what will be built (no Ray, nothing computed)")
-    _run("plan", "spec.yaml")
-    _step("build: merge -> nf4 -> export -> verify, as Ray tasks on an embedded local Ray")
+    # `build` shows the plan first (what is cached, what it will build), before Ray starts.
+    _step("build: the plan, then merge -> nf4 -> export -> verify as Ray tasks on an embedded local Ray")
     _run("build", "spec.yaml", "--json", "report.json")
     _step("use it: load the export with transformers and generate")
     _load_and_generate(root / "out" / "tiny-llama-merged-nf4", root / "load.log")

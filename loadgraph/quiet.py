@@ -98,3 +98,5 @@ class NoiseFilter:
         if self._log is not None:
             self._log.close()
             self._log = None
+            if self.log_path.stat().st_size == 0:
+                self.log_path.unlink()  # nothing was said: no file to wonder about
