@@ -21,7 +21,7 @@ from rich.syntax import Syntax
 # float32 explicitly: the tiny model is float32, and `dtype: auto` would leave the choice to
 # each stage; the verify's logits check compares like with like.
 SPEC = """\
-# Written by `make demo`: merge a LoRA into a tiny Llama, quantize to NF4, verify, export.
+# Written by `make demo`: merge a LoRA into a tiny Llama, NF4, verify, export.
 source:
   model: ./model
 dtype: float32
@@ -30,7 +30,7 @@ adapters:
 quantize:
   method: bnb-nf4
   double_quant: true
-verify: true                 # load with transformers, finite, logits vs the unquantized merge
+verify: true                 # loads, finite, logits vs the unquantized merge
 export:
   path: ./out/tiny-llama-merged-nf4
   max_shard_size: 200KB
@@ -99,7 +99,7 @@ def main() -> None:
     _step("the spec")
     console.print(Syntax(SPEC, "yaml", theme="ansi_dark", background_color="default"))
     # `build` shows the plan first (what is cached, what it will build), before Ray starts.
-    _step("build: the plan, then merge -> nf4 -> export -> verify as Ray tasks on an embedded local Ray")
+    _step("build: plan, then merge, nf4, export, verify as tasks on a local Ray")
     _run("build", "spec.yaml", "--json", "report.json")
     _step("use it: load the export with transformers and generate")
     _load_and_generate(root / "out" / "tiny-llama-merged-nf4", root / "load.log")
