@@ -7,6 +7,8 @@
   enospc-after-bytes:N raise ENOSPC once shard writes in this process pass N bytes
   kill-at-export:N     SIGKILL it at step N of replacing an export (1: staged, before the swap;
                        2: swapped, before the old export is deleted)
+  slow-progress:S      sleep S seconds after every progress report of a unit (so that a test
+                       sees a unit's progress arrive while it runs, also from Ray workers)
 `LOADGRAPH_UNIT_LOG=FILE` appends "<node key> <unit id> <pid>" for every unit computed (not
 reused), so a test can prove that concurrent builders computed each unit once.
 """
@@ -66,3 +68,11 @@ def export_step(step: int) -> None:
     """Replacing an export: 1 = the new one is staged, 2 = swapped in, the old one not yet deleted."""
     if _arg("kill-at-export") == step:
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def progress_reported() -> None:
+    spec = os.environ.get("LOADGRAPH_FAULT", "")
+    if spec.startswith("slow-progress:"):
+        import time
+
+        time.sleep(float(spec.split(":", 1)[1]))

@@ -183,16 +183,30 @@ def _model_at(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
 _UNION_TAGS = {"bool", "str", "int", "float"}
 
 
-def format_validation_error(exc: ValidationError, origin: str, model: type[BaseModel]) -> str:
-    # An unknown key explains the other errors (a mistyped required key is also "missing"): report it first.
-    err = min(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")
+def _clean_loc(err: dict) -> tuple:
     # Union members show up in locations as tags ('bool', 'VerifySpec', 'function-after[...]'): drop them.
-    loc = tuple(p for p in err["loc"] if isinstance(p, int) or not (p[:1].isupper() or "[" in p or p in _UNION_TAGS))
-    dotted = ".".join(str(p) for p in loc) or "(top level)"
-    if err["type"] == "extra_forbidden":
+    return tuple(p for p in err["loc"] if isinstance(p, int) or not (p[:1].isupper() or "[" in p or p in _UNION_TAGS))
+
+
+def format_validation_error(exc: ValidationError, origin: str, model: type[BaseModel]) -> str:
+    """One line. Every unknown key at once (three typos must not take three runs); they come
+    first because a mistyped required key is also reported "missing", which they explain."""
+    unknown = []
+    for err in exc.errors():
+        if err["type"] != "extra_forbidden":
+            continue
+        loc = _clean_loc(err)
+        dotted = ".".join(str(p) for p in loc) or "(top level)"
         owner = _model_at(model, loc)
-        hint = _suggest(str(loc[-1]), owner) if owner else ""
-        return f"{origin}: unknown key {dotted!r}{hint}"
+        entry = (dotted, _suggest(str(loc[-1]), owner) if owner else "")
+        if entry not in unknown:
+            unknown.append(entry)
+    if len(unknown) == 1:
+        return f"{origin}: unknown key {unknown[0][0]!r}{unknown[0][1]}"
+    if unknown:
+        return f"{origin}: {len(unknown)} unknown keys: " + ", ".join(f"{d!r} ({hint.lstrip('; ')})" if hint else repr(d) for d, hint in unknown)
+    err = exc.errors()[0]
+    dotted = ".".join(str(p) for p in _clean_loc(err)) or "(top level)"
     if err["type"] == "missing":
         return f"{origin}: missing required key {dotted!r}"
     return f"{origin}: {dotted}: {err['msg']}"

@@ -108,10 +108,9 @@ def test_plan_reuses_base_when_adapter_changes_and_merge_when_shards_change(mode
     build(spec_for(tmp_path, base, [{"path": str(a1)}], "float32"), cache_dir)
 
     def statuses(spec: Path) -> dict[str, str]:
-        plan = run_cli("plan", spec, "--cache", cache_dir)
+        plan = run_cli("plan", spec, "--cache", cache_dir, "--json")
         assert plan.returncode == 0, plan.stderr
-        rows = [[c.strip() for c in line.split("│")[1:-1]] for line in plan.stdout.splitlines() if line.count("│") > 3]
-        return {f"{r[0]}:{r[4]}": r[2] for r in rows}
+        return {f"{r['stage']}:{r['labels'][0]}": r["status"] for r in json.loads(plan.stdout)["nodes"]}
 
     changed_adapter = statuses(spec_for(tmp_path, base, [{"path": str(a2)}], "float32", "s2.yaml"))
     assert changed_adapter["fetch:default: fetch " + base.name].startswith("cached")

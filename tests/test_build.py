@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import struct
 from pathlib import Path
@@ -75,10 +76,10 @@ def test_cached_rebuild_and_partial_reuse(models, tmp_path, cache_dir):
     # Changing only the shard size rebuilds export and reuses fetch + inspect.
     doc["export"]["max_shard_size"] = "50KB"
     write_spec(spec, doc)
-    plan = run_cli("plan", spec, "--cache", cache_dir)
+    plan = run_cli("plan", spec, "--cache", cache_dir, "--json")
     assert plan.returncode == 0
-    rows = {line.split("│")[1].strip(): line for line in plan.stdout.splitlines() if line.count("│") > 3}
-    assert "cached" in rows["fetch"] and "cached" in rows["inspect"] and "to build" in rows["export"]
+    rows = {r["stage"]: r["status"] for r in json.loads(plan.stdout)["nodes"]}
+    assert rows["fetch"] == "cached" and rows["inspect"] == "cached" and rows["export"] == "to build"
     build(spec, cache_dir, "--json", tmp_path / "r2.json")
     statuses = {n["stage"]: n["status"] for n in json.loads((tmp_path / "r2.json").read_text())["nodes"]}
     assert statuses == {"fetch": "cached", "inspect": "cached", "export": "built", "verify": "built"}
@@ -103,7 +104,9 @@ def test_killed_build_resumes_from_finished_units(models, tmp_path, cache_dir):
     assert killed.returncode == -9
     assert not (tmp_path / "out").exists()
     plan = run_cli("plan", spec, "--cache", cache_dir)
-    assert "partial: 3/" in plan.stdout
+    assert re.search(r"export\s+\w+\s+partial\s+3/\d+", plan.stdout), plan.stdout  # the table a person reads
+    export_row = [r for r in json.loads(run_cli("plan", spec, "--cache", cache_dir, "--json").stdout)["nodes"] if r["stage"] == "export"][0]
+    assert export_row["status"] == "partial" and export_row["units_done"] == 3
     build(spec, cache_dir, "--json", tmp_path / "r.json")
     export = [n for n in json.loads((tmp_path / "r.json").read_text())["nodes"] if n["stage"] == "export"][0]
     assert export["units_reused"] == 3 and export["units_total"] > 3
@@ -247,6 +250,10 @@ def test_cache_ls_verify_gc(models, tmp_path, cache_dir):
     entries = json.loads(ls.stdout)
     assert len(entries) == 4 and all(e["valid"] for e in entries)
     assert [e["pinned"] for e in entries].count(True) == 1
+    model = models("llama").name
+    assert {(e["stage"], e["model"], tuple(e["targets"])) for e in entries} == {(st, model, ("default",)) for st in ("fetch", "inspect", "export", "verify")}
+    table = run_cli("cache", "ls", "--cache", cache_dir, env={"COLUMNS": "80"}).stdout
+    assert all(len(line) <= 80 for line in table.splitlines()[1:]) and table.count(model) == 4 and "pinned" in table
     assert run_cli("cache", "verify", "--cache", cache_dir).returncode == 0
     # Flip one byte of a cached shard: verify reports it, and a build never uses it.
     fetch = next(e for e in entries if e["stage"] == "fetch")
@@ -258,9 +265,14 @@ def test_cache_ls_verify_gc(models, tmp_path, cache_dir):
     bad = run_cli("cache", "verify", "--cache", cache_dir)
     assert bad.returncode == 1 and "sha256 mismatch" in bad.stdout
     # gc to a tiny budget evicts everything except the pinned export root; leftovers go too.
+    damaged = {e["key"] for e in json.loads(run_cli("cache", "ls", "--cache", cache_dir, "--json").stdout) if not e["valid"]}
+    assert len(damaged) == 2  # fetch and inspect share the shard (a hardlink)
     (cache_dir / "tmp" / "node-crashed").mkdir()
     gc = run_cli("cache", "gc", "--cache", cache_dir, "--max-size", "1B")
     assert gc.returncode == 0, gc.stderr
+    for e in entries:  # gc names what it evicted
+        named = f"evicted {e['key'][:12]} {e['stage']}{' (invalid)' if e['key'] in damaged else ''} {model} for default"
+        assert (named in gc.stdout) == (not e["pinned"]), gc.stdout
     left = json.loads(run_cli("cache", "ls", "--cache", cache_dir, "--json").stdout)
     assert [e["stage"] for e in left] == ["export"]
 

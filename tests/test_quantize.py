@@ -118,8 +118,8 @@ def test_merge_then_quantize_equals_peft_then_transformers(models, tmp_path, cac
     adapter = make_lora_adapter(base, tmp_path / "a", r=4, seed=9)
     spec = write_spec(tmp_path / "s.yaml", {"source": {"model": str(base)}, "dtype": "bfloat16", "adapters": [{"path": str(adapter)}],
                                             "quantize": {"method": "bnb-nf4", "double_quant": True}, "export": {"path": str(tmp_path / "out")}})
-    plan = run_cli("plan", spec, "--cache", cache_dir)
-    stages = [line.split("│")[1].strip() for line in plan.stdout.splitlines() if line.count("│") > 3][1:]
+    plan = run_cli("plan", spec, "--cache", cache_dir, "--json")
+    stages = [r["stage"] for r in json.loads(plan.stdout)["nodes"]]
     assert stages.index("merge") < stages.index("quantize") < stages.index("export")
     build(spec, cache_dir)
     merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16), adapter).merge_and_unload()

@@ -4,6 +4,7 @@ GPU placement, a node killed mid-build, two concurrent builders, node prefetch."
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
 import shutil
@@ -22,6 +23,7 @@ from loadgraph.pipeline.graph import compile_specs
 from loadgraph.pipeline.runner import NullReporter, build
 from loadgraph.pipeline.stage import get_stage
 from loadgraph.pipeline.units import node_context
+from loadgraph.progress import RichReporter
 from loadgraph.spec import parse_spec
 
 
@@ -50,6 +52,47 @@ class Recorder(NullReporter):
 
     def unit_finished(self, node, unit, result) -> None:
         self.ran_on[(node.stage, unit.id)] = result.get("ran_on", {}).get("node_id", "")
+
+
+class ProgressRecorder(RichReporter):
+    """The real reporter on an 80-column console, remembering the progress it was told."""
+
+    def __init__(self) -> None:
+        from rich.console import Console
+
+        super().__init__(Console(file=io.StringIO(), width=80, color_system=None))
+        self.fractions: dict[tuple[str, str], list[float]] = {}
+        self.finished: set[tuple[str, str]] = set()
+
+    def unit_progress(self, node, unit, fraction) -> None:
+        if (node.stage, unit.id) not in self.finished:  # only what arrives while the unit runs
+            self.fractions.setdefault((node.stage, unit.id), []).append(fraction)
+        super().unit_progress(node, unit, fraction)
+
+    def unit_finished(self, node, unit, result) -> None:
+        self.finished.add((node.stage, unit.id))
+        super().unit_finished(node, unit, result)
+
+
+def test_progress_from_ray_workers_arrives_while_units_run_and_renders(ray_cluster, models, tmp_path):
+    from loadgraph.render.summary import summary
+
+    cache = Cache(tmp_path / "cache")
+    graph = compile_specs(_spec(models("llama"), tmp_path / "out", shard="150KB"), cache)
+    # Each progress report in a unit sleeps: a unit of several tensors runs for seconds.
+    slow = {"env_vars": {"LOADGRAPH_FAULT": "slow-progress:0.3"}}
+    recorder = ProgressRecorder()
+    with recorder:
+        report = build(graph, cache, lambda: RayExecutor(runtime_env=slow), recorder)
+    assert report.ok and report.executor == "ray"
+    partial = {k: [f for f in v if 0 < f < 1] for k, v in recorder.fractions.items() if k[0] == "export"}
+    assert any(partial.values()), recorder.fractions  # relayed from the workers mid-unit, not only at the end
+    out = recorder.console.file.getvalue()
+    export = next(n for n in report.nodes if n.stage == "export")
+    assert f"done export   {export.key[:8]}  {export.units_total} units (0 reused)" in out
+    recorder.console.print(summary(report))
+    table = recorder.console.file.getvalue()
+    assert "(ray executor)" in table and all(len(line) <= 80 for line in table.splitlines() if "/" not in line)
 
 
 def test_gpu_units_land_on_gpu_nodes_and_cpu_units_ask_for_none(ray_cluster, models, tmp_path):

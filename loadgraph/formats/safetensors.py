@@ -17,7 +17,7 @@ import struct
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO, Iterable, Mapping
+from typing import TYPE_CHECKING, BinaryIO, Callable, Iterable, Mapping
 
 from loadgraph import faults
 from loadgraph.errors import InputError
@@ -235,9 +235,14 @@ class ShardWriter:
     first and each tensor's bytes stream after it in safetensors order.
     """
 
-    def __init__(self, path: Path, tensors: Iterable[PlannedTensor], metadata: Mapping[str, str] | None = None):
+    def __init__(self, path: Path, tensors: Iterable[PlannedTensor], metadata: Mapping[str, str] | None = None,
+                 on_progress: Callable[[float], None] | None = None):
         self.path = path
         self.order = safetensors_order(tensors)
+        # Fraction of the tensor bytes handed over so far, for a live progress line.
+        self._on_progress = on_progress
+        self._total = sum(p.nbytes for p in self.order) or 1
+        self._handed = 0
         self._next = 0
         self._sha = hashlib.sha256()
         self._file: BinaryIO = open(path, "wb")
@@ -273,12 +278,18 @@ class ShardWriter:
             raise RuntimeError(f"{self.path}: wrote {name} ({nbytes} B) where {want.name} ({want.nbytes} B) belongs")
         self._next += 1
 
+    def _progress(self, nbytes: int) -> None:
+        self._handed += nbytes
+        if self._on_progress is not None:
+            self._on_progress(self._handed / self._total)
+
     def write_tensor(self, name: str, tensor: "torch.Tensor") -> None:
         data = tensor_bytes(tensor)  # a view: keeps the tensor alive until written
         self._expect(name, len(data))
         while len(self._pending) >= MAX_PENDING:
             self._pending.pop(0).result()
         self._pending.append(self._io.submit(self._emit, data))
+        self._progress(len(data))
 
     def _drain(self) -> None:
         while self._pending:
@@ -302,6 +313,7 @@ class ShardWriter:
             if not got:
                 raise InputError(f"{getattr(src, 'name', 'source')}: unexpected end of file copying {name!r}")
             self._emit(view[:got])
+            self._progress(got)
             left -= got
 
     def close(self) -> str:

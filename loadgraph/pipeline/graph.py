@@ -8,7 +8,9 @@ Nodes with equal keys are one node: batch targets that share a base build it onc
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
+from typing import Callable
 
 from loadgraph.formats.checkpoint import parse_size
 from loadgraph.pipeline.cache import Cache
@@ -46,6 +48,16 @@ class Target:
 class Graph:
     nodes: dict[str, Node] = field(default_factory=dict)  # insertion order is a topological order
     targets: list[Target] = field(default_factory=list)
+    # Preflight checks (adapter shapes, quantization support) of nodes not yet cached, as
+    # (node key, check). They import torch/transformers (seconds): `build` shows the plan first.
+    checks: list[tuple[str, Callable[[], None]]] = field(default_factory=list)
+
+    def run_checks(self, keys: set[str] | None = None) -> None:
+        """Run (and drop) the pending checks of `keys` (all when None); raises InputError."""
+        pending, self.checks = self.checks, []
+        for key, check in pending:
+            if keys is None or key in keys:
+                check()
 
     def add(self, stage: str, params: dict, inputs: dict[str, str], label: str, runtime: dict | None = None) -> Node:
         key = node_key(stage, stage_version(stage), params, inputs)
@@ -57,10 +69,13 @@ class Graph:
         return node
 
 
-def compile_specs(specs: list[BuildSpec], cache: Cache) -> Graph:
+def compile_specs(specs: list[BuildSpec], cache: Cache, defer_checks: bool = False) -> Graph:
+    """With `defer_checks` the slow preflight checks stay in `graph.checks` for the runner."""
     graph = Graph()
     for spec in specs:
         graph.targets.append(_compile_target(graph, spec, cache))
+    if not defer_checks:
+        graph.run_checks()
     return graph
 
 
@@ -86,7 +101,7 @@ def _compile_target(graph: Graph, spec: BuildSpec, cache: Cache) -> Target:
         current = stages["merge"] = graph.add("merge", params, inputs, f"{spec.name}: merge {len(merged)} adapter(s)")
         cast_done = True
         if cache.get(current.key) is None and checked_dir:
-            _preflight_adapters(checked_dir, [n for _, n in merged], [a.scale for a, _ in merged], spec.source.allow_pickle)
+            graph.checks.append((current.key, partial(_preflight_adapters, checked_dir, [n for _, n in merged], [a.scale for a, _ in merged], spec.source.allow_pickle)))
     if spec.quantize is not None:
         from loadgraph.stages.quantize import resolve_backend, settings_params
 
@@ -94,19 +109,13 @@ def _compile_target(graph: Graph, spec: BuildSpec, cache: Cache) -> Target:
         current = stages["quantize"] = graph.add("quantize", qparams, {"model": current.key}, f"{spec.name}: quantize {spec.quantize.method}")
         cast_done = True
         if cache.get(current.key) is None:
-            from loadgraph.formats.quant_plan import plan_quantization
-            from loadgraph.stages.quantize import make_settings
-
-            # Refuses unsupported methods, options and untileable shapes before any work.
-            settings = make_settings(qparams["settings"])
-            if checked_dir and scan_is_safetensors(checked_dir):
-                plan_quantization(checked_dir, settings)
+            graph.checks.append((current.key, partial(_preflight_quantize, qparams["settings"], checked_dir)))
     if attached:
         params = {"scales": [a.scale for a, _ in attached], "allow_pickle": spec.source.allow_pickle}
         inputs = {"model": current.key, **{f"adapter{i}": n.key for i, (_, n) in enumerate(attached)}}
         current = graph.add("attach", params, inputs, f"{spec.name}: attach {len(attached)} adapter(s)")
         if cache.get(current.key) is None and spec.quantize is None and checked_dir:
-            _preflight_adapters(checked_dir, [n for _, n in attached], [a.scale for a, _ in attached], spec.source.allow_pickle)
+            graph.checks.append((current.key, partial(_preflight_adapters, checked_dir, [n for _, n in attached], [a.scale for a, _ in attached], spec.source.allow_pickle)))
     export_path = None
     if spec.export is not None:
         export_params = {
@@ -182,6 +191,16 @@ def _adapter_nodes(graph: Graph, spec: BuildSpec, cache: Cache, base_dir: str | 
             check_adapter_base(Path(runtime["path"]), Path(base_dir), i)
         nodes.append(graph.add("fetch", params, {}, f"{spec.name}: fetch adapter {Path(adapter.path).name}", runtime))
     return nodes
+
+
+def _preflight_quantize(settings_params: dict, checked_dir: str | None) -> None:
+    """Refuses unsupported methods, options and untileable shapes before any work."""
+    from loadgraph.formats.quant_plan import plan_quantization
+    from loadgraph.stages.quantize import make_settings
+
+    settings = make_settings(settings_params)
+    if checked_dir and scan_is_safetensors(checked_dir):
+        plan_quantization(checked_dir, settings)
 
 
 def _preflight_adapters(base_dir: str, adapters: list[Node], scales: list[float], allow_pickle: bool) -> None:

@@ -19,12 +19,13 @@ from typing import Protocol
 from loadgraph import faults
 from loadgraph.errors import BuildError, InputError, disk_full_message
 from loadgraph.formats.safetensors import sha256_file
-from loadgraph.pipeline.cache import UNIT_RECORD, Artifact, Cache
+from loadgraph.pipeline.cache import Artifact, Cache
 from loadgraph.pipeline.executors.base import Executor
 from loadgraph.pipeline.graph import Graph, Node
 from loadgraph.pipeline.integrity import Verifier, damaged_files, record_files
 from loadgraph.pipeline.leases import BuildLease, claim_exports
 from loadgraph.pipeline.publish import check_destination, is_remote, publish_export
+from loadgraph.pipeline.plan import NOT_NEEDED, PlanRow, cached_keys, needed_keys, node_status, plan_rows  # noqa: F401 - node_status: public here too
 from loadgraph.pipeline.stage import Unit, get_stage, stage_version
 from loadgraph.pipeline.units import node_context
 
@@ -34,11 +35,12 @@ class NodeReport:
     key: str
     stage: str
     labels: list[str]
-    status: str  # cached | built
+    status: str  # cached | built | not needed (evicted, but everything downstream is cached)
     units_total: int = 0
     units_reused: int = 0
     seconds: float = 0.0
-    bytes: int = 0
+    bytes: int = 0  # read by the units
+    bytes_written: int = 0  # files the units wrote (links of unchanged files count as written)
     details: dict = field(default_factory=dict)  # e.g. verify's figures, from the manifest
 
 
@@ -46,7 +48,7 @@ class NodeReport:
 class BuildReport:
     ok: bool = True
     executor: str = ""
-    seconds: float = 0.0
+    seconds: float = 0.0  # from the start of build(): checks, executor start-up and publishing included
     nodes: list[NodeReport] = field(default_factory=list)
     targets: list[dict] = field(default_factory=list)
     error: str | None = None
@@ -57,27 +59,21 @@ class BuildReport:
 
 
 class Reporter(Protocol):
+    def planned(self, rows: list[PlanRow]) -> None: ...
+    def phase(self, text: str) -> None: ...
     def node_started(self, node: Node, units: list[Unit], done: int) -> None: ...
+    def unit_progress(self, node: Node, unit: Unit, fraction: float) -> None: ...
     def unit_finished(self, node: Node, unit: Unit, result: dict) -> None: ...
     def node_finished(self, node: Node, report: NodeReport) -> None: ...
 
 
 class NullReporter:
+    def planned(self, rows: list[PlanRow]) -> None: ...
+    def phase(self, text: str) -> None: ...
     def node_started(self, node: Node, units: list[Unit], done: int) -> None: ...
+    def unit_progress(self, node: Node, unit: Unit, fraction: float) -> None: ...
     def unit_finished(self, node: Node, unit: Unit, result: dict) -> None: ...
     def node_finished(self, node: Node, report: NodeReport) -> None: ...
-
-
-def node_status(graph: Graph, node: Node, cache: Cache) -> tuple[str, int, int | None]:
-    """(cached | partial | to build, finished units, total units if knowable without building)."""
-    if cache.get(node.key) is not None:
-        return "cached", 0, 0
-    unit_root = cache.root / "units" / node.key
-    done = sum(1 for p in unit_root.glob(f"*/{UNIT_RECORD}")) if unit_root.exists() else 0
-    if all(cache.get(k) is not None for k in node.inputs.values()):
-        total = len(get_stage(node.stage).units(node_context(cache, node.describe())))
-        return ("partial" if done else "to build"), done, total
-    return ("partial" if done else "to build"), done, None
 
 
 def input_dirs(graph: Graph) -> list[str]:
@@ -156,9 +152,14 @@ def build(graph: Graph, cache: Cache, executor_factory, reporter: Reporter | Non
     so a fully cached build never starts Ray. An input found corrupt is evicted and the
     graph walked again, so the entry is rebuilt from its own (verified) inputs."""
     reporter = reporter or NullReporter()
-    preflight(graph, cache, overwrite)
-    holder: list[Executor] = []
     start = time.perf_counter()
+    rows = plan_rows(graph, cache)
+    reporter.planned(rows)
+    preflight(graph, cache, overwrite)
+    if graph.checks:  # deferred by compile_specs(defer_checks=True) so the plan shows first
+        reporter.phase("checking adapters and quantization against the checkpoint headers")
+        graph.run_checks({r.node.key for r in rows if r.status not in ("cached", NOT_NEEDED)})
+    holder: list[Executor] = []
     corrupt = 0
     verifier = Verifier(cache.root)
     # The lease keeps gc off this build's entries and tells Ray workers the driver lives; the
@@ -187,21 +188,27 @@ def _build_graph(graph: Graph, cache: Cache, executor_factory, reporter: Reporte
                  verifier: Verifier, lease: BuildLease) -> None:
     if holder:
         report.executor = holder[0].name
+    cached = cached_keys(graph, cache)
+    needed = needed_keys(graph, cached)
     for node in graph.nodes.values():
-        art = cache.get(node.key)
-        if art is not None:
-            try:
-                cache.touch(node.key)
-            except OSError:
-                pass  # a read-only cache serves its entries without recording their use
-            nr = NodeReport(node.key, node.stage, node.labels, "cached")
+        art = cache.get(node.key) if node.key in cached else None
+        if art is not None or node.key not in needed:
+            if art is not None:
+                try:
+                    cache.touch(node.key)
+                except OSError:
+                    pass  # a read-only cache serves its entries without recording their use
+            nr = NodeReport(node.key, node.stage, node.labels, "cached" if art is not None else NOT_NEEDED)
             reporter.node_finished(node, nr)
         else:
             if not holder:
+                reporter.phase(f"starting {getattr(executor_factory, 'label', 'the executor')}")
                 holder.append(executor_factory())
                 report.executor = holder[0].name
-            nr = _build_node(node, cache, holder[0], reporter, verifier, lease)
-        nr.details = {k: v for k, v in (cache.get(node.key) or art).manifest.items() if k in ("verify", "quantization")}
+            nr = _build_node(node, cache, holder[0], reporter, verifier, lease, built_for(graph, node))
+        final = art if art is not None else cache.get(node.key)
+        if final is not None:
+            nr.details = {k: v for k, v in final.manifest.items() if k in ("verify", "quantization")}
         report.nodes.append(nr)
     for target in graph.targets:
         entry: dict = {"name": target.name, "key": target.final, "path": str(cache.object_dir(target.final))}
@@ -217,10 +224,36 @@ def _build_graph(graph: Graph, cache: Cache, executor_factory, reporter: Reporte
         if target.export_path:
             entry["export"] = target.export_path
             entry["export_status"] = publish_export(final, target.export_path, cache, verifier)
+            entry["holds"] = artifact_contents(final)
         report.targets.append(entry)
 
 
-def _build_node(node: Node, cache: Cache, executor: Executor, reporter: Reporter, verifier: Verifier, lease: BuildLease) -> NodeReport:
+def artifact_contents(art: Artifact) -> dict:
+    """What an export holds, from its manifest: shards, bytes, dtypes by bytes, quantization."""
+    shards = [m for rel, m in art.files.items() if rel.endswith(".safetensors") and "/" not in rel]
+    dtypes: dict[str, int] = {}
+    for t in art.tensors.values():
+        dtypes[t["dtype"]] = dtypes.get(t["dtype"], 0) + t.get("end", 0) - t.get("begin", 0)
+    quant = art.manifest.get("quantization") or {}
+    method = quant.get("quant_method")
+    if method == "bitsandbytes":
+        method = "bnb-" + (quant.get("bnb_4bit_quant_type", "nf4") if quant.get("load_in_4bit") else "int8")
+    return {"shards": len(shards), "bytes": sum(m["size"] for m in shards), "dtypes": dict(sorted(dtypes.items(), key=lambda kv: -kv[1])),
+            "quantization": method, "adapters": len(art.manifest.get("adapters", []))}
+
+
+def built_for(graph: Graph, node: Node) -> dict:
+    """The model and targets a node was built for, recorded in its manifest for `cache ls`:
+    the source model is the one its chain of "model" inputs starts from (the fetch label names it)."""
+    current = node
+    while current.stage != "fetch" and "model" in current.inputs and current.inputs["model"] in graph.nodes:
+        current = graph.nodes[current.inputs["model"]]
+    model = next((label.split(": fetch ", 1)[1] for label in current.labels if ": fetch " in label), "")
+    return {"model": model, "targets": sorted({label.split(":", 1)[0] for label in node.labels})}
+
+
+def _build_node(node: Node, cache: Cache, executor: Executor, reporter: Reporter, verifier: Verifier, lease: BuildLease,
+                origin: dict | None = None) -> NodeReport:
     t0 = time.perf_counter()
     with cache.lock(node.key):
         art = cache.get(node.key)
@@ -243,11 +276,14 @@ def _build_node(node: Node, cache: Cache, executor: Executor, reporter: Reporter
             reporter.unit_finished(node, unit, result)
             faults.unit_finished()
 
+        def on_progress(unit: Unit, fraction: float) -> None:
+            reporter.unit_progress(node, unit, fraction)
+
         try:
             if todo:
                 desc = {**node.describe(), "lease": str(lease.path) if lease.path else None}
-                executor.run_units(str(cache.root), desc, todo, on_result)
-            art = _assemble(node, stage, ctx, units, results, cache)
+                executor.run_units(str(cache.root), desc, todo, on_result, on_progress)
+            art = _assemble(node, stage, ctx, units, results, cache, origin or {})
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise BuildError(disk_full_message(cache.root, f"{node.stage} {node.short}")) from None
@@ -264,12 +300,13 @@ def _build_node(node: Node, cache: Cache, executor: Executor, reporter: Reporter
         units_reused=sum(1 for r in results.values() if r.get("reused")),
         seconds=time.perf_counter() - t0,
         bytes=sum(r.get("bytes", 0) for r in results.values()),
+        bytes_written=sum(m.get("size", 0) for r in results.values() if not r.get("reused") for m in r.get("files", {}).values()),
     )
     reporter.node_finished(node, nr)
     return nr
 
 
-def _assemble(node: Node, stage, ctx, units: list[Unit], results: dict[str, dict], cache: Cache) -> Artifact:
+def _assemble(node: Node, stage, ctx, units: list[Unit], results: dict[str, dict], cache: Cache, origin: dict) -> Artifact:
     """Link unit files into a staged artifact, let the stage finish it, write the manifest, publish."""
     staged = cache.new_tmp_dir(f"node-{node.short}")
     try:
@@ -301,6 +338,8 @@ def _assemble(node: Node, stage, ctx, units: list[Unit], results: dict[str, dict
             "tensors": tensors,
             "tool_versions": tool_versions(),
             "provenance": {"host": platform.node(), "pid": os.getpid(), "created": time.time(), **extras.pop("provenance", {})},
+            "labels": node.labels,  # what it was built for, as the plan says it; `cache ls` shows it
+            "built_for": origin,
             **extras,
         }
         return cache.publish(node.key, staged, manifest)

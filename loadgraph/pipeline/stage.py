@@ -13,7 +13,7 @@ import importlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 from loadgraph.pipeline.cache import Artifact, Cache
 
@@ -47,6 +47,9 @@ class NodeContext:
     runtime: dict
     inputs: dict[str, Artifact]
     cache: Cache
+    # Fraction (0..1) of the running unit done; stages pass it to their ShardWriter so that
+    # progress moves while a unit runs, not only when it finishes.
+    progress: Callable[[float], None] = lambda fraction: None
 
     def input(self, name: str = "model") -> Artifact:
         return self.inputs[name]

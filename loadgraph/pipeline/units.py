@@ -13,6 +13,7 @@ from loadgraph import faults
 from loadgraph.errors import BuildError
 from loadgraph.pipeline.cache import Cache
 from loadgraph.pipeline.stage import NodeContext, Unit, get_stage
+from loadgraph.pipeline.unit_progress import ProgressFn, Throttled
 
 
 def node_context(cache: Cache, desc: dict) -> NodeContext:
@@ -25,8 +26,10 @@ def node_context(cache: Cache, desc: dict) -> NodeContext:
     return NodeContext(desc["key"], desc["params"], desc["runtime"], inputs, cache)
 
 
-def execute_unit(cache_root: str, desc: dict, unit: dict) -> dict:
-    """Run a unit unless a finished copy exists; publish its files atomically. Idempotent."""
+def execute_unit(cache_root: str, desc: dict, unit: dict, progress: ProgressFn | None = None) -> dict:
+    """Run a unit unless a finished copy exists; publish its files atomically. Idempotent.
+
+    `progress` receives the fraction of the unit done while it runs."""
     cache = Cache(cache_root)
     done = cache.unit_result(desc["key"], unit["id"])
     if done is not None:
@@ -34,6 +37,8 @@ def execute_unit(cache_root: str, desc: dict, unit: dict) -> dict:
     check_driver(desc)
     stage = get_stage(desc["stage"])
     ctx = node_context(cache, desc)
+    if progress is not None:
+        ctx.progress = progress if isinstance(progress, Throttled) else Throttled(progress, period=0.0)
     staged = cache.new_tmp_dir(f"unit-{desc['key'][:12]}-{unit['id']}")
     try:
         result = stage.run_unit(ctx, Unit(**unit), staged)

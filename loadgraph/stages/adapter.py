@@ -135,7 +135,7 @@ class MergeStage(Stage):
         adapter_tensors = [adapter.load_tensors() if plan.touched() & shard.keys() else {} for adapter, plan in plans]
         dtype = ctx.params["dtype"]
         planned = [PlannedTensor(n, cast_target(t["dtype"], dtype), tuple(t["shape"])) for n, t in shard.items()]
-        writer = ShardWriter(out / rel, planned, ST_METADATA)
+        writer = ShardWriter(out / rel, planned, ST_METADATA, on_progress=ctx.progress)
         try:
             for p in writer.order:
                 t = shard[p.name]

@@ -199,7 +199,7 @@ class ConvertStage(Stage):
     def run_unit(self, ctx: NodeContext, unit: Unit, out: Path) -> dict:
         rel = unit.payload["file"]
         entries = {e["dst"]: e for e in unit.payload["tensors"]}
-        writer = ShardWriter(out / rel, [PlannedTensor(e["dst"], e["dtype"], tuple(e["shape"])) for e in entries.values()], ST_METADATA)
+        writer = ShardWriter(out / rel, [PlannedTensor(e["dst"], e["dtype"], tuple(e["shape"])) for e in entries.values()], ST_METADATA, on_progress=ctx.progress)
         try:
             for planned in writer.order:
                 e = entries[planned.name]

@@ -42,9 +42,9 @@ def plan_shards(tensors: dict[str, dict], max_bytes: int, dtype: str) -> list[li
     return shards
 
 
-def write_shard(dest: Path, entries: list[dict], source_root: Path) -> tuple[str, int]:
+def write_shard(dest: Path, entries: list[dict], source_root: Path, on_progress=None) -> tuple[str, int]:
     """Write one shard from its planned entries; returns (sha256, bytes read)."""
-    writer = ShardWriter(dest, [PlannedTensor(e["name"], e["dtype"], tuple(e["shape"])) for e in entries], ST_METADATA)
+    writer = ShardWriter(dest, [PlannedTensor(e["name"], e["dtype"], tuple(e["shape"])) for e in entries], ST_METADATA, on_progress=on_progress)
     by_name = {e["name"]: e for e in entries}
     read = 0
     try:
@@ -103,7 +103,7 @@ class ExportStage(Stage):
             # A link to a user's source file stays marked so that nobody chmods or exports that inode.
             shared = {"shared": True} if linked and meta.get("shared") else {}
             return {"files": {rel: {"size": meta["size"], "sha256": meta["sha256"], **shared}}, "tensors": shard_table(out / rel, rel), "bytes": 0}
-        digest, read = write_shard(out / rel, unit.payload["tensors"], src.path)
+        digest, read = write_shard(out / rel, unit.payload["tensors"], src.path, ctx.progress)
         return {"files": {rel: {"size": (out / rel).stat().st_size, "sha256": digest}}, "tensors": shard_table(out / rel, rel), "bytes": read}
 
     def finalize(self, ctx: NodeContext, results: dict[str, dict], out: Path) -> dict:

@@ -47,6 +47,12 @@ def resolve_backend(requested: str) -> str:
     """auto -> cuda when this process sees a GPU; units then ask the executor for one."""
     if requested != "auto":
         return requested
+    import glob
+
+    # No GPU device node (NVIDIA, or ROCm's kfd), no CUDA for torch either: answer without
+    # importing torch (a second on a small machine), so that the plan shows at once.
+    if not glob.glob("/dev/nvidia[0-9]*") and not glob.glob("/dev/kfd"):
+        return "cpu"
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
@@ -91,7 +97,7 @@ class QuantizeStage(Stage):
         planned += [PlannedTensor(n, dtype, tuple(t["shape"])) for n, (_, t, dtype) in kept.items()]
         if not planned:  # every tensor of this shard was dropped (e.g. a tied lm_head alone)
             return {"files": {}, "tensors": {}, "bytes": unit.nbytes}
-        writer = ShardWriter(out / rel, planned, ST_METADATA)
+        writer = ShardWriter(out / rel, planned, ST_METADATA, on_progress=ctx.progress)
         try:
             for p in writer.pending:
                 if p.name in quantized:

@@ -58,8 +58,10 @@ def test_flipped_byte_in_an_intermediate_shard_is_rebuilt_not_used(keep_mtime, w
     spec, cache = _built(tmp_path, workload)
     merge_key, merge_dir = _entry(cache, "merge")
     flip_byte(sorted(merge_dir.glob("*.safetensors"))[3], offset=-5, keep_mtime=keep_mtime)
-    # Make quantize read the damaged merge output again.
-    (_entry(cache, "quantize")[1] / "manifest.json").unlink()
+    # Make quantize read the damaged merge output again: a build needs only what it reads, so
+    # quantize is rebuilt only when what reads it (export) is gone too.
+    for stage in ("quantize", "export"):
+        (_entry(cache, stage)[1] / "manifest.json").unlink()
     statuses, doc = _rebuild(spec, cache, tmp_path, "r")
     assert statuses["merge"] == "built" and statuses["quantize"] == "built"
     assert doc["corrupt_rebuilt"] == (1 if keep_mtime else 0)  # else get() already refused the entry
@@ -85,8 +87,15 @@ def test_deleted_manifest_means_absent_and_rebuilt_identically(workload, tmp_pat
     (merge_dir / "manifest.json").unlink()
     ls = cli("cache", "ls", "--cache", cache, "--json", logdir=tmp_path / "logs")
     assert [e["valid"] for e in json.loads(ls.output[ls.output.index("["):]) if e["key"] == key] == [False]
-    statuses, _ = _rebuild(spec, cache, tmp_path, "r")
-    assert statuses == {"inspect": "cached", "merge": "built", "quantize": "cached", "export": "cached"}
+    # Nothing reads it (quantize is cached): absent, and not rebuilt (a build needs only what it reads).
+    run = cli("build", spec, "--executor", "local", "--cache", cache, "--json", tmp_path / "r.json", logdir=tmp_path / "logs")
+    assert run.rc == 0, run.output
+    statuses = {n["stage"]: n["status"] for n in json.loads((tmp_path / "r.json").read_text())["nodes"] if n["stage"] != "fetch"}
+    assert statuses == {"inspect": "cached", "merge": "not needed", "quantize": "cached", "export": "cached"}
+    for stage in ("quantize", "export"):  # now the export needs quantize, which needs the merge
+        (_entry(cache, stage)[1] / "manifest.json").unlink()
+    statuses, _ = _rebuild(spec, cache, tmp_path, "r2")
+    assert statuses == {"inspect": "cached", "merge": "built", "quantize": "built", "export": "built"}
     after = json.loads((merge_dir / "manifest.json").read_text())["files"]
     assert {k: v["sha256"] for k, v in after.items()} == {k: v["sha256"] for k, v in before.items()}
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from loadgraph.pipeline.executors.base import OnResult
+from loadgraph.pipeline.executors.base import OnProgress, OnResult
 from loadgraph.pipeline.stage import Unit
 from loadgraph.pipeline.units import execute_unit, unit_dict
 
@@ -10,9 +10,10 @@ from loadgraph.pipeline.units import execute_unit, unit_dict
 class LocalExecutor:
     name = "local"
 
-    def run_units(self, cache_root: str, desc: dict, units: list[Unit], on_result: OnResult) -> None:
+    def run_units(self, cache_root: str, desc: dict, units: list[Unit], on_result: OnResult, on_progress: OnProgress | None = None) -> None:
         for unit in units:
-            on_result(unit, execute_unit(cache_root, desc, unit_dict(unit)))
+            progress = (lambda fraction, unit=unit: on_progress(unit, fraction)) if on_progress else None
+            on_result(unit, execute_unit(cache_root, desc, unit_dict(unit), progress))
 
     def close(self) -> None:
         pass

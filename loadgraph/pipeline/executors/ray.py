@@ -19,7 +19,7 @@ from typing import Any
 
 from loadgraph import errors
 from loadgraph.errors import BuildError, InputError, LoadgraphError, disk_full_message
-from loadgraph.pipeline.executors.base import OnResult
+from loadgraph.pipeline.executors.base import OnProgress, OnResult
 from loadgraph.pipeline.executors.ray_nodes import (
     NodeInfo,
     alive_nodes,
@@ -32,6 +32,7 @@ from loadgraph.pipeline.executors.ray_nodes import (
     where_am_i,
 )
 from loadgraph.pipeline.stage import Unit
+from loadgraph.pipeline.unit_progress import PERIOD_S, file_reporter, read_progress
 from loadgraph.pipeline.units import execute_unit, unit_dict
 
 MAX_RETRIES = 3
@@ -83,7 +84,7 @@ def _remote_execute(cache_root: str, identity: str, desc: dict, unit: dict) -> d
     try:
         _inject_fault(unit["id"])
         _use_assigned_cpus()
-        result = execute_unit(cache_root, desc, unit)
+        result = execute_unit(cache_root, desc, unit, file_reporter(cache_root, desc["key"], unit["id"]))
     except LoadgraphError as exc:
         # Deterministic, user-facing failures: returned, not raised, so Ray does not retry them
         # and the CLI keeps the class (exit code) and the one-line message.
@@ -228,7 +229,7 @@ class RayExecutor:
         return self._checked_roots[cache_root]
 
     # -- running ---------------------------------------------------------------
-    def run_units(self, cache_root: str, desc: dict, units: list[Unit], on_result: OnResult) -> None:
+    def run_units(self, cache_root: str, desc: dict, units: list[Unit], on_result: OnResult, on_progress: OnProgress | None = None) -> None:
         ray = self.ray
         identity = self._check_cache(cache_root)
         # Few big units (5 GB shards) would each get one core of a many-core node: give each a
@@ -242,7 +243,12 @@ class RayExecutor:
                     unit = queue.pop(0)
                     ref = self._task.options(**self.options_for(desc, unit, cache_root)).remote(cache_root, identity, desc, unit_dict(unit))
                     pending[ref] = unit
-                ready, _ = ray.wait(list(pending), num_returns=1)
+                # Wake up every PERIOD_S to relay the progress running units write to the cache.
+                ready, _ = ray.wait(list(pending), num_returns=1, timeout=PERIOD_S if on_progress else None)
+                if on_progress:
+                    for ref, unit in pending.items():
+                        if ref not in ready and (fraction := read_progress(cache_root, desc["key"], unit.id)) is not None:
+                            on_progress(unit, fraction)
                 for ref in ready:
                     unit = pending.pop(ref)
                     try:
