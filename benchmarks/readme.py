@@ -14,6 +14,7 @@ ORDER = [
     ("device/merge-7b-h200x2-ray.md", "7B merge on a GPU host (Ray executor; RSS is the driver's only)"),
     ("device/quantize-7b-h200x2.md", "7B NF4 on a GPU host (CUDA backend, local executor)"),
     ("device/scale-7b-h200x2.md", "7B merge + NF4 + export through Ray on 1 and 2 GPUs"),
+    ("device/verify-7b-h200.md", "verify's share of a 7B merge + NF4 + export build (1x H200, local executor)"),
 ]
 BEGIN, END = "<!-- BENCHMARKS:BEGIN -->", "<!-- BENCHMARKS:END -->"
 

@@ -79,6 +79,21 @@ def base_headers(tensors: dict[str, dict]) -> dict[str, tuple[str, tuple[int, ..
     return {name: (t["dtype"], tuple(t["shape"])) for name, t in tensors.items()}
 
 
+_ARTIFACT_PLANS: dict[tuple, list] = {}
+
+
+def artifact_plans(base, adapter_dirs: list[Path], scales: list[float], allow_pickle: bool) -> list:
+    """plan_adapters for a cache artifact, once per process: artifacts are immutable, so their
+    paths name their content, and the plan (a meta-device model, PEFT's config checks) costs
+    seconds at 7B; every merge unit and verify's merge check reuse it."""
+    key = (str(base.path), tuple(map(str, adapter_dirs)), tuple(scales), allow_pickle)
+    if key not in _ARTIFACT_PLANS:
+        if len(_ARTIFACT_PLANS) >= 4:
+            _ARTIFACT_PLANS.pop(next(iter(_ARTIFACT_PLANS)))
+        _ARTIFACT_PLANS[key] = plan_adapters(base.path, base.tensors, adapter_dirs, scales, allow_pickle)
+    return _ARTIFACT_PLANS[key]
+
+
 def plan_adapters(base_dir: Path, tensors: dict[str, dict], adapter_dirs: list[Path], scales: list[float], allow_pickle: bool = False):
     """Validate every adapter against the base (raises AdapterError) and return their merge plans."""
     from loadgraph.formats.lora import LoraAdapter, plan_merge
@@ -130,7 +145,7 @@ class MergeStage(Stage):
         base = ctx.input()
         rel = unit.payload["file"]
         shard = {n: t for n, t in base.tensors.items() if t["file"] == rel}
-        plans = plan_adapters(base.path, base.tensors, self._adapter_dirs(ctx), ctx.params["scales"], ctx.params["allow_pickle"])
+        plans = artifact_plans(base, self._adapter_dirs(ctx), ctx.params["scales"], ctx.params["allow_pickle"])
         touched = set().union(*(plan.touched() for _, plan in plans))
         adapter_tensors = [adapter.load_tensors() if plan.touched() & shard.keys() else {} for adapter, plan in plans]
         dtype = ctx.params["dtype"]

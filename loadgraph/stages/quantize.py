@@ -8,6 +8,7 @@ different bytes on CPU and CUDA, so the backend is a param (part of the key).
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 from pathlib import Path
@@ -43,6 +44,15 @@ def make_settings(params: dict):
     return QuantSettings(**{**params, "skip_modules": tuple(params["skip_modules"]), "fp8_block_size": tuple(params["fp8_block_size"])})
 
 
+@functools.lru_cache(maxsize=4)
+def artifact_quant_plan(artifact_dir: str, settings):
+    """plan_quantization of a cache artifact, once per process (immutable: its path names its
+    content); every quantize unit and verify's quantize check reuse it."""
+    from loadgraph.formats.quant_plan import plan_quantization
+
+    return plan_quantization(artifact_dir, settings)
+
+
 def resolve_backend(requested: str) -> str:
     """auto -> cuda when this process sees a GPU; units then ask the executor for one."""
     if requested != "auto":
@@ -70,9 +80,7 @@ class QuantizeStage(Stage):
         return [Unit(id=f"shard-{i:05d}", payload={"file": f}, nbytes=n, gpu=gpu) for i, (f, n) in enumerate(sorted(files.items()))]
 
     def _plan(self, ctx: NodeContext):
-        from loadgraph.formats.quant_plan import plan_quantization
-
-        return plan_quantization(ctx.input().path, make_settings(ctx.params["settings"]))
+        return artifact_quant_plan(str(ctx.input().path), make_settings(ctx.params["settings"]))
 
     def run_unit(self, ctx: NodeContext, unit: Unit, out: Path) -> dict:
         import torch

@@ -108,26 +108,27 @@ def quantize_items(source: Artifact, quantized: Artifact, settings: dict) -> lis
 @functools.lru_cache(maxsize=4)
 def quant_plan(base_dir: str, settings_json: str):
     """transformers' decisions for the quantize input (meta-device model): once per process."""
-    from loadgraph.formats.quant_plan import plan_quantization
-    from loadgraph.stages.quantize import make_settings
+    from loadgraph.stages.quantize import artifact_quant_plan, make_settings
 
-    return plan_quantization(base_dir, make_settings(json.loads(settings_json)))
+    return artifact_quant_plan(base_dir, make_settings(json.loads(settings_json)))
 
 
 @functools.lru_cache(maxsize=4)
-def _merge_plans(base_key: str, base_dir: str, adapter_dirs: tuple[str, ...], scales: tuple[float, ...], allow_pickle: bool, tensors_json: str):
-    from loadgraph.stages.adapter import plan_adapters
+def _adapter_tensors(weights_files: tuple[str, ...]) -> list:
+    from loadgraph.formats.lora import LoraAdapter
 
-    plans = plan_adapters(Path(base_dir), json.loads(tensors_json), [Path(d) for d in adapter_dirs], list(scales), allow_pickle)
-    return [plan for _, plan in plans], [adapter.load_tensors() for adapter, _ in plans]
+    return [LoraAdapter.load(Path(f).parent, allow_pickle=True).load_tensors() for f in weights_files]
 
 
 # -- the checks ------------------------------------------------------------------------------------
 
 
 def merge_plans(base: Artifact, adapters: list[Artifact], params: dict):
-    return _merge_plans(base.key, str(base.path), tuple(str(a.path) for a in adapters), tuple(params["scales"]),
-                        params["allow_pickle"], json.dumps(base.tensors, sort_keys=True))
+    """The merge stage's plans (shared, once per process) and the adapters' tensors."""
+    from loadgraph.stages.adapter import artifact_plans
+
+    pairs = artifact_plans(base, [a.path for a in adapters], list(params["scales"]), params["allow_pickle"])
+    return [plan for _, plan in pairs], _adapter_tensors(tuple(str(adapter.weights_file) for adapter, _ in pairs))
 
 
 def run_merge_item(name: str, base: Artifact, merged: Artifact, adapters: list[Artifact], params: dict, device) -> dict:
