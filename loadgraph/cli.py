@@ -79,8 +79,9 @@ def build(
     check_report_path(json_out)
     log = new_log_path(cache_root(cache_dir))
     report = None
+    noise = NoiseFilter(log, console, verbose)
     try:
-        with NoiseFilter(log, console, verbose), RichReporter(console) as reporter:
+        with noise, RichReporter(console) as reporter:
             reporter.phase(f"planning {', '.join(map(str, specs))}")
             cache, graph = _compile(specs, cache_dir, defer_checks=True)
             from loadgraph.pipeline.runner import build as run_build
@@ -93,8 +94,9 @@ def build(
             write_report(json_out, doc)
         if not isinstance(exc, LoadgraphError) and debug_requested():
             raise
-        fail(exc, log)
+        fail(exc, noise.log_path)
     console.print(summary(report, wall_s=time.perf_counter() - STARTED))
+    log = noise.log_path
     if log.exists() and log.stat().st_size:
         console.print(f"third-party output: {log}", highlight=False, soft_wrap=True)
     if json_out:

@@ -53,13 +53,19 @@ class NoiseFilter:
         warnings.showwarning = self._show_warning
         if self.verbose:
             return self
-        try:
-            self.log_path.parent.mkdir(parents=True, exist_ok=True)
-            self._log = open(self.log_path, "a", encoding="utf-8", buffering=1)
-        except OSError:  # a read-only cache still serves builds: the log goes to the temp dir
-            self.log_path = Path(tempfile.gettempdir()) / "loadgraph-logs" / self.log_path.name
-            self.log_path.parent.mkdir(parents=True, exist_ok=True)
-            self._log = open(self.log_path, "a", encoding="utf-8", buffering=1)
+        # A read-only cache still serves builds: the log then goes to this user's temp dir, and
+        # where no file can be written at all, third-party output stays live (never lost).
+        for path in (self.log_path, Path(tempfile.gettempdir()) / f"loadgraph-logs-{os.getuid()}" / self.log_path.name):
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                self._log = open(path, "a", encoding="utf-8", buffering=1)
+                self.log_path = path
+                break
+            except OSError:
+                continue
+        else:
+            self.verbose = True
+            return self
         self._old_screen_file = getattr(self.screen, "_file", None)
         for stream in (sys.stdout, sys.stderr):
             stream.flush()
