@@ -67,12 +67,21 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 300) -> subpro
 # Several Ray clusters may run on this machine: every port is explicit, never a default.
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
+    """A free port never handed out before in this process: the OS may give the same free port
+    to two consecutive binds, and Ray refuses a node whose components share one."""
     import socket
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 def ray_node_ports() -> dict:
