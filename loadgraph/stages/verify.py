@@ -138,8 +138,9 @@ def _run_items(ctx: NodeContext, items: list[list[str]]) -> dict:
     # (each thread stages through its own pinned buffer); on CPU torch already uses every core.
     results = _gpu_pool().map(one, items) if device.type == "cuda" else map(one, items)
     figures: dict[str, dict] = {}
-    for (check, name), result in zip(items, results):
+    for done, ((check, name), result) in enumerate(zip(items, results), start=1):
         _accumulate(figures.setdefault(check, {}), name, result)
+        ctx.progress(done / len(items))  # the live line moves while the unit runs
     return figures
 
 
