@@ -168,11 +168,15 @@ def _check_layout(path: Path, tensors: Mapping[str, TensorEntry], data_offset: i
         raise _bad(path, f"{data_offset + data_size - cursor} trailing bytes after the last tensor")
 
 
-def read_tensor(path: str | os.PathLike, entry: TensorEntry) -> "torch.Tensor":
-    """Read one tensor with pread (no mmap: peak RSS stays one tensor, not the file)."""
+def read_tensor(path: str | os.PathLike, entry: TensorEntry, into: "torch.Tensor | None" = None) -> "torch.Tensor":
+    """Read one tensor with pread (no mmap: peak RSS stays one tensor, not the file).
+
+    `into`: a uint8 tensor of at least `entry.nbytes` to read into (e.g. a reused pinned staging
+    buffer for host-to-device copies); the result is then a view of it.
+    """
     import torch
 
-    buf = bytearray(entry.nbytes)
+    buf = bytearray(entry.nbytes) if into is None else into.numpy()[: entry.nbytes]
     with open(path, "rb", buffering=0) as f:
         view = memoryview(buf)
         pos, off = 0, entry.begin
@@ -184,6 +188,8 @@ def read_tensor(path: str | os.PathLike, entry: TensorEntry) -> "torch.Tensor":
     dtype = getattr(torch, DTYPES[entry.dtype][1])
     if entry.nbytes == 0:
         return torch.empty(entry.shape, dtype=dtype)
+    if into is not None:
+        return into[: entry.nbytes].view(dtype).reshape(entry.shape)
     return torch.frombuffer(buf, dtype=dtype).reshape(entry.shape)
 
 

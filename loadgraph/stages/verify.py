@@ -42,13 +42,13 @@ class VerifyStage(Stage):
         if p["tensors"]:
             if "merged" in ctx.inputs:
                 base, merged = ctx.inputs["merge_base"], ctx.inputs["merged"]
-                items += [("merge", n, vt.tensor_bytes(base, n) + vt.tensor_bytes(merged, n)) for n in vt.merge_items(base, merged)]
+                items += [("merge", n, vt.tensor_bytes(base, n) + vt.tensor_bytes(merged, n)) for n in vt.same_tensors("merge", base, merged)]
             if "quantized" in ctx.inputs:
                 source, quantized = ctx.inputs["quant_input"], ctx.inputs["quantized"]
                 items += [("quantize", n, 2 * vt.tensor_bytes(source, n)) for n in vt.quantize_items(source, quantized, p["quant_settings"])]
             if "exported" in ctx.inputs:
                 source, exported = ctx.inputs["export_input"], ctx.inputs["exported"]
-                items += [("export", n, vt.tensor_bytes(source, n) + vt.tensor_bytes(exported, n)) for n in vt.export_items(source, exported)]
+                items += [("export", n, vt.tensor_bytes(source, n) + vt.tensor_bytes(exported, n)) for n in vt.same_tensors("export", source, exported)]
         if p["finite"] and not items:
             model = ctx.input()
             items += [("finite", n, vt.tensor_bytes(model, n)) for n in sorted(model.tensors)]
@@ -139,7 +139,7 @@ def _run_items(ctx: NodeContext, items: list[list[str]]) -> dict:
     results = _gpu_pool().map(one, items) if device.type == "cuda" else map(one, items)
     figures: dict[str, dict] = {}
     for done, ((check, name), result) in enumerate(zip(items, results), start=1):
-        _accumulate(figures.setdefault(check, {}), name, result)
+        _merge(figures.setdefault(check, {}), _figures(name, result))
         ctx.progress(done / len(items))  # the live line moves while the unit runs
     return figures
 
@@ -150,17 +150,28 @@ def _gpu_pool() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(GPU_THREADS, thread_name_prefix="verify-gpu")
 
 
-def _accumulate(agg: dict, name: str, result: dict) -> None:
-    agg["tensors"] = agg.get("tensors", 0) + 1
-    for key in ("finite", "kept", "quantized", "identical", "blocks", "elements", "ill_conditioned", "seconds"):
-        if key in result:
-            agg[key] = agg.get(key, 0) + result[key]
+SUMMED = ("tensors", "finite", "kept", "quantized", "identical", "blocks", "elements", "ill_conditioned", "adapted", "seconds")
+WORST = ("max_ulp", "bound_ulp", "worst")  # kept with the tensor where each was reached
+
+
+def _figures(name: str, result: dict) -> dict:
+    """One tensor's check result as an aggregate of one (so units and the node merge alike)."""
+    figures = {"tensors": 1, **{k: result[k] for k in SUMMED if k in result}}
     if result.get("exact") is False:
-        agg["adapted"] = agg.get("adapted", 0) + 1
-    for key in ("max_ulp", "bound_ulp", "worst"):
-        if key in result and result[key] >= agg.get(key, -1):
-            agg[key] = result[key]
-            agg[f"{key}_tensor"] = name
+        figures["adapted"] = 1
+    for key in WORST:
+        if key in result:
+            figures[key], figures[f"{key}_tensor"] = result[key], name
+    return figures
+
+
+def _merge(into: dict, figures: dict) -> None:
+    for key in SUMMED:
+        if key in figures:
+            into[key] = into.get(key, 0) + figures[key]
+    for key in WORST:
+        if key in figures and figures[key] >= into.get(key, -1):
+            into[key], into[f"{key}_tensor"] = figures[key], figures[f"{key}_tensor"]
 
 
 def summarize(params: dict, results: dict[str, dict]) -> dict:
@@ -172,15 +183,7 @@ def summarize(params: dict, results: dict[str, dict]) -> dict:
     for uid in sorted(results):
         for check, agg in results[uid].get("tensors", {}).items():
             finite += agg.get("finite", 0)
-            merged = checks.setdefault(check, {})
-            for key, value in agg.items():
-                if key.endswith("_tensor") or key == "finite":
-                    continue
-                if key in ("max_ulp", "bound_ulp", "worst"):
-                    if value >= merged.get(key, -1):
-                        merged[key], merged[f"{key}_tensor"] = value, agg[f"{key}_tensor"]
-                else:
-                    merged[key] = merged.get(key, 0) + value
+            _merge(checks.setdefault(check, {}), {k: v for k, v in agg.items() if k != "finite"})
     if "quantize" in checks:
         checks[QUANT_LABEL.get(params["method"], params["method"])] = checks.pop("quantize")
     checks.pop("finite", None)

@@ -67,12 +67,12 @@ def available_ram() -> int:
     return int(psutil.virtual_memory().available)
 
 
-def placement(need_bytes: int) -> tuple[str | None, str]:
+def placement(need_bytes: int, gpu: bool = True) -> tuple[str | None, str]:
     """(device_map, where) for a model of `need_bytes`, or (None, why it fits nowhere)."""
     import torch
 
     gpu_free = 0
-    if torch.cuda.is_available():
+    if gpu and torch.cuda.is_available():
         gpu_free = sum(torch.cuda.mem_get_info(i)[0] for i in range(torch.cuda.device_count()))
         if need_bytes * HEADROOM <= gpu_free:
             return ("auto" if torch.cuda.device_count() > 1 else "cuda"), "gpu"
@@ -231,10 +231,6 @@ def _lora_key(name: str, adapter: str | None) -> str:
     return name.removeprefix("base_model.model.").removesuffix(".weight")
 
 
-def placement_cpu(need_bytes: int) -> str | None:
-    return "cpu" if need_bytes * HEADROOM <= available_ram() else None
-
-
 def _load_and_probe(final, device_map: str, where: str):
     """Strict load, then attached-adapter parity, or greedy generation and the probe logits."""
     started = time.perf_counter()
@@ -266,7 +262,7 @@ def run_smoke(ctx) -> dict:
     except ImportError as exc:
         # A GPU path that needs a package this node lacks (transformers' FP8 matmul needs the hub
         # `kernels`): the CPU path (FP8 dequantized on load) checks the same files.
-        if device_map == "cpu" or placement_cpu(max(sizes)) is None:
+        if device_map == "cpu" or placement(max(sizes), gpu=False)[0] is None:
             return {"skipped": f"cannot run on this node's GPU ({str(exc).splitlines()[0][:160]}) and it does not fit its RAM"}
         device_map = "cpu"
         try:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import threading
 from pathlib import Path
 
@@ -34,17 +33,8 @@ def read(art: Artifact, name: str, device: torch.device | None = None) -> torch.
     entry = TensorEntry(t["dtype"], tuple(t["shape"]), t["begin"], t["end"])
     if device is None or device.type != "cuda" or entry.nbytes == 0:
         return read_tensor(art.path / t["file"], entry)
-    staging = _pinned(entry.nbytes)
-    view = memoryview(staging.numpy())[: entry.nbytes]
-    with open(art.path / t["file"], "rb", buffering=0) as f:
-        pos = 0
-        while pos < entry.nbytes:
-            got = os.preadv(f.fileno(), [view[pos:]], entry.begin + pos)
-            if got <= 0:
-                raise BuildError(f"verify: {art.path / t['file']}: unexpected end of file reading tensor {name!r}")
-            pos += got
-    on_device = staging[: entry.nbytes].to(device)  # synchronous: the buffer is reused right after
-    return on_device.view(getattr(torch, DTYPES[entry.dtype][1])).reshape(entry.shape)
+    staged = read_tensor(art.path / t["file"], entry, into=_pinned(entry.nbytes))
+    return staged.to(device)  # synchronous: the buffer is reused right after
 
 
 _staging = threading.local()
@@ -75,20 +65,13 @@ def tensor_bytes(art: Artifact, name: str) -> int:
 # -- structure: which tensors each check covers; mismatches fail before any tensor is read ---------
 
 
-def merge_items(base: Artifact, merged: Artifact) -> list[str]:
-    if set(base.tensors) != set(merged.tensors):
-        extra = sorted(set(merged.tensors) - set(base.tensors))
-        lost = sorted(set(base.tensors) - set(merged.tensors))
-        raise BuildError(f"verify: merge: the merged artifact's tensors differ from the base's (unexpected {extra[:3]}, missing {lost[:3]})")
-    return sorted(merged.tensors)
-
-
-def export_items(source: Artifact, exported: Artifact) -> list[str]:
-    if set(source.tensors) != set(exported.tensors):
-        extra = sorted(set(exported.tensors) - set(source.tensors))
-        lost = sorted(set(source.tensors) - set(exported.tensors))
-        raise BuildError(f"verify: export: the exported tensors differ from its input's (unexpected {extra[:3]}, missing {lost[:3]})")
-    return sorted(exported.tensors)
+def same_tensors(check: str, source: Artifact, stored: Artifact) -> list[str]:
+    """Merge and export keep every tensor name of their input: the names, or a one-line failure."""
+    if set(source.tensors) != set(stored.tensors):
+        extra = sorted(set(stored.tensors) - set(source.tensors))
+        lost = sorted(set(source.tensors) - set(stored.tensors))
+        raise BuildError(f"verify: {check}: the tensors differ from the input's (unexpected {extra[:3]}, missing {lost[:3]})")
+    return sorted(stored.tensors)
 
 
 def quantize_items(source: Artifact, quantized: Artifact, settings: dict) -> list[str]:
