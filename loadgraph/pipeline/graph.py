@@ -98,7 +98,10 @@ def _compile_target(graph: Graph, spec: BuildSpec, cache: Cache) -> Target:
         params = {"scales": [a.scale for a, _ in merged], "dtype": spec.dtype, "allow_pickle": spec.source.allow_pickle,
                   "base_roundtrip": spec.merge.base_roundtrip}
         inputs = {"model": current.key, **{f"adapter{i}": n.key for i, (_, n) in enumerate(merged)}}
-        current = stages["merge"] = graph.add("merge", params, inputs, f"{spec.name}: merge {len(merged)} adapter(s)")
+        from loadgraph.stages.quantize import resolve_backend
+
+        current = stages["merge"] = graph.add("merge", params, inputs, f"{spec.name}: merge {len(merged)} adapter(s)",
+                                              {"merge_device": resolve_backend("auto")})
         cast_done = True
         if cache.get(current.key) is None and checked_dir:
             graph.checks.append((current.key, partial(_preflight_adapters, checked_dir, [n for _, n in merged], [a.scale for a, _ in merged], spec.source.allow_pickle)))
@@ -124,6 +127,9 @@ def _compile_target(graph: Graph, spec: BuildSpec, cache: Cache) -> Target:
             "dtype": "auto" if cast_done else spec.dtype,
             "copy_tokenizer": spec.export.copy_tokenizer,
         }
+        if export_params["dtype"] == "auto":
+            # The node before the export writes its files in the export's layout: the export links them.
+            current.runtime.setdefault("shard_bytes", export_params["max_shard_size"])
         current = stages["export"] = graph.add("export", export_params, {"model": current.key}, f"{spec.name}: export")
         export_path = spec.export.path
     if spec.verify is not None:

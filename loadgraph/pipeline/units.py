@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import shutil
 from dataclasses import asdict
+from pathlib import Path
 
 from loadgraph import faults
 from loadgraph.errors import BuildError
@@ -23,7 +24,9 @@ def node_context(cache: Cache, desc: dict) -> NodeContext:
         if art is None:
             raise RuntimeError(f"input {name} ({key[:12]}) of {desc['stage']} is missing from the cache at {cache.root}")
         inputs[name] = art
-    return NodeContext(desc["key"], desc["params"], desc["runtime"], inputs, cache)
+    staging = desc.get("staging")
+    return NodeContext(desc["key"], desc["params"], desc["runtime"], inputs, cache, trusted=frozenset(desc.get("trusted", ())),
+                       staging=Path(staging) if staging else None)
 
 
 def execute_unit(cache_root: str, desc: dict, unit: dict, progress: ProgressFn | None = None) -> dict:

@@ -33,10 +33,13 @@ from loadgraph.formats.llava_original import (
     tower_name,
     vision_config_dict,
 )
-from loadgraph.formats.safetensors import DTYPES, PlannedTensor, ShardWriter, TensorEntry, read_tensor
+from loadgraph.formats.safetensors import DTYPES, PlannedTensor, ShardWriter
 from loadgraph.pipeline.cache import Artifact
 from loadgraph.pipeline.stage import NodeContext, Stage, Unit
-from loadgraph.stages.export import SHARD_NAME, ST_METADATA, shard_table
+from loadgraph.formats.digest import tree_record
+from loadgraph.formats.layout import SHARD_NAME
+from loadgraph.stages.export import ST_METADATA, shard_table
+from loadgraph.stages.tensor_io import ArtifactReader
 
 EMBED = "model.embed_tokens.weight"  # original (and plain Llama/Mistral) names
 LM_HEAD = "lm_head.weight"
@@ -206,7 +209,8 @@ class ConvertStage(Stage):
                 if e["op"] == "copy":
                     art = ctx.inputs[e["input"]]
                     t = art.tensors[e["src"]]
-                    writer.copy_from(planned.name, art.path / t["file"], t["begin"], t["end"] - t["begin"])
+                    got = writer.copy_from(planned.name, art.path / t["file"], t["begin"], t["end"] - t["begin"])
+                    ArtifactReader(art, trusted=e["input"] in ctx.trusted).check_copied(e["src"], got)
                 else:
                     writer.write_tensor(planned.name, self._compute(ctx, e))
             digest = writer.close()
@@ -214,7 +218,7 @@ class ConvertStage(Stage):
             writer.abort()
             raise
         size = (out / rel).stat().st_size
-        return {"files": {rel: {"size": size, "sha256": digest}}, "tensors": shard_table(out / rel, rel), "bytes": unit.nbytes}
+        return {"files": {rel: tree_record(size, digest)}, "tensors": shard_table(out / rel, rel, writer.tensor_digests), "bytes": unit.nbytes}
 
     @staticmethod
     def _compute(ctx: NodeContext, e: dict):
@@ -249,8 +253,7 @@ class ConvertStage(Stage):
 
 
 def _read(art: Artifact, name: str):
-    t = art.tensors[name]
-    return read_tensor(art.path / t["file"], TensorEntry(t["dtype"], tuple(t["shape"]), t["begin"], t["end"]))
+    return ArtifactReader(art).read(name)  # checked against the manifest's digest as it is read
 
 
 def sample_rows(embed, rows: int, seed: int):

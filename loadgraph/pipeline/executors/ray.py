@@ -88,7 +88,7 @@ def _remote_execute(cache_root: str, identity: str, desc: dict, unit: dict) -> d
     except LoadgraphError as exc:
         # Deterministic, user-facing failures: returned, not raised, so Ray does not retry them
         # and the CLI keeps the class (exit code) and the one-line message.
-        return {"error": str(exc), "error_class": type(exc).__name__}
+        return {"error": str(exc), "error_class": type(exc).__name__, **({"error_key": exc.key} if hasattr(exc, "key") else {})}
     except OSError as exc:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):  # retrying cannot free space: say so, once
             return {"error": disk_full_message(cache_root, f"{desc['stage']} {desc['key'][:12]}"), "error_class": "BuildError"}
@@ -256,7 +256,8 @@ class RayExecutor:
                     except ray.exceptions.RayError as exc:
                         raise BuildError(_failure(desc, unit, exc)) from exc
                     if "error" in result:
-                        raise getattr(errors, result["error_class"], BuildError)(result["error"])
+                        cls = getattr(errors, result["error_class"], BuildError)
+                        raise cls(result["error"], result["error_key"]) if "error_key" in result else cls(result["error"])
                     on_result(unit, result)
         finally:
             self._cancel(list(pending))
