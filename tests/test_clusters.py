@@ -1,5 +1,5 @@
-"""clusters/: the `ray up` YAML against Ray's own schema, the Kubernetes manifests' contracts,
-and a real local head (clusters/local/cluster.py) taking `ray job submit` and `loadgraph submit`."""
+"""clusters/: the `ray up` YAML against Ray's own schema, and a real local head
+(clusters/local/cluster.py) taking `ray job submit` and `loadgraph submit`. The KubeRay manifests: test_kuberay.py."""
 
 from __future__ import annotations
 
@@ -48,70 +48,6 @@ def test_ray_up_yaml_validates_against_rays_schema():
     assert "--num-cpus=0" in " ".join(config["head_start_ray_commands"]) and types[config["head_node_type"]]["resources"] == {"CPU": 0}
 
 
-# -- KubeRay and Kubernetes --------------------------------------------------------------------
-
-
-def _manifests() -> dict[str, list[dict]]:
-    docs: dict[str, list[dict]] = {}
-    for path in sorted((CLUSTERS / "kuberay").glob("*.yaml")):
-        for doc in yaml.safe_load_all(path.read_text()):
-            assert doc["apiVersion"] and doc["kind"] and doc["metadata"]["name"], path
-            docs.setdefault(doc["kind"], []).append(doc)
-    return docs
-
-
-def _ray_cluster_specs(docs: dict[str, list[dict]]) -> list[dict]:
-    specs = [d["spec"] for d in docs["RayCluster"]]
-    specs += [d["spec"]["rayClusterSpec"] for d in docs["RayJob"]]
-    specs += [d["spec"]["jobTemplate"]["rayClusterSpec"] for d in docs["RayCronJob"]]
-    return specs
-
-
-def test_kuberay_manifests_mount_one_cache_everywhere():
-    docs = _manifests()
-    assert {"RayCluster", "RayJob", "RayCronJob", "CronJob", "PersistentVolumeClaim", "ConfigMap"} <= set(docs)
-    (pvc,) = docs["PersistentVolumeClaim"]
-    assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
-    for spec in _ray_cluster_specs(docs):
-        assert spec["rayVersion"] == ray.__version__
-        assert spec["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
-        groups = [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
-        assert any("nvidia.com/gpu" in g["template"]["spec"]["containers"][0]["resources"]["limits"] for g in spec["workerGroupSpecs"])
-        for group in groups:
-            pod = group["template"]["spec"]
-            claims = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"] if "persistentVolumeClaim" in v}
-            for c in pod["containers"]:
-                assert c["image"].endswith(":0.1.0")
-                mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
-                cache_volume = next(name for name, path in mounts.items() if path == CACHE_MOUNT)
-                assert claims[cache_volume] == pvc["metadata"]["name"]
-                env = {e["name"]: e.get("value") for e in c["env"]}
-                assert env["LOADGRAPH_CACHE"] == CACHE_PATH and env["RAY_AUTH_MODE"] == "token" and "RAY_AUTH_TOKEN" in env
-
-
-def test_kuberay_jobs_build_specs_that_parse():
-    from loadgraph.spec import parse_spec
-
-    docs = _manifests()
-    (config_map,) = docs["ConfigMap"]
-    specs = {f"/etc/loadgraph/specs/{name}": yaml.safe_load(text) for name, text in config_map["data"].items()}
-    entrypoints = [d["spec"]["entrypoint"] for d in docs["RayJob"]] + [d["spec"]["jobTemplate"]["entrypoint"] for d in docs["RayCronJob"]]
-    for entrypoint in entrypoints:
-        path = re.search(r"loadgraph build (\S+)", entrypoint).group(1)
-        targets = parse_spec(specs[path], path)
-        assert len(targets) == 4 and len({t.export.path for t in targets}) == 4
-    (cron,) = docs["RayCronJob"]
-    assert len(cron["spec"]["schedule"].split()) == 5
-    (plain,) = docs["CronJob"]
-    assert plain["spec"]["concurrencyPolicy"] == "Forbid"
-    pod = plain["spec"]["jobTemplate"]["spec"]["template"]["spec"]
-    command = pod["containers"][0]["command"]
-    assert command[:2] == ["loadgraph", "submit"] and "--wait" in command
-    assert f"/etc/loadgraph/specs/{command[2]}" in specs
-    (cluster,) = docs["RayCluster"]
-    assert command[command.index("--address") + 1] == f"http://{cluster['metadata']['name']}-head-svc:8265"
-
-
 # -- a real local head -------------------------------------------------------------------------
 
 
@@ -124,6 +60,11 @@ def local_cluster():
     try:
         assert up.returncode == 0, up.stderr
         state = json.loads((state_dir / "cluster.json").read_text())
+        # Every node its own temp dir (and session in it): a shared one lets one node's runtime-env
+        # agent delete a job's unpacked working dir under another node's workers.
+        temp_dirs = [Path(n["temp_dir"]) for n in state["nodes"]]
+        assert len(set(temp_dirs)) == len(state["nodes"]) == 2
+        assert all((t / "session_latest").is_dir() for t in temp_dirs)
         yield state
     finally:
         subprocess.run([sys.executable, script, "down", "--dir", state_dir], capture_output=True, timeout=120)
