@@ -42,6 +42,7 @@ class NodeReport:
     bytes: int = 0  # read by the units
     bytes_written: int = 0  # files the units wrote (links of unchanged files count as written)
     details: dict = field(default_factory=dict)  # e.g. verify's figures, from the manifest
+    units: list[dict] = field(default_factory=list)  # per unit: id, reused, and where it ran (node id, ip, host)
 
 
 @dataclass
@@ -301,6 +302,7 @@ def _build_node(node: Node, cache: Cache, executor: Executor, reporter: Reporter
         seconds=time.perf_counter() - t0,
         bytes=sum(r.get("bytes", 0) for r in results.values()),
         bytes_written=sum(m.get("size", 0) for r in results.values() if not r.get("reused") for m in r.get("files", {}).values()),
+        units=[{"id": u.id, "reused": bool(results[u.id].get("reused")), "ran_on": results[u.id].get("ran_on")} for u in units],
     )
     reporter.node_finished(node, nr)
     return nr
