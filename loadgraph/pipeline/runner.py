@@ -42,6 +42,7 @@ class NodeReport:
     bytes_written: int = 0  # bytes the units wrote (links of unchanged files count as written)
     bytes_hashed: int = 0  # bytes the units hashed to check their inputs (not counting outputs)
     details: dict = field(default_factory=dict)  # e.g. verify's figures, from the manifest
+    units: list[dict] = field(default_factory=list)  # per unit: id, reused, and where it ran (node id, ip, host)
 
 
 @dataclass
@@ -282,6 +283,7 @@ def _build_node(node: Node, cache: Cache, executor: Executor, reporter: Reporter
         bytes=sum(r.get("bytes", 0) for r in results.values()),
         bytes_written=sum(r.get("written", sum(m.get("size", 0) for m in r.get("files", {}).values())) for r in fresh),
         bytes_hashed=sum(r.get("hashed", 0) for r in fresh),
+        units=[{"id": u.id, "reused": bool(results[u.id].get("reused")), "ran_on": results[u.id].get("ran_on")} for u in units],
     )
     reporter.node_finished(node, nr)
     return nr

@@ -8,6 +8,7 @@ divided among them so the pool does not oversubscribe the cores.
 from __future__ import annotations
 
 import os
+import socket
 import sys
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 
@@ -29,6 +30,7 @@ class LocalExecutor:
     def run_units(self, cache_root: str, desc: dict, units: list[Unit], on_result: OnResult, on_progress: OnProgress | None = None) -> None:
         workers = min(self.workers, len(units))
         cores = len(os.sched_getaffinity(0))
+        here = {"node_id": None, "ip": None, "host": socket.gethostname(), "pid": os.getpid()}  # in this process, no Ray node
 
         def run(unit: Unit) -> dict:
             progress = (lambda fraction: on_progress(unit, fraction)) if on_progress else None
@@ -36,7 +38,7 @@ class LocalExecutor:
             set_threads = getattr(torch, "set_num_threads", None)  # None while another thread imports it
             if set_threads is not None and workers > 1:
                 set_threads(max(1, cores // workers))
-            return execute_unit(cache_root, desc, unit_dict(unit), progress)
+            return {**execute_unit(cache_root, desc, unit_dict(unit), progress), "ran_on": here}
 
         if workers <= 1:
             for unit in units:
