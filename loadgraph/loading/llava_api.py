@@ -230,7 +230,8 @@ class LlavaApiMixin:
 
     @torch.no_grad()
     def generate(self, inputs: torch.Tensor | None = None, images=None, image_sizes=None, **kwargs: Any):
-        """LLaVA's generate: the prompt goes in as embeddings, so only new tokens come back."""
+        """LLaVA's generate: the prompt goes in as embeddings, so only new tokens come back, after
+        the BOS column that LLaVA's transformers (4.37) starts an embeddings-only generation with."""
         if "inputs_embeds" in kwargs:
             raise NotImplementedError("`inputs_embeds` is not supported")  # LLaVA's own refusal
         position_ids, attention_mask = kwargs.pop("position_ids", None), kwargs.pop("attention_mask", None)
@@ -243,7 +244,11 @@ class LlavaApiMixin:
             embeds = self.get_input_embeddings()(inputs)
         if position_ids is not None:
             kwargs["position_ids"] = position_ids
-        return super().generate(inputs_embeds=embeds, attention_mask=attention_mask, **kwargs)
+        out = super().generate(inputs_embeds=embeds, attention_mask=attention_mask, **kwargs)
+        bos = self.generation_config.bos_token_id
+        if isinstance(out, torch.Tensor) and isinstance(bos, int):
+            out = torch.cat([torch.full((out.shape[0], 1), bos, dtype=out.dtype, device=out.device), out], dim=1)
+        return out
 
 
 # The names LLaVA (and LLaVA-NeXT) give its classes, one per language family.

@@ -47,6 +47,7 @@ from loadgraph.stages.export import SHARD_NAME, ST_METADATA, shard_table
 # config.json keys of LLaVA's that its scripts read from model.config (process_images, padding side, ...)
 LLAVA_KEY_PREFIXES = ("mm_", "image_", "tokenizer_", "tune_mm", "freeze_mm", "unfreeze_mm")
 IMAGE_TOKEN_INDEX = -200
+_SET_KEYS = ("mm_use_im_start_end", "mm_use_im_patch_token", "image_aspect_ratio", "image_token_index", "image_seq_length")
 PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json", "image_processor_config.json", "video_preprocessor_config.json")
 EMBED = "model.embed_tokens.weight"  # original (and plain Llama/Mistral) names
 LM_HEAD = "lm_head.weight"
@@ -97,7 +98,7 @@ def converted_config(ctx: NodeContext, tokenizer):
     vision = vision_config_dict(_config(ctx.input("vision")), "mm_vision_tower")
     patches = (vision["image_size"] // vision["patch_size"]) ** 2
     dtype = original.get("dtype") or original.get("torch_dtype")
-    extra = {k: v for k, v in original.items() if k.startswith(LLAVA_KEY_PREFIXES)} if layout == "llava" else {}
+    extra = {k: v for k, v in original.items() if k.startswith(LLAVA_KEY_PREFIXES) and k not in _SET_KEYS} if layout == "llava" else {}
     config = LlavaConfig(
         text_config=text,
         vision_config=vision,
@@ -149,7 +150,19 @@ def _sources(ctx: NodeContext, projector_type: str) -> list[tuple[str, str, str]
     out += [("model", named[n], legacy_name(n, projector_type, layout)) for n in stored_tower]
     if not stored_tower:  # a tower saved inside the checkpoint (unfrozen in training) wins over the named one
         out += [("vision", n, "vision_tower." + tower_name(n)) for n in ctx.input("vision").tensors if tower_keeps(n)]
+    if layout == "llava":
+        # transformers' legacy llava-hf renames are registered for LlavaForConditionalGeneration by
+        # class name only: LLaVA's classes get the in-memory names directly.
+        out = [(inp, src, _memory_name(new)) for inp, src, new in out]
     return out
+
+
+_MEMORY_PREFIXES = (("language_model.model.", "model.language_model."), ("language_model.lm_head.", "lm_head."),
+                    ("multi_modal_projector.", "model.multi_modal_projector."), ("vision_tower.", "model.vision_tower."))
+
+
+def _memory_name(legacy: str) -> str:
+    return next((new + legacy[len(old):] for old, new in _MEMORY_PREFIXES if legacy.startswith(old)), legacy)
 
 
 def _disk_names(config, legacy: list[str], layout: str) -> tuple[dict[str, str], list[str]]:
@@ -209,7 +222,7 @@ class ConvertStage(Stage):
                 entry.update(op="resize", shape=[rows, *t["shape"][1:]], stats=stats, seed=_seed(ctx.params["seed"], name))
             group = groups.setdefault((inp, t["file"]), [])
             group.append(entry)
-            if new == "multi_modal_projector.linear_1.weight":
+            if new.endswith("multi_modal_projector.linear_1.weight"):
                 projector_group, linear_1 = group, entry
         identity = info.projector_type == "linear" and _layout(ctx) == "hf"
         unplaced = [m for m in missing if not (identity and ".linear_2." in m)]
