@@ -225,7 +225,8 @@ class ConvertStage(Stage):
             if new.endswith("multi_modal_projector.linear_1.weight"):
                 projector_group, linear_1 = group, entry
         identity = info.projector_type == "linear" and _layout(ctx) == "hf"
-        unplaced = [m for m in missing if not (identity and ".linear_2." in m)]
+        tied = bool(getattr(config, "tie_word_embeddings", False) or config.text_config.tie_word_embeddings)
+        unplaced = [m for m in missing if not (identity and ".linear_2." in m) and not (tied and m.endswith("lm_head.weight"))]
         if unplaced:
             raise InputError(f"LLaVA conversion leaves LlavaForConditionalGeneration tensors without weights: {', '.join(unplaced[:5])}; is mm_vision_tower the right tower?")
         if identity:
