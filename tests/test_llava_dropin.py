@@ -102,7 +102,7 @@ def test_refusals(root, tmp_path):
     pickled.mkdir()
     torch.save({"w": torch.zeros(2)}, pickled / "pytorch_model.bin")
     (pickled / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    with pytest.raises(ValueError, match=r"allow_pickle=True"):
+    with pytest.raises(InputError, match=r"allow_pickle=True"):
         load_pretrained_model(str(pickled), None, "vicuna-7b", cache=tmp_path / "c")
     with pytest.raises(ValueError, match="prefetch"):
         load_pretrained_model("nobody-org/llava-none", None, "llava-none", cache=tmp_path / "c")
