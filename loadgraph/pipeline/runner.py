@@ -232,6 +232,7 @@ def _build_node(node: Node, cache: Cache, executor: Executor, reporter: Reporter
         desc = {**node.describe(), "lease": str(lease.path) if lease.path else None,
                 "trusted": sorted(name for name, key in node.inputs.items() if key in built)}
         ctx = node_context(cache, desc)
+        desc["threads_ok"] = stage.thread_safe(ctx)
         layout = stage.layout(ctx)
         header_digests: dict[str, str] = {}
         if layout is not None:

@@ -71,6 +71,10 @@ class Stage:
     def units(self, ctx: NodeContext) -> list[Unit]:
         raise NotImplementedError
 
+    def thread_safe(self, ctx: NodeContext) -> bool:
+        """Whether units of this node may run on threads of one process (the local executor)."""
+        return True
+
     def layout(self, ctx: NodeContext):
         """The output files planned up front (formats.layout.Layout), when the units write into
         shared files at final offsets rather than each its own files; None otherwise."""

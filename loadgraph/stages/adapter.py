@@ -26,7 +26,7 @@ from loadgraph.spec import AdapterSpec
 from loadgraph.stages.export import set_config_dtype
 from loadgraph.stages.fetch import locate
 from loadgraph.stages.inspect import link_or_copy
-from loadgraph.stages.placed import output_layout, placed_result, placed_units, shard_bytes
+from loadgraph.stages.placed import output_layout, placed_result, placed_units, shard_bytes, write_index
 from loadgraph.stages.tensor_io import ArtifactReader
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
@@ -209,6 +209,7 @@ class MergeStage(Stage):
 
     def finalize(self, ctx: NodeContext, results: dict[str, dict], out: Path) -> dict:
         copy_aux(ctx.input(), out, ctx.params["dtype"])
+        write_index(out, results)
         return {"merged_adapters": [str(p) for p in self._adapter_dirs(ctx)]}
 
 
@@ -237,7 +238,7 @@ def copy_aux(src, out: Path, dtype: str) -> None:
             config = json.loads((src.path / rel).read_text())
             set_config_dtype(config, dtype)
             (out / rel).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        elif rel != INDEX_NAME or (src.path / rel).exists():
+        elif rel != INDEX_NAME:  # the stage writes its own index for its own files
             shutil.copyfile(src.path / rel, out / rel)
 
 

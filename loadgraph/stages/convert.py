@@ -23,7 +23,7 @@ import json
 from pathlib import Path
 
 from loadgraph.errors import InputError
-from loadgraph.formats.checkpoint import INDEX_NAME, TOKENIZER_FILES
+from loadgraph.formats.checkpoint import TOKENIZER_FILES
 from loadgraph.formats.llava_original import (
     COVARIANCE_SCALE,
     original_name,
@@ -45,6 +45,7 @@ from loadgraph.pipeline.stage import NodeContext, Stage, Unit
 from loadgraph.formats.digest import tree_record
 from loadgraph.formats.layout import SHARD_NAME
 from loadgraph.stages.export import ST_METADATA, shard_table
+from loadgraph.stages.placed import write_index
 from loadgraph.stages.tensor_io import ArtifactReader
 
 # config.json keys of LLaVA's that its scripts read from model.config (process_images, padding side, ...)
@@ -300,9 +301,7 @@ class ConvertStage(Stage):
             tower_processor(ctx, config).save_pretrained(out)
         else:
             processor(ctx, tokenizer, config, info).save_pretrained(out)
-        tensors = {n: t for r in results.values() for n, t in r["tensors"].items()}
-        index = {"metadata": {"total_size": sum(t["end"] - t["begin"] for t in tensors.values())}, "weight_map": {n: tensors[n]["file"] for n in sorted(tensors)}}
-        (out / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+        write_index(out, results)
         return {"converted_from": {"format": "llava-original", "projector": info.projector_type, "vision_tower": ctx.input("vision").key}}
 
 

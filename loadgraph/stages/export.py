@@ -17,7 +17,7 @@ from loadgraph.formats.layout import Layout, PlacedWriter
 from loadgraph.formats.safetensors import DTYPES, FLOAT_DTYPES, TORCH_TO_ST, PlannedTensor, read_header
 from loadgraph.pipeline.stage import NodeContext, Stage, Unit
 from loadgraph.stages.inspect import link_or_copy
-from loadgraph.stages.placed import ST_METADATA, output_layout, placed_result, placed_units  # noqa: F401 - ST_METADATA: public here too
+from loadgraph.stages.placed import ST_METADATA, output_layout, placed_result, placed_units, write_index  # noqa: F401 - ST_METADATA: public here too
 from loadgraph.stages.tensor_io import ArtifactReader
 
 def out_dtype(src_dtype: str, target: str) -> str:
@@ -106,10 +106,7 @@ class ExportStage(Stage):
 
     def finalize(self, ctx: NodeContext, results: dict[str, dict], out: Path) -> dict:
         src = ctx.input()
-        tensors = {n: t for r in results.values() for n, t in r["tensors"].items()}
-        total = sum(t["end"] - t["begin"] for t in tensors.values())
-        index = {"metadata": {"total_size": total}, "weight_map": {n: tensors[n]["file"] for n in sorted(tensors)}}
-        (out / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+        write_index(out, results)
         for rel in src.files:
             if rel.startswith("adapters/"):  # attached adapters travel whole
                 (out / rel).parent.mkdir(parents=True, exist_ok=True)

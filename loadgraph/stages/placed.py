@@ -7,8 +7,11 @@ killed build resumes at the next unfinished group.
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 
+from loadgraph.formats.checkpoint import INDEX_NAME
 from loadgraph.formats.digest import digest_bytes
 from loadgraph.formats.layout import Layout, pack, plan_layout, shard_names, unit_groups
 from loadgraph.formats.safetensors import PlannedTensor
@@ -45,3 +48,10 @@ def placed_units(layout: Layout, gpu: bool = False, unit_bytes: int | None = Non
 def placed_result(layout: Layout, digests: dict[str, str], read: int, written: int, hashed: int = 0) -> dict:
     return {"tensors": {n: {**layout.tensors[n].table(), "blake3": d} for n, d in digests.items()}, "bytes": read, "written": written,
             "hashed": hashed}
+
+
+def write_index(out: Path, results: dict[str, dict]) -> None:
+    """model.safetensors.index.json for the tensors the units wrote, as save_pretrained writes it."""
+    tensors = {n: t for r in results.values() for n, t in r["tensors"].items()}
+    index = {"metadata": {"total_size": sum(t["end"] - t["begin"] for t in tensors.values())}, "weight_map": {n: tensors[n]["file"] for n in sorted(tensors)}}
+    (out / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")

@@ -100,6 +100,11 @@ class QuantizeStage(Stage):
                      nbytes=sum(tensors[x]["end"] - tensors[x]["begin"] for x in names), gpu=gpu)
                 for i, names in enumerate(groups, start=1)]
 
+    def thread_safe(self, ctx: NodeContext) -> bool:
+        # bitsandbytes' CPU kernels are torch.compile'd, and dynamo is not thread-safe: two
+        # units on threads produced wrong double-quant offsets. Processes (Ray) are fine.
+        return ctx.params["backend"] != "cpu"
+
     def _plan(self, ctx: NodeContext):
         return artifact_quant_plan(str(ctx.input().path), make_settings(ctx.params["settings"]))
 

@@ -33,6 +33,11 @@ class VerifyStage(Stage):
     name = "verify"
     version = 2
 
+    def thread_safe(self, ctx: NodeContext) -> bool:
+        # The quantization checks call bitsandbytes' torch.compile'd CPU ops (dynamo is not
+        # thread-safe: wrong double-quant offsets seen with two units on threads).
+        return not ctx.params.get("method")
+
     # -- units -------------------------------------------------------------------------------
     def units(self, ctx: NodeContext) -> list[Unit]:
         from loadgraph.stages import verify_tensors as vt
@@ -64,6 +69,9 @@ class VerifyStage(Stage):
             from loadgraph.stages.verify_smoke import run_smoke
 
             return {"smoke": run_smoke(ctx), "wall": time.perf_counter() - started}
+        from loadgraph.stages import verify_tensors as vt
+
+        vt.TRUSTED = frozenset(ctx.inputs[n].key for n in ctx.trusted)
         return {"tensors": _run_items(ctx, unit.payload["items"]), "bytes": unit.nbytes, "wall": time.perf_counter() - started}
 
     def finalize(self, ctx: NodeContext, results: dict[str, dict], out: Path) -> dict:

@@ -246,6 +246,23 @@ def _load_and_probe(final, device_map: str, where: str):
     return model, result, logits_of(model, vocab)
 
 
+def check_loaded_files(ctx, artifacts) -> None:
+    """transformers reads whole files: those of inputs this build did not produce are checked
+    whole first (memoised by inode change time, so an unchanged file is hashed once)."""
+    from loadgraph.errors import CorruptInput
+    from loadgraph.pipeline.integrity import Verifier, damaged_files
+
+    trusted = {ctx.inputs[n].key for n in ctx.trusted}
+    verifier = Verifier(ctx.cache.root)
+    for art in artifacts:
+        if art is None or art.key in trusted:
+            continue
+        damaged = damaged_files(verifier, art.path, {rel: m for rel, m in art.files.items() if rel.endswith(".safetensors")})
+        if damaged:
+            raise CorruptInput(f"{art.path / damaged[0]}: bytes differ from the digest in the manifest of cache entry {art.key[:12]}; evicting it", art.key)
+    verifier.save()
+
+
 def run_smoke(ctx) -> dict:
     """The smoke unit: place, load strictly, generate, compare logits; or skip with the reason."""
     import gc
@@ -253,6 +270,7 @@ def run_smoke(ctx) -> dict:
     p, inputs = ctx.params, ctx.inputs
     final = ctx.input()
     reference = inputs.get("merge_base") if "merged" in inputs and "quantized" not in inputs else inputs.get("quant_input")
+    check_loaded_files(ctx, [final, reference])
     sizes = [sum(t["end"] - t["begin"] for t in art.tensors.values()) for art in (final, reference) if art is not None]
     device_map, where = placement(max(sizes))
     if device_map is None:

@@ -28,7 +28,7 @@ class LocalExecutor:
         self.workers = workers or local_workers()
 
     def run_units(self, cache_root: str, desc: dict, units: list[Unit], on_result: OnResult, on_progress: OnProgress | None = None) -> None:
-        workers = min(self.workers, len(units))
+        workers = min(self.workers, len(units)) if desc.get("threads_ok", True) else 1
         cores = len(os.sched_getaffinity(0))
         here = {"node_id": None, "ip": None, "host": socket.gethostname(), "pid": os.getpid()}  # in this process, no Ray node
 
@@ -44,6 +44,10 @@ class LocalExecutor:
             for unit in units:
                 on_result(unit, run(unit))
             return
+        # The first unit runs alone: it does the node's imports (transformers' lazy modules and
+        # PEFT's import are not thread-safe) and fills the per-process plan caches the others reuse.
+        first, units = units[0], units[1:]
+        on_result(first, run(first))
         torch = sys.modules.get("torch")
         threads = torch.get_num_threads() if torch else None
         pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="unit")
