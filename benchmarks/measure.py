@@ -16,17 +16,49 @@ class Measurement:
     returncode: int
 
 
-def measure(cmd: list[str], env: dict | None = None, quiet: bool = True) -> Measurement:
-    """ru_maxrss of the child itself (KiB on Linux): grandchildren such as Ray workers are not
-    in it, which is why benchmarks that compare memory use the in-process executor."""
+def _tree_rss(pid: int) -> int:
+    """Resident bytes of a process and all its descendants (Ray's GCS, raylet and workers too)."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return 0
+    total = 0
+    for p in procs:
+        try:
+            total += p.memory_info().rss
+        except psutil.Error:
+            continue
+    return total
+
+
+def measure(cmd: list[str], env: dict | None = None, quiet: bool = True, period: float = 0.05) -> Measurement:
+    """Wall time and peak RSS of the whole process tree the command starts (sampled every
+    `period` s, and never below the child's own ru_maxrss from wait4)."""
+    import threading
+
     out = subprocess.DEVNULL if quiet else None
     subprocess.run(["sync"], check=False)  # earlier runs' dirty pages must not be flushed on this run's clock
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stdout=out, stderr=out)
+    peak = [0]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], _tree_rss(proc.pid))
+            done.wait(period)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
     _, status, usage = os.wait4(proc.pid, 0)
     seconds = time.perf_counter() - t0
+    done.set()
+    sampler.join()
     proc.returncode = os.waitstatus_to_exitcode(status)
-    return Measurement(seconds, usage.ru_maxrss / 2**20, proc.returncode)
+    return Measurement(seconds, max(peak[0], usage.ru_maxrss * 1024) / 2**30, proc.returncode)
 
 
 def median(runs: list[Measurement]) -> Measurement:

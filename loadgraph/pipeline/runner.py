@@ -41,6 +41,7 @@ class NodeReport:
     bytes: int = 0  # read by the units
     bytes_written: int = 0  # bytes the units wrote (links of unchanged files count as written)
     bytes_hashed: int = 0  # bytes the units hashed to check their inputs (not counting outputs)
+    timings: dict = field(default_factory=dict)  # seconds summed over its units: wall, read, hash, hash_out, write
     details: dict = field(default_factory=dict)  # e.g. verify's figures, from the manifest
     units: list[dict] = field(default_factory=list)  # per unit: id, reused, and where it ran (node id, ip, host)
 
@@ -284,10 +285,19 @@ def _build_node(node: Node, cache: Cache, executor: Executor, reporter: Reporter
         bytes=sum(r.get("bytes", 0) for r in results.values()),
         bytes_written=sum(r.get("written", sum(m.get("size", 0) for m in r.get("files", {}).values())) for r in fresh),
         bytes_hashed=sum(r.get("hashed", 0) for r in fresh),
+        timings=_sum_timings(fresh),
         units=[{"id": u.id, "reused": bool(results[u.id].get("reused")), "ran_on": results[u.id].get("ran_on")} for u in units],
     )
     reporter.node_finished(node, nr)
     return nr
+
+
+def _sum_timings(results: list[dict]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for r in results:
+        for what, seconds in {"wall": r.get("wall", 0.0), **r.get("timings", {})}.items():
+            out[what] = round(out.get(what, 0.0) + seconds, 3)
+    return out
 
 
 def _placed_files(layout, header_digests: dict[str, str], tensors: dict[str, dict]) -> dict[str, dict]:

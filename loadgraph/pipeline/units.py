@@ -7,6 +7,7 @@ result; tensor bytes go from the cache to the cache, never through the caller.
 from __future__ import annotations
 
 import shutil
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -43,8 +44,10 @@ def execute_unit(cache_root: str, desc: dict, unit: dict, progress: ProgressFn |
     if progress is not None:
         ctx.progress = progress if isinstance(progress, Throttled) else Throttled(progress, period=0.0)
     staged = cache.new_tmp_dir(f"unit-{desc['key'][:12]}-{unit['id']}")
+    started = time.perf_counter()
     try:
         result = stage.run_unit(ctx, Unit(**unit), staged)
+        result.setdefault("wall", time.perf_counter() - started)
         faults.unit_staged(desc["key"], unit["id"])
         check_driver(desc)  # a unit of a dead build is not published: nobody would use it
         cache.publish_unit(desc["key"], unit["id"], staged, result)

@@ -201,11 +201,11 @@ class MergeStage(Stage):
                             tensor = merge_shard(plan, {name: tensor}, adapter_tensors(adapter, dev))[name]
                     tensor = tensor.cpu()
                 writer.write_tensor(name, tensor)
-            digests = writer.close()
+            writer.close()
         except BaseException:
             writer.abort()
             raise
-        return placed_result(layout, digests, reader.bytes_read, writer.written, reader.bytes_hashed)
+        return placed_result(layout, writer, reader)
 
     def finalize(self, ctx: NodeContext, results: dict[str, dict], out: Path) -> dict:
         copy_aux(ctx.input(), out, ctx.params["dtype"])

@@ -98,11 +98,11 @@ class ExportStage(Stage):
                     import torch
 
                     writer.write_tensor(name, reader.read(name).to(getattr(torch, DTYPES[p.dtype][1])))
-            digests = writer.close()
+            writer.close()
         except BaseException:
             writer.abort()
             raise
-        return placed_result(layout, digests, reader.bytes_read, writer.written, reader.bytes_hashed)
+        return placed_result(layout, writer, reader)
 
     def finalize(self, ctx: NodeContext, results: dict[str, dict], out: Path) -> dict:
         src = ctx.input()

@@ -45,9 +45,10 @@ def placed_units(layout: Layout, gpu: bool = False, unit_bytes: int | None = Non
     ]
 
 
-def placed_result(layout: Layout, digests: dict[str, str], read: int, written: int, hashed: int = 0) -> dict:
-    return {"tensors": {n: {**layout.tensors[n].table(), "blake3": d} for n, d in digests.items()}, "bytes": read, "written": written,
-            "hashed": hashed}
+def placed_result(layout: Layout, writer, reader) -> dict:
+    """A unit's result: its tensors' table rows with digests, and what it read, hashed and wrote."""
+    return {"tensors": {n: {**layout.tensors[n].table(), "blake3": d} for n, d in writer.digests.items()}, "bytes": reader.bytes_read,
+            "written": writer.written, "hashed": reader.bytes_hashed, "timings": {**reader.seconds, **writer.seconds}}
 
 
 def write_index(out: Path, results: dict[str, dict]) -> None:

@@ -10,6 +10,7 @@ checked file by file, once per process, the first time a unit reads from the fil
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
@@ -35,6 +36,7 @@ class ArtifactReader:
         self.trusted = trusted
         self.bytes_read = 0
         self.bytes_hashed = 0
+        self.seconds = {"read": 0.0, "hash": 0.0}  # spent reading and checking, for the report's breakdown
 
     def _corrupt(self, what: str) -> CorruptInput:
         return CorruptInput(f"{what}: bytes differ from the digest in the manifest of cache entry {self.art.key[:12]}; evicting it", self.art.key)
@@ -62,13 +64,17 @@ class ArtifactReader:
     def read(self, name: str, into: "torch.Tensor | None" = None) -> "torch.Tensor":
         t = self.art.tensors[name]
         check = self._check_file(name)
+        t0 = time.perf_counter()
         tensor = read_tensor(self.path(name), entry(t), into=into)
+        t1 = time.perf_counter()
+        self.seconds["read"] += t1 - t0
         self.bytes_read += t["end"] - t["begin"]
         if check:
             raw = tensor.reshape(-1).view(__import__("torch").uint8).numpy() if tensor.numel() else b""
             if digest.digest_bytes(raw) != t["blake3"]:
                 raise self._corrupt(f"{self.path(name)}: tensor {name}")
             self.bytes_hashed += t["end"] - t["begin"]
+            self.seconds["hash"] += time.perf_counter() - t1
         return tensor
 
     def check_copied(self, name: str, got: str) -> None:
@@ -90,11 +96,15 @@ class ArtifactReader:
         with open(self.path(name), "rb", buffering=0) as f:
             pos, end = t["begin"], t["end"]
             while pos < end:
+                t0 = time.perf_counter()
                 got = os.preadv(f.fileno(), [buf[: min(len(buf), end - pos)]], pos)
+                t1 = time.perf_counter()
+                self.seconds["read"] += t1 - t0
                 if got <= 0:
                     raise self._corrupt(f"{self.path(name)}: tensor {name} (file truncated)")
                 if h is not None:
                     h.update(buf[:got])
+                    self.seconds["hash"] += time.perf_counter() - t1
                 yield buf[:got]
                 pos += got
         self.bytes_read += t["end"] - t["begin"]

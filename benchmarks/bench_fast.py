@@ -1,0 +1,164 @@
+"""The fast data path's benchmark (issue 13): merge + export, merge + nf4 + export and nf4 alone,
+each beside its PEFT / transformers baseline in the same run, with the build's per-stage
+breakdown (seconds read / hashed / written, bytes read / hashed / written) from its JSON report,
+peak RSS of every process of the build, the fully cached rebuild and `plan` (first and again).
+
+  7B on a GPU host:  python -m benchmarks.bench_fast --shape 7b --backend cuda
+  2-core CPU box:    python -m benchmarks.bench_fast            (1.2B shape, bnb on the CPU)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from benchmarks.bench_merge import BASELINE as PEFT_MERGE
+from benchmarks.bench_merge import MAKE_ADAPTER, PROJECTIONS
+from benchmarks.compare import SHAPE
+from benchmarks.measure import Measurement, make_checkpoint, measure
+
+SHAPES = {"1b": SHAPE, "7b": dict(hidden_size=4096, num_layers=32, intermediate_size=11008, vocab_size=32000, num_heads=32, num_kv_heads=32, dtype="bfloat16")}
+PEFT_MERGE_NF4 = """
+import sys, torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+base, adapter, tmp, out, device = sys.argv[1:6]
+m = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
+PeftModel.from_pretrained(m, adapter).merge_and_unload().save_pretrained(tmp)
+del m
+q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True)
+AutoModelForCausalLM.from_pretrained(tmp, quantization_config=q, device_map=device, dtype=torch.bfloat16).save_pretrained(out)
+"""
+TRANSFORMERS_NF4 = """
+import sys, torch
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+base, out, device = sys.argv[1:4]
+q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True)
+AutoModelForCausalLM.from_pretrained(base, quantization_config=q, device_map=device, dtype=torch.bfloat16).save_pretrained(out)
+"""
+JOBS = ("merge", "merge-nf4", "nf4")
+
+
+def _spec(work: Path, job: str, backend: str, verify: bool) -> Path:
+    lines = [f"source: {{model: {work / 'base'}}}", "dtype: bfloat16"]
+    if job.startswith("merge"):
+        lines.append(f"adapters: [{{path: {work / 'adapter'}}}]")
+    if job.endswith("nf4"):
+        lines.append(f"quantize: {{method: bnb-nf4, double_quant: true, backend: {backend}}}")
+    lines += [f"verify: {str(verify).lower()}", f"export: {{path: {work / 'lg-out'}}}"]
+    spec = work / f"spec-{job}.yaml"
+    spec.write_text("\n".join(lines) + "\n")
+    return spec
+
+
+def _baseline(work: Path, job: str, device: str) -> list[str]:
+    py = sys.executable
+    if job == "merge":
+        return [py, "-c", PEFT_MERGE, str(work / "base"), str(work / "adapter"), str(work / "ref-out")]
+    if job == "merge-nf4":
+        return [py, "-c", PEFT_MERGE_NF4, str(work / "base"), str(work / "adapter"), str(work / "ref-tmp"), str(work / "ref-out"), device]
+    return [py, "-c", TRANSFORMERS_NF4, str(work / "base"), str(work / "ref-out"), device]
+
+
+def _imports_heavy(cmd: list[str]) -> list[str]:
+    """Which of torch / transformers a command imports (python -X importtime)."""
+    proc = subprocess.run([cmd[0], "-X", "importtime", *cmd[1:]], capture_output=True, text=True)
+    names = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if "|" in line}
+    return sorted(n for n in ("torch", "transformers") if n in names)
+
+
+def _stages(report: dict) -> list[dict]:
+    return [{"stage": n["stage"], "status": n["status"], "units": n["units_total"], "seconds": round(n["seconds"], 2), "read": n["bytes"],
+             "written": n["bytes_written"], "hashed": n.get("bytes_hashed", 0), "timings": n.get("timings", {})}
+            for n in report["nodes"] if n["status"] == "built"]
+
+
+def run_job(work: Path, job: str, backend: str, verify: bool, baseline: bool) -> dict:
+    device = "cuda:0" if backend == "cuda" else "cpu"
+    spec = _spec(work, job, backend, verify)
+    cache, report = work / f"cache-{job}", work / f"report-{job}.json"
+    lg = [sys.executable, "-m", "loadgraph.cli", "build", str(spec), "--executor", "local", "--cache", str(cache), "--json", str(report)]
+    for p in (work / "ref-out", work / "ref-tmp", work / "lg-out", cache):
+        shutil.rmtree(p, ignore_errors=True)
+    base: Measurement | None = measure(_baseline(work, job, device)) if baseline else None
+    plan_cmd = [sys.executable, "-m", "loadgraph.cli", "plan", str(spec), "--cache", str(cache)]
+    plan_first = measure(plan_cmd)
+    plan_again = measure(plan_cmd)
+    shutil.rmtree(cache, ignore_errors=True)  # the build itself is cold: it hashes the source again
+    cold = measure(lg)
+    built = json.loads(report.read_text())
+    warm = measure(lg)
+    model_bytes = sum(f.stat().st_size for f in (work / "base").glob("*.safetensors"))
+    for m in (cold, warm, plan_first, plan_again) + ((base,) if base else ()):
+        if m.returncode != 0:
+            raise SystemExit(f"{job}: a benchmark command failed: {m}")
+    stages = _stages(built)
+    return {
+        "job": job, "backend": backend, "verify": verify, "model_bytes": model_bytes,
+        "baseline": base.__dict__ if base else None, "loadgraph_cold": cold.__dict__, "loadgraph_cached": warm.__dict__,
+        "plan_first": plan_first.seconds, "plan_again": plan_again.seconds, "cached_imports": _imports_heavy(lg),
+        "read_x": sum(s["read"] for s in stages) / model_bytes, "written_x": sum(s["written"] for s in stages) / model_bytes,
+        "stages": stages,
+    }
+
+
+def _table(rows: list[dict], title: str) -> str:
+    lines = [title, "", "| job | baseline s | loadgraph s | ratio | baseline RSS GiB | loadgraph RSS GiB (all processes) | cached s (imports) | plan s first / again | read x | written x |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        b, c, w = r["baseline"], r["loadgraph_cold"], r["loadgraph_cached"]
+        ratio = f"{c['seconds'] / b['seconds']:.2f}" if b else "-"
+        lines.append(f"| {r['job']} ({r['backend']}) | {b['seconds']:.1f} | {c['seconds']:.1f} | {ratio} | {b['peak_rss_gib']:.2f} | {c['peak_rss_gib']:.2f} | "
+                     f"{w['seconds']:.2f} ({', '.join(r['cached_imports']) or 'no torch/transformers'}) | {r['plan_first']:.2f} / {r['plan_again']:.2f} | "
+                     f"{r['read_x']:.2f} | {r['written_x']:.2f} |" if b else f"| {r['job']} | - | {c['seconds']:.1f} | - | - | {c['peak_rss_gib']:.2f} | {w['seconds']:.2f} | "
+                     f"{r['plan_first']:.2f} / {r['plan_again']:.2f} | {r['read_x']:.2f} | {r['written_x']:.2f} |")
+    lines += ["", "Per stage (cold build; seconds summed over units: wall / read / hash of inputs / hash of outputs / write; GB read / hashed / written):", ""]
+    lines += ["| job | stage | units | node s | unit wall | read s | hash s | hash-out s | write s | GB read | GB hashed | GB written |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        for s in r["stages"]:
+            t = s["timings"]
+            lines.append(f"| {r['job']} | {s['stage']} | {s['units']} | {s['seconds']:.2f} | {t.get('wall', 0):.2f} | {t.get('read', 0):.2f} | {t.get('hash', 0):.2f} | "
+                         f"{t.get('hash_out', 0):.2f} | {t.get('write', 0):.2f} | {s['read'] / 1e9:.2f} | {s['hashed'] / 1e9:.2f} | {s['written'] / 1e9:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="1b")
+    ap.add_argument("--backend", choices=("cpu", "cuda"), default="cpu")
+    ap.add_argument("--jobs", default=",".join(JOBS))
+    ap.add_argument("--verify", action="store_true", help="build with verify on (the default spec's setting)")
+    ap.add_argument("--no-baseline", action="store_true")
+    ap.add_argument("--work", default="/tmp/loadgraph-bench-fast")
+    ap.add_argument("--results", default=None)
+    args = ap.parse_args(argv)
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    if not (work / "base" / "config.json").exists():
+        t0 = time.perf_counter()
+        make_checkpoint(work / "base", **SHAPES[args.shape], max_shard_size="5GB")
+        subprocess.run([sys.executable, "-c", MAKE_ADAPTER, str(work / "base"), str(work / "adapter"), "16", ",".join(PROJECTIONS)], check=True)
+        print(f"made the {args.shape} fixture in {time.perf_counter() - t0:.0f} s", flush=True)
+    rows = []
+    for job in args.jobs.split(","):
+        rows.append(run_job(work, job, args.backend, args.verify, not args.no_baseline))
+        print(json.dumps({k: v for k, v in rows[-1].items() if k != "stages"}), flush=True)
+    results = Path(args.results or f"benchmarks/results/fast-{args.shape}-{args.backend}.md")
+    size = rows[0]["model_bytes"] / 1e9
+    title = (f"Fast data path, Llama-shaped bf16 {args.shape} ({size:.2f} GB), r=16 LoRA on 7 projections; {os.cpu_count()} cores, page cache warm, "
+             f"local executor, verify {'on' if args.verify else 'off'}, one run each.")
+    table = _table(rows, title)
+    results.parent.mkdir(parents=True, exist_ok=True)
+    results.write_text(table)
+    results.with_suffix(".json").write_text(json.dumps(rows, indent=2))
+    print(table, flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
