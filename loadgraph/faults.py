@@ -7,6 +7,8 @@
   enospc-after-bytes:N raise ENOSPC once shard writes in this process pass N bytes
   kill-at-export:N     SIGKILL it at step N of replacing an export (1: staged, before the swap;
                        2: swapped, before the old export is deleted)
+  kill-in-upload:N     SIGKILL the process once it has uploaded N objects to an object store
+                       (the cache's remote tier or an s3:// export): a crash mid-upload
   slow-progress:S      sleep S seconds after every progress report of a unit (so that a test
                        sees a unit's progress arrive while it runs, also from Ray workers)
 `LOADGRAPH_UNIT_LOG=FILE` appends "<node key> <unit id> <pid>" for every unit computed (not
@@ -22,6 +24,7 @@ import signal
 _count = 0
 _staged = 0
 _written = 0
+_uploaded = 0
 
 
 def _arg(prefix: str) -> int | None:
@@ -67,6 +70,16 @@ def wrote(nbytes: int) -> None:
 def export_step(step: int) -> None:
     """Replacing an export: 1 = the new one is staged, 2 = swapped in, the old one not yet deleted."""
     if _arg("kill-at-export") == step:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def uploaded() -> None:
+    global _uploaded
+    limit = _arg("kill-in-upload")
+    if limit is None:
+        return
+    _uploaded += 1
+    if _uploaded >= limit:
         os.kill(os.getpid(), signal.SIGKILL)
 
 

@@ -282,7 +282,8 @@ def _build_node(node: Node, cache: Cache, executor: Executor, reporter: Reporter
         try:
             if todo:
                 desc = {**node.describe(), "lease": str(lease.path) if lease.path else None}
-                executor.run_units(str(cache.root), desc, todo, on_result, on_progress)
+                executor.run_units(cache.location, desc, todo, on_result, on_progress)
+                cache.localize_units(node.key, [u.id for u in todo])
             art = _assemble(node, stage, ctx, units, results, cache, origin or {})
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -353,7 +354,7 @@ def _link_unit_file(src: Path, dst: Path, meta: dict) -> None:
     permitted (another member's file in a group-shared cache, under fs.protected_hardlinks)."""
     try:
         os.link(src, dst)
-    except PermissionError:
+    except OSError:  # EPERM, and EOPNOTSUPP/EXDEV/EMLINK on filesystems without (enough) hard links
         from loadgraph.formats.safetensors import copy_and_hash
 
         digest = copy_and_hash(src, dst)

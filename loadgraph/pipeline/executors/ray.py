@@ -77,7 +77,7 @@ def _use_assigned_cpus() -> None:
 
 def _remote_execute(cache_root: str, identity: str, desc: dict, unit: dict) -> dict:
     here = where_am_i()
-    if not sees_cache(cache_root, identity):
+    if identity and not sees_cache(cache_root, identity):
         # Checked before execute_unit, whose Cache() would create an empty local cache here.
         return {"error": unreachable_message(cache_root, [f"{here['node_id'][:12]} ({here['host']})"]), "error_class": "BuildError"}
     stop = _watch_driver(desc)
@@ -220,6 +220,11 @@ class RayExecutor:
     def _check_cache(self, cache_root: str) -> str:
         """The cache's id; on a joined multi-node cluster, fail now if some node cannot see it."""
         if cache_root not in self._checked_roots:
+            from loadgraph.pipeline.objstore import url_of
+
+            if url_of(cache_root):  # a remote tier: every node has its own local dir and reaches the tier by URL
+                self._checked_roots[cache_root] = ""
+                return ""
             identity = cache_identity(Path(cache_root))
             if not self.embedded and len(self.nodes) > 1:
                 bad = probe_cache(cache_root, identity, self.nodes)

@@ -1,0 +1,328 @@
+"""The cache's object-store tier: a per-node local cache in front of one bucket prefix every node shares.
+
+`--cache s3://bucket/prefix` (or LOADGRAPH_CACHE) makes `Cache(...)` a TieredCache. Each node
+keeps an ordinary local cache (LOADGRAPH_LOCAL_CACHE, else under the user cache dir) and:
+  - get(key) that misses locally downloads the entry from the tier, checks every file against
+    the digest its manifest names, and installs it locally (a mismatch drops the remote entry,
+    which is then rebuilt, never used);
+  - publish/publish_unit upload content objects first and the manifest (unit record) last, so
+    an object store, which cannot rename, still never shows a partial entry;
+  - lock(key) adds a lease object written with S3 conditional writes, so one node builds a key.
+
+Layout under the prefix:
+  blobs/<alg>/<digest>        file contents, named by their digest (immutable, shared by entries)
+  objects/<key>.json          an entry's manifest: written last, names every file's digest
+  units/<key>/<unit>.json     a finished unit's record, written after its files' blobs
+  leases/<key>.json           who builds <key>, until when (If-None-Match create, If-Match renew)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import threading
+import time
+import uuid
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from filelock import FileLock
+
+from loadgraph.errors import BuildError
+from loadgraph.pipeline.cache import MANIFEST_FORMAT, Artifact, Cache
+from loadgraph.pipeline.fsops import HOST, pid_alive
+from loadgraph.pipeline.objstore import (
+    check_reachable,
+    create_exclusive,
+    download_verified,
+    file_digest,
+    hash_file,
+    local_dir_for,
+    open_store,
+    parallel,
+    put_file,
+    read_with_etag,
+    replace_if,
+    url_of,
+)
+
+LEASE_ENV = "LOADGRAPH_REMOTE_LEASE_S"
+POLL_S = 0.5
+# Per-file fields that describe one node's copy, not the content: never shared through the tier.
+LOCAL_FIELDS = ("mtime_ns", "shared")
+
+
+class RemoteTierWarning(UserWarning):
+    """A remote entry that failed verification (shown on the screen; the build goes on)."""
+
+
+def portable(files: dict[str, dict]) -> dict[str, dict]:
+    return {rel: {k: v for k, v in meta.items() if k not in LOCAL_FIELDS} for rel, meta in files.items()}
+
+
+class TieredCache(Cache):
+    def __init__(self, root: str | os.PathLike | None = None):
+        self.url = url_of(root if root is not None else os.environ.get("LOADGRAPH_CACHE"))
+        self.fs, self.base = open_store(self.url, "--cache")
+        self._on_remote: set[str] = set()  # keys known to be in the tier (one HEAD per process)
+        self._local_only = False
+        self.tampered: list[str] = []  # remote objects that failed verification in this process
+        super().__init__(local_dir_for(self.url))
+
+    @property
+    def location(self) -> str:
+        return self.url  # what units get: each node maps it to its own local dir
+
+    def check(self) -> None:
+        check_reachable(self.fs, self.base, "--cache", self.url)
+
+    def _blob(self, meta: dict) -> str:
+        alg, digest = file_digest(meta)
+        return f"{self.base}/blobs/{alg}/{digest}"
+
+    def _manifest_path(self, key: str) -> str:
+        return f"{self.base}/objects/{key}.json"
+
+    def _unit_path(self, key: str, unit_id: str) -> str:
+        return f"{self.base}/units/{key}/{unit_id}.json"
+
+    # -- published artifacts -------------------------------------------------
+    def get(self, key: str) -> Artifact | None:
+        art = super().get(key)
+        if self._local_only:
+            return art
+        if art is not None:
+            self._ensure_remote(art)
+            return art
+        return self._fetch(key)
+
+    def publish(self, key: str, staged: Path, manifest: dict) -> Artifact:
+        art = super().publish(key, staged, manifest)
+        self._upload(art.path, art.files)
+        self._put_json(self._manifest_path(key), {**art.manifest, "files": portable(art.files)})
+        self._on_remote.add(key)
+        return art
+
+    def _fetch(self, key: str) -> Artifact | None:
+        doc = self._read_json(self._manifest_path(key))
+        if not isinstance(doc, dict) or doc.get("key") != key or doc.get("format") != MANIFEST_FORMAT:
+            return None
+        # One download per node: a second process here waits and then finds it installed.
+        with FileLock(str(self.root / "locks" / f"fetch-{key}.lock")):
+            art = super().get(key)
+            if art is not None:
+                return art
+            staged = self.new_tmp_dir(f"fetch-{key[:12]}")
+            try:
+                bad = self._download(doc.get("files", {}), staged)
+                if bad:
+                    self._drop(key, self._manifest_path(key), bad)
+                    shutil.rmtree(staged, ignore_errors=True)
+                    return None
+                self._on_remote.add(key)
+                return super().publish(key, staged, doc)
+            except BaseException:
+                shutil.rmtree(staged, ignore_errors=True)
+                raise
+
+    def _ensure_remote(self, art: Artifact) -> None:
+        """A local entry the tier lacks (its upload was killed, or it was dropped there) is pushed
+        again, from files re-hashed first: other nodes may need it as an input."""
+        if art.key in self._on_remote:
+            return
+        if not self.fs.exists(self._manifest_path(art.key)):
+            if any(hash_file(art.path / rel, file_digest(m)[0]) != file_digest(m)[1] for rel, m in art.files.items()):
+                return  # damaged here: the runner's input check evicts and rebuilds it
+            try:
+                self._upload(art.path, art.files)
+                self._put_json(self._manifest_path(art.key), {**art.manifest, "files": portable(art.files)})
+            except PermissionError:
+                return  # a read-only tier: this node still serves its own copy
+        self._on_remote.add(art.key)
+
+    # -- work units ----------------------------------------------------------
+    def unit_result(self, key: str, unit_id: str) -> dict | None:
+        result = super().unit_result(key, unit_id)
+        if self._local_only:
+            return result
+        if result is not None:
+            if not self.fs.exists(self._unit_path(key, unit_id)):  # finished here earlier, dropped there
+                self._upload(self.unit_dir(key, unit_id), result.get("files", {}))
+                self._put_json(self._unit_path(key, unit_id), {**result, "files": portable(result.get("files", {}))})
+            return result
+        record = self._read_json(self._unit_path(key, unit_id))
+        if not isinstance(record, dict):
+            return None
+        staged = self.new_tmp_dir(f"fetch-unit-{key[:12]}-{unit_id}")
+        try:
+            bad = self._download(record.get("files", {}), staged)
+            if bad:
+                self._drop(key, self._unit_path(key, unit_id), bad)
+                shutil.rmtree(staged, ignore_errors=True)
+                return None
+            super().publish_unit(key, unit_id, staged, record)
+        except BaseException:
+            shutil.rmtree(staged, ignore_errors=True)
+            raise
+        return record
+
+    def publish_unit(self, key: str, unit_id: str, staged: Path, result: dict) -> None:
+        # Remote record before the local rename: a retry that finds the unit done here can rely on
+        # the tier having it too, and a kill before the record leaves only unnamed blobs.
+        self._upload(staged, result.get("files", {}))
+        self._put_json(self._unit_path(key, unit_id), {**result, "files": portable(result.get("files", {}))})
+        super().publish_unit(key, unit_id, staged, result)
+
+    def localize_units(self, key: str, unit_ids: list[str]) -> None:
+        """Units that ran on other nodes: their files into this node's cache, verified."""
+        for unit_id in unit_ids:
+            if self.unit_result(key, unit_id) is None:
+                raise BuildError(f"unit {unit_id} of {key[:12]} finished on another node, but {self._unit_path(key, unit_id)} is missing "
+                                 f"or fails verification in {self.url}; rerun to recompute it")
+
+    def drop_units(self, key: str) -> None:
+        super().drop_units(key)
+        try:
+            self.fs.rm(f"{self.base}/units/{key}", recursive=True)
+        except (FileNotFoundError, PermissionError):
+            pass
+
+    # -- locking, maintenance ------------------------------------------------
+    @contextmanager
+    def lock(self, key: str, timeout: float = -1) -> Iterator[None]:
+        with super().lock(key, timeout), RemoteLease(self.fs, f"{self.base}/leases/{key}.json").held(timeout):
+            yield
+
+    def gc(self, budget_bytes: int, *, min_tmp_age_s: float = 3600.0) -> dict:
+        """gc evicts from this node's local cache only; the tier is the copy it falls back on."""
+        self._local_only = True
+        try:
+            return super().gc(budget_bytes, min_tmp_age_s=min_tmp_age_s)
+        finally:
+            self._local_only = False
+
+    # -- transfers -----------------------------------------------------------
+    def _upload(self, root: Path, files: dict[str, dict]) -> None:
+        """Every file's content object, unless one of that digest and size is there already."""
+        todo = {self._blob(meta): (root / rel, meta["size"]) for rel, meta in files.items()}
+
+        def one(item: tuple[str, tuple[Path, int]]) -> None:
+            rpath, (lpath, size) = item
+            try:
+                if self.fs.info(rpath).get("size") == size:
+                    return
+            except FileNotFoundError:
+                pass
+            put_file(self.fs, lpath, rpath)
+
+        parallel(one, todo.items())
+
+    def _download(self, files: dict[str, dict], staged: Path) -> list[str]:
+        """Fetch every file into `staged`, verified; the blobs that were missing or differed."""
+
+        def one(item: tuple[str, dict]) -> str | None:
+            rel, meta = item
+            (staged / rel).parent.mkdir(parents=True, exist_ok=True)
+            alg, digest = file_digest(meta)
+            return None if download_verified(self.fs, self._blob(meta), staged / rel, alg, digest) else self._blob(meta)
+
+        return [b for b in parallel(one, files.items()) if b]
+
+    def _drop(self, key: str, record: str, bad: list[str]) -> None:
+        """A record naming a missing or altered blob: delete both, so the next build recomputes
+        and re-uploads them (a blob with the wrong bytes under its digest must not stay)."""
+        self.tampered.extend(bad)
+        warnings.warn(f"remote cache {self.url}: {bad[0]} is missing or does not match its digest; "
+                      f"entry {key[:12]} dropped from the tier and rebuilt", RemoteTierWarning, stacklevel=2)
+        for path in [record, *bad]:
+            try:
+                self.fs.rm_file(path)
+            except (FileNotFoundError, PermissionError):
+                pass
+
+    def _read_json(self, path: str) -> object:
+        try:
+            return json.loads(self.fs.cat_file(path))
+        except FileNotFoundError:
+            return None
+        except ValueError:
+            return None  # an unreadable record is no record
+
+    def _put_json(self, path: str, doc: dict) -> None:
+        self.fs.pipe_file(path, json.dumps(doc, indent=1, sort_keys=True).encode())
+
+
+class RemoteLease:
+    """One builder per key across nodes: a lease object created only if absent (If-None-Match),
+    renewed only if unchanged (If-Match), taken over once it has expired or its holder is dead.
+
+    The lease saves work; correctness does not depend on it (a node that lost its lease still
+    publishes verified, deterministic bytes)."""
+
+    def __init__(self, fs, path: str, ttl_s: float | None = None):
+        self.fs, self.path = fs, path
+        self.ttl_s = ttl_s or float(os.environ.get(LEASE_ENV, "30"))
+        self.token = uuid.uuid4().hex
+        self.etag: str | None = None
+        self._stop = threading.Event()
+
+    def _doc(self) -> bytes:
+        return json.dumps({"token": self.token, "host": HOST, "pid": os.getpid(), "expires": time.time() + self.ttl_s}).encode()
+
+    def _stale(self, data: bytes) -> bool:
+        try:
+            doc = json.loads(data)
+            if doc.get("host") == HOST and not pid_alive(int(doc.get("pid", -1))):
+                return True  # its holder died on this machine: no need to wait for the expiry
+            return float(doc["expires"]) < time.time()
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return True
+
+    @contextmanager
+    def held(self, timeout: float = -1) -> Iterator[None]:
+        self._acquire(timeout)
+        beat = threading.Thread(target=self._renew, name="loadgraph-remote-lease", daemon=True)
+        beat.start()
+        try:
+            yield
+        finally:
+            self._stop.set()
+            beat.join()
+            self._release()
+
+    def _acquire(self, timeout: float) -> None:
+        from filelock import Timeout
+
+        deadline = time.monotonic() + timeout if timeout >= 0 else None
+        while True:
+            self.etag = create_exclusive(self.fs, self.path, self._doc())
+            if self.etag is not None:
+                return
+            try:
+                data, etag = read_with_etag(self.fs, self.path)
+            except FileNotFoundError:
+                continue  # released between our create and our read: try again at once
+            if self._stale(data) and etag and (new := replace_if(self.fs, self.path, self._doc(), etag)) is not None:
+                self.etag = new
+                return
+            if deadline is not None and time.monotonic() > deadline:
+                raise Timeout(self.path)
+            time.sleep(POLL_S)
+
+    def _renew(self) -> None:
+        while not self._stop.wait(self.ttl_s / 3):
+            new = replace_if(self.fs, self.path, self._doc(), self.etag or "")
+            if new is None:
+                return  # taken over (we were too slow): the other builder's result is as good
+            self.etag = new
+
+    def _release(self) -> None:
+        try:
+            data, etag = read_with_etag(self.fs, self.path)
+            if etag == self.etag or json.loads(data).get("token") == self.token:
+                self.fs.rm_file(self.path)
+        except (FileNotFoundError, ValueError, PermissionError):
+            pass
