@@ -79,7 +79,8 @@ class TieredCache(Cache):
     def check(self) -> None:
         check_reachable(self.fs, self.base, "--cache", self.url)
 
-    def _blob(self, meta: dict) -> str:
+    def blob_path(self, meta: dict) -> str:
+        """Where the tier keeps a file's content: named by its digest."""
         alg, digest = file_digest(meta)
         return f"{self.base}/blobs/{alg}/{digest}"
 
@@ -207,7 +208,7 @@ class TieredCache(Cache):
     # -- transfers -----------------------------------------------------------
     def _upload(self, root: Path, files: dict[str, dict]) -> None:
         """Every file's content object, unless one of that digest and size is there already."""
-        todo = {self._blob(meta): (root / rel, meta["size"]) for rel, meta in files.items()}
+        todo = {self.blob_path(meta): (root / rel, meta["size"]) for rel, meta in files.items()}
 
         def one(item: tuple[str, tuple[Path, int]]) -> None:
             rpath, (lpath, size) = item
@@ -227,7 +228,7 @@ class TieredCache(Cache):
             rel, meta = item
             (staged / rel).parent.mkdir(parents=True, exist_ok=True)
             alg, digest = file_digest(meta)
-            return None if download_verified(self.fs, self._blob(meta), staged / rel, alg, digest) else self._blob(meta)
+            return None if download_verified(self.fs, self.blob_path(meta), staged / rel, alg, digest) else self.blob_path(meta)
 
         return [b for b in parallel(one, files.items()) if b]
 

@@ -223,7 +223,7 @@ def _build_graph(graph: Graph, cache: Cache, executor_factory, reporter: Reporte
             raise CorruptInput(f"{final.path / damaged[0]}: sha256 differs from the manifest; cache entry {final.key[:12]} evicted", final.key)
         if target.export_path:
             entry["export"] = target.export_path
-            entry["export_status"] = publish_export(final, target.export_path, cache, verifier)
+            entry["export_status"] = publish_export(final, target.export_path, cache, verifier, holder[0] if holder else None)
             entry["holds"] = artifact_contents(final)
         report.targets.append(entry)
 

@@ -266,6 +266,18 @@ class RayExecutor:
         finally:
             self._cancel(list(pending))
 
+    def run_io(self, fn, items: list) -> list:
+        """I/O jobs (an export's uploads) as zero-CPU tasks spread over the nodes; results in order."""
+        task = self.ray.remote(num_cpus=0, max_retries=MAX_RETRIES, retry_exceptions=[OSError], scheduling_strategy="SPREAD")(fn)
+        opts = {"runtime_env": self.runtime_env} if self.runtime_env else {}
+        refs = [task.options(**opts).remote(item) for item in items]
+        try:
+            return self.ray.get(refs)
+        except self.ray.exceptions.RayError as exc:
+            self._cancel(refs)
+            cause = getattr(exc, "cause", None) or exc
+            raise BuildError(f"export upload failed on Ray: {type(cause).__name__}: {_first_line(cause)}") from None
+
     def _cancel(self, refs: list) -> None:
         """Stop units still in flight after a failure. A plain cancel interrupts the task in Python,
         so the unit removes its own staging dir; wait briefly for that, then kill what is left."""
