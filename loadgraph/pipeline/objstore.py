@@ -42,11 +42,31 @@ def local_dir_for(url: str) -> Path:
     node), else a directory named after the URL under the user cache dir."""
     configured = os.environ.get(LOCAL_ENV)
     if configured:
+        # "{node}": one directory per Ray node, for several nodes on one host (or a simulated cluster).
+        if "{node}" in configured:
+            configured = configured.replace("{node}", _ray_node() or "driver")
         return Path(configured).expanduser().absolute()
     scheme, rest = url.split("://", 1)
     slug = re.sub(r"[^A-Za-z0-9._-]+", "-", rest).strip("-")[:80]
     base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     return base / "loadgraph-tiers" / f"{scheme}-{slug}-{hashlib.sha256(url.encode()).hexdigest()[:8]}"
+
+
+def _ray_node() -> str | None:
+    import sys
+
+    if "ray" not in sys.modules:
+        return None
+    import ray
+
+    if not ray.is_initialized():
+        return None
+    try:
+        ctx = ray.get_runtime_context()
+        # Only inside a task: a driver keeps one directory before and after it starts Ray.
+        return ctx.get_node_id()[:16] if ctx.get_task_id() else None
+    except Exception:  # noqa: BLE001 - client mode: no node of our own
+        return None
 
 
 def local_root(cache_root: str | os.PathLike) -> Path:
