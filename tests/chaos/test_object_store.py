@@ -40,6 +40,11 @@ class S3:
 
         self.fs = s3fs.S3FileSystem(use_listings_cache=False)
 
+    def ray_env(self, nodes_dir: Path) -> dict:
+        """One runtime env for every Ray test here, so that the workers it starts are reused:
+        the server's address, and a local cache dir per node ({node} = the node's id)."""
+        return {"env_vars": {**self.env, "LOADGRAPH_LOCAL_CACHE": str(nodes_dir / "{node}")}}
+
     def bucket(self) -> str:
         name = f"lg-{uuid.uuid4().hex[:10]}"
         self.fs.mkdir(name)
@@ -49,6 +54,11 @@ class S3:
         for k, v in self._saved.items():
             os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
         self.server.stop()
+
+
+@pytest.fixture(scope="module")
+def nodes_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("ray-nodes")
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +160,7 @@ def test_tier_kill_in_upload_concurrent_builders_and_tampering(s3, plain, tmp_pa
     assert not lost
 
 
-def test_multinode_ray_with_distinct_local_caches(s3, ray_cluster, plain, tmp_path):
+def test_multinode_ray_with_distinct_local_caches(s3, ray_cluster, plain, tmp_path, nodes_dir):
     """Every Ray node gets its own local cache dir ({node} = its node id), the driver another;
     only the S3 tier is shared. The export is byte-identical to the local build's."""
     from loadgraph.pipeline.cache import Cache
@@ -159,12 +169,12 @@ def test_multinode_ray_with_distinct_local_caches(s3, ray_cluster, plain, tmp_pa
     from loadgraph.pipeline.runner import build
     from loadgraph.spec import load_spec_files
 
-    url = f"s3://{s3.bucket()}/cache"
-    nodes_dir = tmp_path / "nodes"
-    runtime_env = {"env_vars": {**s3.env, "LOADGRAPH_LOCAL_CACHE": str(nodes_dir / "{node}")}}
+    bucket = s3.bucket()
+    url = f"s3://{bucket}/cache"
+    runtime_env = s3.ray_env(nodes_dir)
     os.environ["LOADGRAPH_LOCAL_CACHE"] = str(tmp_path / "driver")
     try:
-        spec = plain.spec(tmp_path / "b")
+        spec = plain.spec(tmp_path / "b", f"s3://{bucket}/out")  # copied within the store from the tier's objects
         cache = Cache(url)
         assert cache.root == tmp_path / "driver"
         report = build(compile_specs(load_spec_files([spec]), cache), cache, lambda: RayExecutor(runtime_env=runtime_env))
@@ -174,14 +184,16 @@ def test_multinode_ray_with_distinct_local_caches(s3, ray_cluster, plain, tmp_pa
     # Units ran on several nodes, each filling its own directory (inputs fetched, units published).
     used = [d for d in nodes_dir.iterdir() if any((d / "units").rglob("*.safetensors")) or any((d / "objects").iterdir())]
     assert len(used) >= 2, [d.name for d in nodes_dir.iterdir()]
-    lost = same_files(tmp_path / "b" / "out", plain.ref_out) + tier_problems(s3.fs, url[5:])
+    s3.fs.get(f"{bucket}/out/", str(tmp_path / "out"), recursive=True)
+    (tmp_path / "out" / ".loadgraph-export.json").unlink()  # loadgraph's record of the objects, beside the checkpoint
+    lost = same_files(tmp_path / "out", plain.ref_out) + tier_problems(s3.fs, url[5:])
     TALLY.add(ROW_TIER, runs=1, lost=len(lost))
     print(f"\n[s3 tier, Ray] {len(ray_cluster.cluster.list_all_nodes())} Ray nodes, {len(used)} local caches used + the driver's, "
           f"{stored_bytes(s3.fs, url[5:])} bytes in the tier; lost: {len(lost)}")
     assert not lost
 
 
-def test_s3_export_verified_owned_stale_free_and_uploaded_from_workers(s3, ray_cluster, plain, tmp_path):
+def test_s3_export_verified_owned_stale_free_and_uploaded_from_workers(s3, ray_cluster, plain, tmp_path, nodes_dir):
     """Export to s3:// is checked object by object, publishes only into a prefix it owns, drops
     shards of an older shard count and uploads from the workers."""
     from loadgraph.pipeline.cache import Cache
@@ -236,7 +248,7 @@ def test_s3_export_verified_owned_stale_free_and_uploaded_from_workers(s3, ray_c
     cache = Cache(plain.ref_cache)
     art = cache.get(key)
     check_remote_destination(f"s3://{bucket}/theirs", cache, overwrite=True)
-    executor = RayExecutor(runtime_env={"env_vars": s3.env})  # the session's nodes started before this server
+    executor = RayExecutor(runtime_env=s3.ray_env(nodes_dir))  # the session's nodes started before this server
     try:
         assert publish_remote(art, f"s3://{bucket}/theirs", cache, executor) == "published"
     finally:
