@@ -21,10 +21,8 @@ import errno
 import os
 import signal
 
-_count = 0
-_staged = 0
 _written = 0
-_uploaded = 0
+_events: dict[str, int] = {}
 
 
 def _arg(prefix: str) -> int | None:
@@ -32,29 +30,27 @@ def _arg(prefix: str) -> int | None:
     return int(spec.split(":", 1)[1]) if spec.startswith(prefix + ":") else None
 
 
-def unit_finished() -> None:
-    global _count
-    limit = _arg("kill-after-units")
+def _kill_at(fault: str) -> None:
+    """SIGKILL this process at the Nth event of `fault` (LOADGRAPH_FAULT=fault:N)."""
+    limit = _arg(fault)
     if limit is None:
         return
-    _count += 1
-    if _count >= limit:
+    _events[fault] = _events.get(fault, 0) + 1
+    if _events[fault] >= limit:
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def unit_finished() -> None:
+    _kill_at("kill-after-units")
 
 
 def unit_staged(key: str, unit_id: str) -> None:
     """A unit's files are complete in its staging dir, not yet published."""
-    global _staged
     log = os.environ.get("LOADGRAPH_UNIT_LOG")
     if log:
         with open(log, "a", encoding="utf-8") as f:  # O_APPEND: concurrent writers don't interleave lines
             f.write(f"{key} {unit_id} {os.getpid()}\n")
-    limit = _arg("kill-in-unit")
-    if limit is None:
-        return
-    _staged += 1
-    if _staged >= limit:
-        os.kill(os.getpid(), signal.SIGKILL)
+    _kill_at("kill-in-unit")
 
 
 def wrote(nbytes: int) -> None:
@@ -74,13 +70,7 @@ def export_step(step: int) -> None:
 
 
 def uploaded() -> None:
-    global _uploaded
-    limit = _arg("kill-in-upload")
-    if limit is None:
-        return
-    _uploaded += 1
-    if _uploaded >= limit:
-        os.kill(os.getpid(), signal.SIGKILL)
+    _kill_at("kill-in-upload")
 
 
 def progress_reported() -> None:
