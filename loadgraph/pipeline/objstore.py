@@ -141,21 +141,23 @@ def hash_file(path: Path, alg: str) -> str:
 
 
 # -- transfers -----------------------------------------------------------------------------------
-def download_verified(fs, rpath: str, lpath: Path, alg: str, digest: str) -> bool:
-    """Stream an object to `lpath`, hashing as it arrives; False (and no file) if the bytes differ."""
+def download_verified(fs, rpath: str, lpath: Path, alg: str, digest: str) -> str | None:
+    """Stream an object to `lpath`, hashing as it arrives. Returns the ETag of the bytes read
+    ("" if the store gives none), or None (and no file) if they are missing or differ."""
     h = new_hasher(alg)
     try:
         with fs.open(rpath, "rb", block_size=CHUNK, cache_type="none") as fi, open(lpath, "wb") as fo:
+            etag = (getattr(fi, "details", None) or {}).get("ETag", "")  # s3fs reads with If-Match on it
             while chunk := fi.read(CHUNK):
                 h.update(chunk)
                 fo.write(chunk)
     except FileNotFoundError:
         lpath.unlink(missing_ok=True)
-        return False
+        return None
     if h.hexdigest() != digest:
         lpath.unlink(missing_ok=True)
-        return False
-    return True
+        return None
+    return etag
 
 
 def parallel(fn: Callable, items: Iterable) -> list:

@@ -19,9 +19,11 @@ from pathlib import Path
 from loadgraph.errors import InputError
 from loadgraph.pipeline.cache import MANIFEST, MANIFEST_FORMAT, Artifact, Cache
 from loadgraph.pipeline.objstore import check_reachable, file_digest, hash_file, open_store, parallel, put_file, url_of
+from loadgraph.pipeline.remote_lease import RemoteLease
 
 MARKER = ".loadgraph-export.json"
 MARKER_FORMAT = "loadgraph-export/1"
+LEASE = ".loadgraph-export.lease"  # one publisher per prefix at a time (never listed as content)
 
 
 def _listing(fs, root: str) -> dict[str, dict]:
@@ -32,7 +34,7 @@ def _listing(fs, root: str) -> dict[str, dict]:
         return {}
     out = {}
     for name, info in found.items():
-        if info.get("type") == "file" and name.startswith(root + "/"):
+        if info.get("type") == "file" and name.startswith(root + "/") and name != f"{root}/{LEASE}":
             out[name[len(root) + 1:]] = info
     return out
 
@@ -87,6 +89,13 @@ def _kept(wanted: dict[str, dict], marker: dict, listing: dict[str, dict]) -> di
 
 def publish_remote(art: Artifact, dest: str, cache: Cache, executor=None) -> str:
     fs, root = open_store(dest, "export.path")
+    # Two builds publishing here at once take turns: the second finds it up-to-date (same
+    # artifact) or replaces it whole (another), never a mix of both.
+    with RemoteLease(fs, f"{root}/{LEASE}").held():
+        return _publish(art, fs, root, cache, executor)
+
+
+def _publish(art: Artifact, fs, root: str, cache: Cache, executor) -> str:
     listing = _listing(fs, root)
     marker = _read(fs, f"{root}/{MARKER}")
     wanted = _wanted(art)
@@ -124,12 +133,17 @@ def _transfer(art: Artifact, fs, root: str, rels: list[str], cache: Cache, execu
 
 
 def _copy_one(cache, art: Artifact, rel: str, fs, rpath: str) -> str:
+    """A server-side copy of the tier's object, only if it still has the ETag of bytes this process
+    verified; otherwise (not in the tier, never seen, or changed since) this node's verified copy."""
     blob = cache.blob_path(art.files[rel])
+    known = cache.verified_etags.get(blob)
     try:
-        fs.copy(blob, rpath)
-    except FileNotFoundError:  # not in the tier (yet): upload this node's verified copy
-        return _upload_one(str(art.path / rel), rpath, fs)
-    return fs.info(rpath)["ETag"]
+        if known and fs.info(blob).get("ETag") == known:
+            fs.copy(blob, rpath)
+            return fs.info(rpath)["ETag"]
+    except FileNotFoundError:
+        pass
+    return _upload_one(str(art.path / rel), rpath, fs)
 
 
 def _upload_one(src: str, rpath: str, fs) -> str:

@@ -21,9 +21,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import threading
-import time
-import uuid
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -33,10 +30,8 @@ from filelock import FileLock
 
 from loadgraph.errors import BuildError
 from loadgraph.pipeline.cache import MANIFEST_FORMAT, Artifact, Cache
-from loadgraph.pipeline.fsops import HOST, pid_alive
 from loadgraph.pipeline.objstore import (
     check_reachable,
-    create_exclusive,
     download_verified,
     file_digest,
     hash_file,
@@ -44,13 +39,10 @@ from loadgraph.pipeline.objstore import (
     open_store,
     parallel,
     put_file,
-    read_with_etag,
-    replace_if,
     url_of,
 )
+from loadgraph.pipeline.remote_lease import RemoteLease
 
-LEASE_ENV = "LOADGRAPH_REMOTE_LEASE_S"
-POLL_S = 0.5
 # Per-file fields that describe one node's copy, not the content: never shared through the tier.
 LOCAL_FIELDS = ("mtime_ns", "shared")
 
@@ -70,6 +62,9 @@ class TieredCache(Cache):
         self._on_remote: set[str] = set()  # keys known to be in the tier (one HEAD per process)
         self._local_only = False
         self.tampered: list[str] = []  # remote objects that failed verification in this process
+        # blob -> ETag of bytes this process verified (downloaded and hashed, or uploaded from a
+        # verified file): what an export may copy server-side without downloading it again.
+        self.verified_etags: dict[str, str] = {}
         super().__init__(local_dir_for(self.url))
 
     @property
@@ -218,6 +213,7 @@ class TieredCache(Cache):
             except FileNotFoundError:
                 pass
             put_file(self.fs, lpath, rpath)
+            self.verified_etags[rpath] = self.fs.info(rpath).get("ETag", "")
 
         parallel(one, todo.items())
 
@@ -228,7 +224,12 @@ class TieredCache(Cache):
             rel, meta = item
             (staged / rel).parent.mkdir(parents=True, exist_ok=True)
             alg, digest = file_digest(meta)
-            return None if download_verified(self.fs, self.blob_path(meta), staged / rel, alg, digest) else self.blob_path(meta)
+            etag = download_verified(self.fs, self.blob_path(meta), staged / rel, alg, digest)
+            if etag is None:
+                return self.blob_path(meta)
+            if etag:
+                self.verified_etags[self.blob_path(meta)] = etag
+            return None
 
         return [b for b in parallel(one, files.items()) if b]
 
@@ -254,76 +255,3 @@ class TieredCache(Cache):
 
     def _put_json(self, path: str, doc: dict) -> None:
         self.fs.pipe_file(path, json.dumps(doc, indent=1, sort_keys=True).encode())
-
-
-class RemoteLease:
-    """One builder per key across nodes: a lease object created only if absent (If-None-Match),
-    renewed only if unchanged (If-Match), taken over once it has expired or its holder is dead.
-
-    The lease saves work; correctness does not depend on it (a node that lost its lease still
-    publishes verified, deterministic bytes)."""
-
-    def __init__(self, fs, path: str, ttl_s: float | None = None):
-        self.fs, self.path = fs, path
-        self.ttl_s = ttl_s or float(os.environ.get(LEASE_ENV, "30"))
-        self.token = uuid.uuid4().hex
-        self.etag: str | None = None
-        self._stop = threading.Event()
-
-    def _doc(self) -> bytes:
-        return json.dumps({"token": self.token, "host": HOST, "pid": os.getpid(), "expires": time.time() + self.ttl_s}).encode()
-
-    def _stale(self, data: bytes) -> bool:
-        try:
-            doc = json.loads(data)
-            if doc.get("host") == HOST and not pid_alive(int(doc.get("pid", -1))):
-                return True  # its holder died on this machine: no need to wait for the expiry
-            return float(doc["expires"]) < time.time()
-        except (ValueError, KeyError, TypeError, AttributeError):
-            return True
-
-    @contextmanager
-    def held(self, timeout: float = -1) -> Iterator[None]:
-        self._acquire(timeout)
-        beat = threading.Thread(target=self._renew, name="loadgraph-remote-lease", daemon=True)
-        beat.start()
-        try:
-            yield
-        finally:
-            self._stop.set()
-            beat.join()
-            self._release()
-
-    def _acquire(self, timeout: float) -> None:
-        from filelock import Timeout
-
-        deadline = time.monotonic() + timeout if timeout >= 0 else None
-        while True:
-            self.etag = create_exclusive(self.fs, self.path, self._doc())
-            if self.etag is not None:
-                return
-            try:
-                data, etag = read_with_etag(self.fs, self.path)
-            except FileNotFoundError:
-                continue  # released between our create and our read: try again at once
-            if self._stale(data) and etag and (new := replace_if(self.fs, self.path, self._doc(), etag)) is not None:
-                self.etag = new
-                return
-            if deadline is not None and time.monotonic() > deadline:
-                raise Timeout(self.path)
-            time.sleep(POLL_S)
-
-    def _renew(self) -> None:
-        while not self._stop.wait(self.ttl_s / 3):
-            new = replace_if(self.fs, self.path, self._doc(), self.etag or "")
-            if new is None:
-                return  # taken over (we were too slow): the other builder's result is as good
-            self.etag = new
-
-    def _release(self) -> None:
-        try:
-            data, etag = read_with_etag(self.fs, self.path)
-            if etag == self.etag or json.loads(data).get("token") == self.token:
-                self.fs.rm_file(self.path)
-        except (FileNotFoundError, ValueError, PermissionError):
-            pass

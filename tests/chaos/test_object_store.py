@@ -258,6 +258,22 @@ def test_s3_export_verified_owned_stale_free_and_uploaded_from_workers(s3, ray_c
     TALLY.add(ROW_EXPORT, faults=3, lost=0)
 
 
+def test_cache_urls_from_the_command_line(s3, plain, tmp_path):
+    """LOADGRAPH_CACHE=s3://… is the tier too (never a local folder named `s3:`); a scheme or a
+    bucket that cannot work is one line and exit 2 at plan time."""
+    bucket = s3.bucket()
+    spec = plain.spec(tmp_path / "p")
+    env = {**s3.env, "LOADGRAPH_CACHE": f"s3://{bucket}/c", "LOADGRAPH_LOCAL_CACHE": str(tmp_path / "local")}
+    built = cli("build", spec, "--executor", "local", logdir=tmp_path / "logs", env=env)
+    assert built.rc == 0, built.output
+    # Entries in the bucket and in the node's local cache, nowhere else.
+    assert len(s3.fs.find(f"{bucket}/c/objects")) == len(list((tmp_path / "local" / "objects").iterdir())) > 0
+    for url, says in (("ftp://host/cache", "unsupported URL scheme ftp://"), (f"s3://no-such-{bucket}/c", "does not exist")):
+        refused = cli("plan", spec, "--cache", url, logdir=tmp_path / "logs", env=env)
+        assert refused.rc == 2 and refused.error_lines == [refused.error_lines[-1]] and says in refused.error_lines[-1], refused.output
+        assert "Traceback" not in refused.output
+
+
 def test_cache_without_hard_links_copies(plain, tmp_path, monkeypatch):
     """A filesystem without hard links (an S3 FUSE mount answers EOPNOTSUPP): copies instead."""
     from loadgraph.loading.builder import build_artifact
