@@ -8,6 +8,7 @@ Used by the cache's remote tier (remote_tier.py) and by exports to object storag
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 from concurrent.futures import ThreadPoolExecutor
@@ -206,6 +207,18 @@ def replace_if(fs, path: str, data: bytes, etag: str) -> str | None:
         if "condition" in str(exc).lower():
             return None
         raise
+
+
+def read_json(fs, path: str) -> object:
+    """A small JSON object, or None if absent or unreadable (an unreadable record is no record)."""
+    try:
+        return json.loads(fs.cat_file(path))
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def put_json(fs, path: str, doc: dict) -> None:
+    fs.pipe_file(path, json.dumps(doc, indent=1, sort_keys=True).encode())
 
 
 def read_with_etag(fs, path: str) -> tuple[bytes, str | None]:

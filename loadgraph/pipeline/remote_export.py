@@ -13,12 +13,11 @@ in the bucket since then is uploaded again.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from loadgraph.errors import InputError
 from loadgraph.pipeline.cache import MANIFEST, MANIFEST_FORMAT, Artifact, Cache
-from loadgraph.pipeline.objstore import check_reachable, file_digest, hash_file, open_store, parallel, put_file, url_of
+from loadgraph.pipeline.objstore import check_reachable, file_digest, hash_file, open_store, parallel, put_file, put_json, read_json, url_of
 from loadgraph.pipeline.remote_lease import RemoteLease
 
 MARKER = ".loadgraph-export.json"
@@ -40,11 +39,8 @@ def _listing(fs, root: str) -> dict[str, dict]:
 
 
 def _read(fs, path: str) -> dict:
-    try:
-        doc = json.loads(fs.cat_file(path))
-        return doc if isinstance(doc, dict) else {}
-    except (FileNotFoundError, ValueError):
-        return {}
+    doc = read_json(fs, path)
+    return doc if isinstance(doc, dict) else {}
 
 
 def _owned(fs, root: str, listing: dict[str, dict]) -> bool:
@@ -106,14 +102,14 @@ def _publish(art: Artifact, fs, root: str, cache: Cache, executor) -> str:
         return "up-to-date"
     # Ours from now on, and no longer complete: a kill from here leaves a prefix the next build
     # recognises as its own and finishes, never a manifest beside shards it does not describe.
-    _put_json(fs, f"{root}/{MARKER}", {"format": MARKER_FORMAT, "key": art.key, "complete": False, "files": kept})
+    put_json(fs, f"{root}/{MARKER}", {"format": MARKER_FORMAT, "key": art.key, "complete": False, "files": kept})
     if MANIFEST in listing:
         fs.rm_file(f"{root}/{MANIFEST}")
     todo = sorted(rel for rel in wanted if rel not in kept and rel != MANIFEST)
     etags = dict(zip(todo, _transfer(art, fs, root, todo, cache, executor)))
     etags[MANIFEST] = _upload_one(str(art.path / MANIFEST), f"{root}/{MANIFEST}", fs)  # the commit marker, last
     files = {**kept, **{rel: {**wanted[rel], "etag": etag} for rel, etag in etags.items()}}
-    _put_json(fs, f"{root}/{MARKER}", {"format": MARKER_FORMAT, "key": art.key, "complete": True, "files": files})
+    put_json(fs, f"{root}/{MARKER}", {"format": MARKER_FORMAT, "key": art.key, "complete": True, "files": files})
     _remove(fs, root, stale)
     return "published"
 
@@ -165,7 +161,3 @@ def _remove(fs, root: str, rels: list[str]) -> None:
             fs.rm_file(f"{root}/{rel}")
         except FileNotFoundError:
             pass
-
-
-def _put_json(fs, path: str, doc: dict) -> None:
-    fs.pipe_file(path, json.dumps(doc, indent=1, sort_keys=True).encode())

@@ -18,7 +18,6 @@ Layout under the prefix:
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import warnings
@@ -39,6 +38,8 @@ from loadgraph.pipeline.objstore import (
     open_store,
     parallel,
     put_file,
+    put_json,
+    read_json,
     url_of,
 )
 from loadgraph.pipeline.remote_lease import RemoteLease
@@ -61,7 +62,6 @@ class TieredCache(Cache):
         self.fs, self.base = open_store(self.url, "--cache")
         self._on_remote: set[str] = set()  # keys known to be in the tier (one HEAD per process)
         self._local_only = False
-        self.tampered: list[str] = []  # remote objects that failed verification in this process
         # blob -> ETag of bytes this process verified (downloaded and hashed, or uploaded from a
         # verified file): what an export may copy server-side without downloading it again.
         self.verified_etags: dict[str, str] = {}
@@ -98,12 +98,12 @@ class TieredCache(Cache):
     def publish(self, key: str, staged: Path, manifest: dict) -> Artifact:
         art = super().publish(key, staged, manifest)
         self._upload(art.path, art.files)
-        self._put_json(self._manifest_path(key), {**art.manifest, "files": portable(art.files)})
+        self._put_record(self._manifest_path(key), art.manifest)
         self._on_remote.add(key)
         return art
 
     def _fetch(self, key: str) -> Artifact | None:
-        doc = self._read_json(self._manifest_path(key))
+        doc = read_json(self.fs, self._manifest_path(key))
         if not isinstance(doc, dict) or doc.get("key") != key or doc.get("format") != MANIFEST_FORMAT:
             return None
         # One download per node: a second process here waits and then finds it installed.
@@ -134,7 +134,7 @@ class TieredCache(Cache):
                 return  # damaged here: the runner's input check evicts and rebuilds it
             try:
                 self._upload(art.path, art.files)
-                self._put_json(self._manifest_path(art.key), {**art.manifest, "files": portable(art.files)})
+                self._put_record(self._manifest_path(art.key), art.manifest)
             except PermissionError:
                 return  # a read-only tier: this node still serves its own copy
         self._on_remote.add(art.key)
@@ -147,9 +147,9 @@ class TieredCache(Cache):
         if result is not None:
             if not self.fs.exists(self._unit_path(key, unit_id)):  # finished here earlier, dropped there
                 self._upload(self.unit_dir(key, unit_id), result.get("files", {}))
-                self._put_json(self._unit_path(key, unit_id), {**result, "files": portable(result.get("files", {}))})
+                self._put_record(self._unit_path(key, unit_id), result)
             return result
-        record = self._read_json(self._unit_path(key, unit_id))
+        record = read_json(self.fs, self._unit_path(key, unit_id))
         if not isinstance(record, dict):
             return None
         staged = self.new_tmp_dir(f"fetch-unit-{key[:12]}-{unit_id}")
@@ -169,7 +169,7 @@ class TieredCache(Cache):
         # Remote record before the local rename: a retry that finds the unit done here can rely on
         # the tier having it too, and a kill before the record leaves only unnamed blobs.
         self._upload(staged, result.get("files", {}))
-        self._put_json(self._unit_path(key, unit_id), {**result, "files": portable(result.get("files", {}))})
+        self._put_record(self._unit_path(key, unit_id), result)
         super().publish_unit(key, unit_id, staged, result)
 
     def localize_units(self, key: str, unit_ids: list[str]) -> None:
@@ -236,7 +236,6 @@ class TieredCache(Cache):
     def _drop(self, key: str, record: str, bad: list[str]) -> None:
         """A record naming a missing or altered blob: delete both, so the next build recomputes
         and re-uploads them (a blob with the wrong bytes under its digest must not stay)."""
-        self.tampered.extend(bad)
         warnings.warn(f"remote cache {self.url}: {bad[0]} is missing or does not match its digest; "
                       f"entry {key[:12]} dropped from the tier and rebuilt", RemoteTierWarning, stacklevel=2)
         for path in [record, *bad]:
@@ -245,13 +244,7 @@ class TieredCache(Cache):
             except (FileNotFoundError, PermissionError):
                 pass
 
-    def _read_json(self, path: str) -> object:
-        try:
-            return json.loads(self.fs.cat_file(path))
-        except FileNotFoundError:
-            return None
-        except ValueError:
-            return None  # an unreadable record is no record
-
-    def _put_json(self, path: str, doc: dict) -> None:
-        self.fs.pipe_file(path, json.dumps(doc, indent=1, sort_keys=True).encode())
+    def _put_record(self, path: str, doc: dict) -> None:
+        """A manifest or unit record, without what only describes this node's copy."""
+        doc = {**doc, "files": portable(doc.get("files", {}))}
+        put_json(self.fs, path, doc)
