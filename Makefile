@@ -36,3 +36,17 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .demo
+
+# LLaVA's real builder (llava-torch, transformers 4.37.2, peft 0.10.0) in its own venv against
+# load_pretrained_model on fixtures in LLaVA's on-disk format. Not part of `make test`.
+LLAVA_VENV ?= /work/venvs/llava
+.PHONY: llava-check
+$(LLAVA_VENV)/.installed:
+	$(PY) -m venv $(LLAVA_VENV)
+	$(LLAVA_VENV)/bin/pip install -q torch==2.13.0 setuptools wheel
+	$(LLAVA_VENV)/bin/pip install -q transformers==4.37.2 tokenizers==0.15.1 peft==0.10.0 accelerate==0.27.2 sentencepiece pillow 'numpy<2' protobuf
+	# llava-torch pins torch 2.1 and friends: its code runs on the versions above.
+	$(LLAVA_VENV)/bin/pip install -q --no-deps llava-torch
+	touch $@
+llava-check: $(STAMP) $(LLAVA_VENV)/.installed
+	LLAVA_PY=$(LLAVA_VENV)/bin/python PYTHONPATH=$(CURDIR) $(BIN)/python -W ignore tests/llava_peer/check.py

@@ -34,9 +34,9 @@ def submit(
     working_dir: Path = typer.Option(Path("."), "--working-dir", help="directory uploaded as the job's working_dir"),
     cache: Optional[str] = typer.Option(None, "--cache", help="cache root as the cluster sees it (default: the cluster's $LOADGRAPH_CACHE)"),
     env: list[str] = typer.Option([], "--env", help="KEY=VALUE for the job's environment (repeatable)"),
-    submission_id: Optional[str] = typer.Option(None, "--submission-id", help="override the derived id (loadgraph-DATE-SPECDIGEST)"),
+    submission_id: Optional[str] = typer.Option(None, "--submission-id", help="override the derived id (loadgraph-DATE-PLANDIGEST)"),
 ) -> None:
-    """Run `loadgraph build` on a Ray cluster as a job; once per spec content per day."""
+    """Run `loadgraph build` on a Ray cluster as a job; once per plan (content keys) per day."""
     from loadgraph import submit as sub
 
     try:
@@ -55,6 +55,10 @@ def submit(
         raise typer.Exit(130)
     except Exception as exc:  # noqa: BLE001
         fail(exc)
+    if status == "UNREACHABLE":
+        console.print(f"job {job.submission_id}: lost the job API at {address}; the job may still be running (run the same command to reattach)",
+                      highlight=False, soft_wrap=True)
+        raise typer.Exit(1)
     console.print(f"job {job.submission_id}: {status}", highlight=False)
     if status != "SUCCEEDED":
         raise typer.Exit(1)

@@ -25,3 +25,12 @@ def disk_full_message(cache_root: object, what: str) -> str:
     """The one line for ENOSPC in the cache, the same under every executor."""
     return (f"no space left on the device of the cache {cache_root} while building {what}: nothing was published; "
             "free space (e.g. `loadgraph cache gc --max-size ...`) and rerun, finished units are kept")
+
+
+class CorruptInput(BuildError):
+    """A cached input's bytes no longer match their recorded digest; `key` names the entry to evict
+    and rebuild (the runner does, then walks the graph again)."""
+
+    def __init__(self, message: str, key: str):
+        super().__init__(message)
+        self.key = key

@@ -77,6 +77,12 @@ class ConvertSpec(_Strict):
     vision_tower: str | None = None  # overrides config.json's mm_vision_tower (local dir or hub id)
     vision_tower_revision: str | None = None
     seed: int = 0  # seeds the rows drawn for added tokens: same seed, same bytes
+    # "hf": transformers' conversion-script layout (<image>/<pad> tokens, vocabulary padded to 64);
+    # "llava": LLaVA's own model kept as trained (what load_pretrained_model returns)
+    layout: Literal["hf", "llava"] = "hf"
+    # LoRA adapters merged onto model_base before the conversion (LLaVA's LoRA outputs: the
+    # adapter was trained on the LLaVA model, whose language model has model_base's names)
+    base_adapters: list[AdapterSpec] = Field(default_factory=list)
 
 
 class BuildSpec(_Strict):

@@ -167,10 +167,13 @@ def test_missing_target_module_and_unsupported_type(models, tmp_path, cache_dir)
     assert "adapter_config.json" in one_line_error(build(spec_for(tmp_path, base, [{"path": str(not_adapter)}], "float32", "s3.yaml"), cache_dir, expect=2))
 
 
-def test_killed_merge_resumes(models, tmp_path, cache_dir):
+def test_killed_merge_resumes(models, tmp_path, cache_dir, monkeypatch):
     base = models("llama")
     adapter = make_lora_adapter(base, tmp_path / "a", r=4, seed=1)
     spec = spec_for(tmp_path, base, [{"path": str(adapter)}], "float32")
+    # Merge units of ~40 KB of tensors (not one per shard), one at a time so that the kill lands at a known unit.
+    monkeypatch.setenv("LOADGRAPH_UNIT_BYTES", "40000")
+    monkeypatch.setenv("LOADGRAPH_LOCAL_WORKERS", "1")
     n_fetch = len([p for p in base.iterdir() if p.is_file()]) + 2  # base files + adapter files
     killed = run_cli("build", spec, "--executor", "local", "--cache", cache_dir, env={"LOADGRAPH_FAULT": f"kill-after-units:{n_fetch + 1 + 4}"})
     assert killed.returncode == -9 and not (tmp_path / "out").exists()

@@ -95,10 +95,13 @@ def test_source_key_is_content_not_path(models, tmp_path, cache_dir):
     assert keys[0] == keys[1]
 
 
-def test_killed_build_resumes_from_finished_units(models, tmp_path, cache_dir):
+def test_killed_build_resumes_from_finished_units(models, tmp_path, cache_dir, monkeypatch):
     base = models("llama")
     spec = write_spec(tmp_path / "s.yaml", {"source": {"model": str(base)}, "export": {"path": "out", "max_shard_size": "20KB"}})
-    # fetch has one unit per file; kill after all of them plus 3 export shards.
+    # Units of ~20 KB of tensors, one at a time so that the kill lands at a known unit.
+    monkeypatch.setenv("LOADGRAPH_UNIT_BYTES", "20000")
+    monkeypatch.setenv("LOADGRAPH_LOCAL_WORKERS", "1")
+    # fetch has one unit per file; kill after all of them plus 3 export units.
     n_fetch = len(list(base.iterdir()))
     killed = run_cli("build", spec, "--executor", "local", "--cache", cache_dir, env={"LOADGRAPH_FAULT": f"kill-after-units:{n_fetch + 4}"})
     assert killed.returncode == -9
@@ -263,7 +266,7 @@ def test_cache_ls_verify_gc(models, tmp_path, cache_dir):
     raw[-1] ^= 0xFF
     shard.write_bytes(bytes(raw))
     bad = run_cli("cache", "verify", "--cache", cache_dir)
-    assert bad.returncode == 1 and "sha256 mismatch" in bad.stdout
+    assert bad.returncode == 1 and "digest mismatch" in bad.stdout
     # gc to a tiny budget evicts everything except the pinned export root; leftovers go too.
     damaged = {e["key"] for e in json.loads(run_cli("cache", "ls", "--cache", cache_dir, "--json").stdout) if not e["valid"]}
     assert len(damaged) == 2  # fetch and inspect share the shard (a hardlink)

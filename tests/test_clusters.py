@@ -1,14 +1,18 @@
-"""clusters/: the `ray up` YAML against Ray's own schema, the Kubernetes manifests' contracts,
-and a real local head (clusters/local/cluster.py) taking `ray job submit` and `loadgraph submit`."""
+"""clusters/: the `ray up` YAML against Ray's own schema, and a real local head
+(clusters/local/cluster.py) taking `ray job submit` and `loadgraph submit`. The KubeRay manifests: test_kuberay.py."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -48,70 +52,6 @@ def test_ray_up_yaml_validates_against_rays_schema():
     assert "--num-cpus=0" in " ".join(config["head_start_ray_commands"]) and types[config["head_node_type"]]["resources"] == {"CPU": 0}
 
 
-# -- KubeRay and Kubernetes --------------------------------------------------------------------
-
-
-def _manifests() -> dict[str, list[dict]]:
-    docs: dict[str, list[dict]] = {}
-    for path in sorted((CLUSTERS / "kuberay").glob("*.yaml")):
-        for doc in yaml.safe_load_all(path.read_text()):
-            assert doc["apiVersion"] and doc["kind"] and doc["metadata"]["name"], path
-            docs.setdefault(doc["kind"], []).append(doc)
-    return docs
-
-
-def _ray_cluster_specs(docs: dict[str, list[dict]]) -> list[dict]:
-    specs = [d["spec"] for d in docs["RayCluster"]]
-    specs += [d["spec"]["rayClusterSpec"] for d in docs["RayJob"]]
-    specs += [d["spec"]["jobTemplate"]["rayClusterSpec"] for d in docs["RayCronJob"]]
-    return specs
-
-
-def test_kuberay_manifests_mount_one_cache_everywhere():
-    docs = _manifests()
-    assert {"RayCluster", "RayJob", "RayCronJob", "CronJob", "PersistentVolumeClaim", "ConfigMap"} <= set(docs)
-    (pvc,) = docs["PersistentVolumeClaim"]
-    assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
-    for spec in _ray_cluster_specs(docs):
-        assert spec["rayVersion"] == ray.__version__
-        assert spec["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
-        groups = [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
-        assert any("nvidia.com/gpu" in g["template"]["spec"]["containers"][0]["resources"]["limits"] for g in spec["workerGroupSpecs"])
-        for group in groups:
-            pod = group["template"]["spec"]
-            claims = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"] if "persistentVolumeClaim" in v}
-            for c in pod["containers"]:
-                assert c["image"].endswith(":0.1.0")
-                mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
-                cache_volume = next(name for name, path in mounts.items() if path == CACHE_MOUNT)
-                assert claims[cache_volume] == pvc["metadata"]["name"]
-                env = {e["name"]: e.get("value") for e in c["env"]}
-                assert env["LOADGRAPH_CACHE"] == CACHE_PATH and env["RAY_AUTH_MODE"] == "token" and "RAY_AUTH_TOKEN" in env
-
-
-def test_kuberay_jobs_build_specs_that_parse():
-    from loadgraph.spec import parse_spec
-
-    docs = _manifests()
-    (config_map,) = docs["ConfigMap"]
-    specs = {f"/etc/loadgraph/specs/{name}": yaml.safe_load(text) for name, text in config_map["data"].items()}
-    entrypoints = [d["spec"]["entrypoint"] for d in docs["RayJob"]] + [d["spec"]["jobTemplate"]["entrypoint"] for d in docs["RayCronJob"]]
-    for entrypoint in entrypoints:
-        path = re.search(r"loadgraph build (\S+)", entrypoint).group(1)
-        targets = parse_spec(specs[path], path)
-        assert len(targets) == 4 and len({t.export.path for t in targets}) == 4
-    (cron,) = docs["RayCronJob"]
-    assert len(cron["spec"]["schedule"].split()) == 5
-    (plain,) = docs["CronJob"]
-    assert plain["spec"]["concurrencyPolicy"] == "Forbid"
-    pod = plain["spec"]["jobTemplate"]["spec"]["template"]["spec"]
-    command = pod["containers"][0]["command"]
-    assert command[:2] == ["loadgraph", "submit"] and "--wait" in command
-    assert f"/etc/loadgraph/specs/{command[2]}" in specs
-    (cluster,) = docs["RayCluster"]
-    assert command[command.index("--address") + 1] == f"http://{cluster['metadata']['name']}-head-svc:8265"
-
-
 # -- a real local head -------------------------------------------------------------------------
 
 
@@ -124,6 +64,11 @@ def local_cluster():
     try:
         assert up.returncode == 0, up.stderr
         state = json.loads((state_dir / "cluster.json").read_text())
+        # Every node its own temp dir (and session in it): a shared one lets one node's runtime-env
+        # agent delete a job's unpacked working dir under another node's workers.
+        temp_dirs = [Path(n["temp_dir"]) for n in state["nodes"]]
+        assert len(set(temp_dirs)) == len(state["nodes"]) == 2
+        assert all((t / "session_latest").is_dir() for t in temp_dirs)
         yield state
     finally:
         subprocess.run([sys.executable, script, "down", "--dir", state_dir], capture_output=True, timeout=120)
@@ -141,7 +86,8 @@ def _logits(model_dir: Path):
 
 
 def test_ray_job_submit_and_loadgraph_submit_on_a_real_head(local_cluster, models, tmp_path):
-    base = models("llama")
+    base = tmp_path / "base"
+    shutil.copytree(models("llama"), base)  # changed in place below, as a retrained checkpoint is
     cache = tmp_path / "cache"
     work = tmp_path / "job"
     work.mkdir()
@@ -152,22 +98,117 @@ def test_ray_job_submit_and_loadgraph_submit_on_a_real_head(local_cluster, model
     assert job.returncode == 0 and "succeeded" in job.stdout + job.stderr and "(ray executor)" in job.stdout + job.stderr, job.stdout + job.stderr
     assert torch.equal(_logits(tmp_path / "out"), _logits(base))
 
-    # The same build through `loadgraph submit --wait`: a fully cached no-op, logs streamed back.
+    # The same build through `loadgraph submit --wait`: planned on the cluster, a fully cached
+    # no-op, logs streamed back.
     args = ["submit", work / "spec.yaml", "--address", local_cluster["dashboard"], "--working-dir", work, "--cache", cache]
     first = run_cli(*args, "--wait", timeout=240)
     assert first.returncode == 0, first.stderr
     sid = first.stdout.strip()
     assert re.fullmatch(r"loadgraph-\d{8}-[0-9a-f]{16}", sid) and "SUCCEEDED" in first.stderr and "up-to-date" in first.stderr
-    again = run_cli(*args, timeout=120)  # same spec, same day: attaches, submits nothing
+    again = run_cli(*args, timeout=120)  # same inputs, same day: attaches, submits nothing
     assert again.returncode == 0 and again.stdout.strip() == sid and "attached to succeeded job" in again.stderr
 
-    # A build that fails on the cluster: exit 1; the next submission gets a fresh id.
+    # The input changes in place (same path, same spec text): a new content key, so a new job,
+    # followed with --wait through a proxy that drops the log stream twice while the job runs.
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**config, "loadgraph_test_retrained": 1}))
+    changed, cuts = _submit_wait_through_dropping_proxy(local_cluster["dashboard"], work / "spec.yaml", work, cache)
+    assert cuts == 2 and changed.returncode == 0 and "SUCCEEDED" in changed.stderr, changed.stderr
+    assert changed.stderr.count("(ray executor)") == 1, changed.stderr  # re-attached: nothing shown twice
+    assert changed.stdout.strip() != sid and f"submitted {changed.stdout.strip()}" in changed.stderr
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["loadgraph_test_retrained"] == 1
+
+    # Bad input found by the plan on the cluster: exit 2 naming it, no build submitted.
     write_spec(work / "bad.yaml", {"source": {"model": str(tmp_path / "not-there")}, "export": {"path": str(tmp_path / "bad-out")}})
-    bad = ["submit", work / "bad.yaml", "--address", local_cluster["dashboard"], "--working-dir", work, "--cache", cache]
-    failed = run_cli(*bad, "--wait", timeout=240)
-    assert failed.returncode == 1 and "not-there" in failed.stderr and "FAILED" in failed.stderr, failed.stderr
-    retry = run_cli(*bad, timeout=120)
+    bad = run_cli("submit", work / "bad.yaml", "--address", local_cluster["dashboard"], "--working-dir", work, "--cache", cache, timeout=240)
+    assert bad.returncode == 2 and "not-there" in bad.stderr and "planning on the cluster failed" in bad.stderr, bad.stderr
+    assert bad.stdout.strip() == ""
+
+    # A build that fails on the cluster after planning (its export path holds someone's files):
+    # exit 1; the next submission gets a fresh id.
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "notes.txt").write_text("not a model")
+    write_spec(work / "clobber.yaml", {"source": {"model": str(base)}, "verify": False, "export": {"path": str(tmp_path / "foreign")}})
+    clobber = ["submit", work / "clobber.yaml", "--address", local_cluster["dashboard"], "--working-dir", work, "--cache", cache]
+    failed = run_cli(*clobber, "--wait", timeout=240)
+    assert failed.returncode == 1 and "not a loadgraph export" in failed.stderr and "FAILED" in failed.stderr, failed.stderr
+    retry = run_cli(*clobber, timeout=120)
     assert retry.returncode == 0 and retry.stdout.strip() == f"{failed.stdout.strip()}-r2"
     elsewhere = write_spec(tmp_path / "elsewhere.yaml", {"source": {"model": str(base)}})
     outside = run_cli("submit", elsewhere, "--address", local_cluster["dashboard"], "--working-dir", work)
     assert outside.returncode == 2 and "not inside the working directory" in outside.stderr
+
+
+class CuttingProxy:
+    """127.0.0.1:port forwarding to the dashboard; cut() drops every open connection, as a lost
+    port-forward or a restarted ingress does to a log stream."""
+
+    def __init__(self, target: str) -> None:
+        host, port = target.removeprefix("http://").split(":")
+        self.target = (host, int(port))
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        self.open: list[socket.socket] = []
+        self.cuts = 0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.server.accept()
+                upstream = socket.create_connection(self.target)
+            except OSError:
+                return
+            self.open += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(a: socket.socket, b: socket.socket) -> None:
+        try:
+            while data := a.recv(65536):
+                b.sendall(data)
+        except OSError:
+            pass
+        for s in (a, b):
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+
+    def cut(self) -> None:
+        for s in self.open:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+        self.open = []
+        self.cuts += 1
+
+    def close(self) -> None:
+        self.server.close()
+        for s in self.open:
+            with contextlib.suppress(OSError):
+                s.close()
+
+
+def _submit_wait_through_dropping_proxy(dashboard: str, spec: Path, work: Path, cache: Path) -> tuple[subprocess.CompletedProcess, int]:
+    """`loadgraph submit --wait` through a CuttingProxy, cut twice a second apart once the build
+    job is running (its units slowed down so that it runs for a few seconds)."""
+    from ray.job_submission import JobSubmissionClient
+
+    proxy = CuttingProxy(dashboard)
+    client = JobSubmissionClient(dashboard)
+    cmd = [sys.executable, "-m", "loadgraph.cli", "submit", spec, "--address", f"http://127.0.0.1:{proxy.port}", "--working-dir", work,
+           "--cache", cache, "--env", "LOADGRAPH_FAULT=slow-units:0.3", "--wait"]
+    try:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and proxy.cuts < 2 and proc.poll() is None:
+            running = [j for j in client.list_jobs() if j.entrypoint.startswith("loadgraph build") and j.status == "RUNNING"
+                       and (j.runtime_env or {}).get("env_vars", {}).get("LOADGRAPH_FAULT")]
+            if running and "building" in client.get_job_logs(running[0].submission_id):
+                time.sleep(1.0)
+                proxy.cut()
+            time.sleep(0.2)
+        cuts = proxy.cuts
+        out, err = proc.communicate(timeout=300)
+    finally:
+        proxy.close()
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err), cuts

@@ -3,6 +3,7 @@ GPU placement, a node killed mid-build, two concurrent builders, node prefetch."
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import json
@@ -13,9 +14,13 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from pathlib import Path
 
+import pytest
+
 from conftest import run_cli, write_spec
+from loadgraph.errors import BuildError
 from loadgraph.pipeline.cache import Cache
 from loadgraph.pipeline.executors.local import LocalExecutor
 from loadgraph.pipeline.executors.ray import RayExecutor
@@ -219,3 +224,118 @@ def test_ensure_local_copies_once_under_concurrent_callers(models, tmp_path):
     _same_files(tmp_path / "local" / key, tmp_path / "out")
     (tmp_path / "local" / key / "config.json").unlink()  # a damaged copy is replaced, not trusted
     assert ensure_local(str(cache.root), key, str(tmp_path / "local"))["status"] == "linked"
+
+
+# -- mixed node shapes, a node without the cache, infeasible requests -------------------------
+
+
+def _start_node_without_cache(ray_cluster, cache_root: Path) -> tuple[subprocess.Popen, str, Path]:
+    """A real `ray start` node joining the session cluster (explicit ports, its own temp dir) in its
+    own mount namespace, where the cache path is an empty tmpfs: a node that joined without the
+    shared filesystem. Its workers inherit the namespace."""
+    import importlib.util
+
+    import ray
+
+    spec = importlib.util.spec_from_file_location("lg_local_cluster", Path(__file__).resolve().parents[1] / "clusters" / "local" / "cluster.py")
+    local = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(local)
+    temp = Path(tempfile.mkdtemp(prefix="lgb-", dir="/tmp"))
+    before = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+    start = [local.ray_executable(), "start", "--block", f"--address={ray_cluster.address}", "--num-cpus=1", "--num-gpus=0",
+             f"--temp-dir={temp}", f"--object-store-memory={80 * 2**20}", "--disable-usage-stats", *local.node_ports()]
+    cmd = ["unshare", "--mount", "sh", "-c", 'mount -t tmpfs lg-no-cache "$0" && exec "$@"', str(cache_root), *start]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=local.node_env(), start_new_session=True)
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        new = {n["NodeID"] for n in ray.nodes() if n["Alive"]} - before
+        if new:
+            return proc, new.pop(), temp
+        assert proc.poll() is None, "the cache-less node's ray start exited"
+        time.sleep(0.5)
+    raise AssertionError("the cache-less node did not join within 90 s")
+
+
+def _stop(proc: subprocess.Popen, temp: Path) -> None:
+    import signal
+
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_mixed_cluster_gpu_units_fit_the_gpu_node_a_cacheless_node_is_left_out_and_the_report_names_nodes(ray_cluster, models, tmp_path):
+    """The issue's shape: a 4-CPU node beside a 1-CPU + 1-GPU node (verify's GPU unit used to ask
+    {CPU: 2, GPU: 1} and hang), plus a node that does not see the cache (it used to fail the build)."""
+    if subprocess.run(["unshare", "--mount", "true"], capture_output=True).returncode:
+        pytest.skip("unshare --mount is not permitted here: cannot start a node without the cache")
+    big = ray_cluster.add_node(num_cpus=4)
+    cache = Cache(tmp_path / "cache")
+    proc, bad, temp = _start_node_without_cache(ray_cluster, cache.root)
+    try:
+        spec = parse_spec({"source": {"model": str(models("llama"))}, "verify": True, "export": {"path": str(tmp_path / "out"), "max_shard_size": "40KB"}}, "t")
+        graph = compile_specs(spec, cache)
+        executor = RayExecutor()
+        started = time.monotonic()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            report = build(graph, cache, lambda: executor)
+        assert report.ok and time.monotonic() - started < 180
+        assert [str(w.message) for w in caught if bad[:12] in str(w.message)], [str(w.message) for w in caught]
+        assert bad in executor.bad_nodes
+        ran = {(n.stage, u["id"]): u["ran_on"] for n in report.nodes for u in n.units}
+        assert ran and all(r and r["node_id"] and r["ip"] for r in ran.values())  # every unit: node id and IP
+        assert bad not in {r["node_id"] for r in ran.values()}
+        assert ran[("verify", "smoke")]["node_id"] == ray_cluster.gpu.node_id
+        # Sized from the GPU node (1 CPU), however many CPUs the 4-CPU node has.
+        verify = next(n for n in graph.nodes.values() if n.stage == "verify")
+        units = get_stage("verify").units(node_context(cache, verify.describe()))
+        executor._size_units(units)
+        smoke = executor.options_for(verify.describe(), next(u for u in units if u.gpu), str(cache.root))
+        gpu_node = next(n for n in executor.nodes if n.node_id == ray_cluster.gpu.node_id)
+        assert smoke["num_cpus"] == 1 and smoke["num_gpus"] == 1 and smoke["memory"] <= gpu_node.memory
+        assert json.loads(json.dumps(report.to_json()))["nodes"][0]["units"][0]["ran_on"]["ip"]
+    finally:
+        _stop(proc, temp)
+        ray_cluster.cluster.remove_node(big)
+
+
+def test_a_request_no_node_type_can_hold_fails_in_seconds_naming_it_fixed_or_autoscaling(ray_cluster, models, tmp_path):
+    import ray
+    from ray._raylet import GCS_AUTOSCALER_CLUSTER_CONFIG_KEY, GCS_AUTOSCALER_STATE_NAMESPACE
+    from ray.core.generated import autoscaler_pb2
+    from ray.experimental.internal_kv import _internal_kv_del, _internal_kv_put
+
+    cache = Cache(tmp_path / "cache")
+    graph = compile_specs(_spec(models("llama"), tmp_path / "out"), cache)
+    build(graph, cache, LocalExecutor)  # the export's inputs, for its real units
+    export = next(n for n in graph.nodes.values() if n.stage == "export")
+    units = [dataclasses.replace(u, gpu=True) for u in get_stage("export").units(node_context(cache, export.describe()))]
+    executor = RayExecutor(gpu_policy="require")
+    executor.bad_nodes = {ray_cluster.gpu.node_id: "?"}  # the only GPU node is out of this build
+    started = time.monotonic()
+    with pytest.raises(BuildError) as err:
+        executor.run_units(str(cache.root), export.describe(), units, lambda u, r: None)
+    assert time.monotonic() - started < 30
+    message = str(err.value)
+    assert "no node type can run a request of {CPU: 1, GPU: 1" in message and "alive node" in message and "1 CPU, 0 GPU" in message, message
+    assert "GPU, " not in message.split("node types:")[1].replace("0 GPU, ", ""), message  # the GPU node is not offered
+    # With an autoscaler that may add GPU nodes the same request is fine (it waits for one), and a
+    # bigger one is refused, naming the autoscaler's node group.
+    config = autoscaler_pb2.ClusterConfig()
+    config.node_group_configs.add(name="gpu-group", resources={"CPU": 8, "GPU": 1, "memory": 64 * 2**30}, max_count=4)
+    key, namespace = GCS_AUTOSCALER_CLUSTER_CONFIG_KEY.encode(), GCS_AUTOSCALER_STATE_NAMESPACE.encode()
+    _internal_kv_put(key, config.SerializeToString(), overwrite=True, namespace=namespace)
+    try:
+        types = executor.node_types()
+        executor.check_feasible("unit", {"num_cpus": 4, "num_gpus": 1}, types)
+        with pytest.raises(BuildError, match=r"\{CPU: 16, GPU: 1\}.*gpu-group \(autoscaler\): 8 CPU, 1 GPU, 64.0 GiB"):
+            executor.check_feasible("unit", {"num_cpus": 16, "num_gpus": 1}, types)
+    finally:
+        _internal_kv_del(key, namespace=namespace)
+    assert ray.is_initialized()

@@ -245,7 +245,7 @@ def test_wrong_builds_are_caught_naming_check_and_tensor(case, built, tmp_path):
 def republish(cache: Cache, key: str, name: str, change) -> None:
     """Rewrite a published entry in place with a changed tensor and a manifest that matches it:
     a wrong artifact the cache cannot tell from a right one (what a buggy stage version would leave)."""
-    from loadgraph.formats.safetensors import sha256_file
+    from loadgraph.formats.digest import file_record
     from loadgraph.pipeline.cache import MANIFEST, write_json_atomic
 
     art = cache.get(key)
@@ -254,8 +254,9 @@ def republish(cache: Cache, key: str, name: str, change) -> None:
     path.chmod(0o644)
     tampered(art, name, change, art.path)
     manifest = dict(art.manifest)
-    manifest["files"] = {**manifest["files"], t["file"]: {**manifest["files"][t["file"]], "sha256": sha256_file(path),
-                                                          "mtime_ns": path.stat().st_mtime_ns}}
+    record, digests = file_record(path)
+    manifest["files"] = {**manifest["files"], t["file"]: {**manifest["files"][t["file"]], **record, "mtime_ns": path.stat().st_mtime_ns}}
+    manifest["tensors"] = {n: {**e, "blake3": digests[n]} if e["file"] == t["file"] else e for n, e in manifest["tensors"].items()}
     path.chmod(0o444)
     write_json_atomic(art.path / MANIFEST, manifest)
     assert cache.get(key) is not None

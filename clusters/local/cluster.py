@@ -11,7 +11,9 @@
 PID: never `ray stop`, which stops every Ray cluster on the machine, other people's included.
 
 Why these choices: Ray records "the" cluster of a machine in /tmp/ray; a private --temp-dir
-keeps that record (and the session files) to this cluster. The dashboard listens on 127.0.0.1
+keeps that record (and the session files) to this cluster. Each node gets its OWN temp dir: nodes
+sharing one also share runtime_resources/, and one node's runtime-env agent then deletes and
+re-unpacks a job's working dir under another node's running driver or workers. The dashboard listens on 127.0.0.1
 only. Ray itself advertises the machine's routable IP for its nodes (it rewrites 127.0.0.1),
 which is fine on one host. Token auth follows $RAY_AUTH_MODE (default here: disabled, for a
 dev box; set RAY_AUTH_MODE=token and a token to try auth).
@@ -145,15 +147,15 @@ def up(args: argparse.Namespace) -> dict:
     if (root / STATE).exists():
         raise SystemExit(f"{root / STATE} exists: a cluster is (or was) running; run `down --dir {root}` first")
     root.mkdir(parents=True, exist_ok=True)
-    temp_dir = root / "ray"
+    temp_dir = node_temp_dir(root, 0)
     dashboard_port = args.dashboard_port or free_port()
     gcs_port = args.port or free_port()
-    common = [f"--temp-dir={temp_dir}", f"--num-cpus={args.cpus_per_node}", f"--object-store-memory={args.object_store_mb * 2**20}", "--disable-usage-stats"]
+    common = [f"--num-cpus={args.cpus_per_node}", f"--object-store-memory={args.object_store_mb * 2**20}", "--disable-usage-stats"]
     state: dict = {"dir": str(root), "temp_dir": str(temp_dir), "dashboard": f"http://127.0.0.1:{dashboard_port}", "nodes": []}
     head_args = ["--head", f"--port={gcs_port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
-                 f"--ray-client-server-port={free_port()}", "--num-gpus=0", *node_ports(), *common]
+                 f"--ray-client-server-port={free_port()}", "--num-gpus=0", f"--temp-dir={temp_dir}", *node_ports(), *common]
     head = spawn(head_args, root / "head.log")
-    state["nodes"].append({"role": "head", "pid": head, "log": str(root / "head.log")})
+    state["nodes"].append({"role": "head", "pid": head, "log": str(root / "head.log"), "temp_dir": str(temp_dir)})
     write_state(root, state)
     wait_for("head", lambda: http_json(f"{state['dashboard']}/api/version") is not None, [head])
     # Ray writes the address it advertises (the routable IP, not 127.0.0.1) into the temp dir.
@@ -161,13 +163,19 @@ def up(args: argparse.Namespace) -> dict:
     state["address"] = (temp_dir / "ray_current_cluster").read_text().strip()
     for i in range(1, args.workers + 1):
         log = root / f"worker-{i}.log"
-        pid = spawn([f"--address={state['address']}", f"--num-gpus={args.gpus_per_worker}", *node_ports(), *common], log)
-        state["nodes"].append({"role": f"worker-{i}", "pid": pid, "log": str(log)})
+        own_temp = node_temp_dir(root, i)
+        pid = spawn([f"--address={state['address']}", f"--num-gpus={args.gpus_per_worker}", f"--temp-dir={own_temp}", *node_ports(), *common], log)
+        state["nodes"].append({"role": f"worker-{i}", "pid": pid, "log": str(log), "temp_dir": str(own_temp)})
         write_state(root, state)
         # One at a time: a raylet must register within 30 s, and several starting together on a
         # small machine (each with its agents) can miss that.
         wait_for(f"worker-{i}", lambda n=i + 1: alive_nodes(state["dashboard"]) >= n, [pid])
     return state
+
+
+def node_temp_dir(root: Path, index: int) -> Path:
+    """Node `index`'s own Ray temp dir (0 is the head); short, for Ray's socket path limit."""
+    return root / f"t{index}"
 
 
 def write_state(root: Path, state: dict) -> None:
@@ -198,7 +206,8 @@ def down(root: Path, grace_s: float = 30.0) -> list[int]:
         except (ProcessLookupError, PermissionError):
             pass
     (root / STATE).unlink(missing_ok=True)
-    shutil.rmtree(state.get("temp_dir", root / "ray"), ignore_errors=True)
+    for temp_dir in {state.get("temp_dir", root / "ray"), *(n["temp_dir"] for n in state["nodes"] if "temp_dir" in n)}:
+        shutil.rmtree(temp_dir, ignore_errors=True)
     return pids
 
 

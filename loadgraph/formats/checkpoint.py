@@ -38,6 +38,11 @@ AUX_PATTERNS = (
     "video_preprocessor_config.json",
 )
 TOKENIZER_FILES = frozenset(AUX_PATTERNS) - {"config.json", "generation_config.json"}
+# LLaVA's own training outputs: projector (and other non-LoRA) tensors, always pickled by its
+# trainer. Flat state dicts that torch.load(weights_only=True) reads without running code, so
+# they need no allow_pickle (a pickled *model* still does).
+LLAVA_SIDE_FILES = ("mm_projector.bin", "non_lora_trainables.bin")
+ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 
 
 @dataclass
@@ -64,6 +69,17 @@ class Checkpoint:
         if not path.exists():
             return {}
         return load_json(path)
+
+
+def side_file_notice(path: Path) -> None:
+    """The one notice for a LLaVA side file read without allow_pickle (warnings shows it once)."""
+    import warnings
+
+    warnings.warn(
+        f"{path.name}: LLaVA's pickled side file, read with torch.load(weights_only=True) (tensors only, no code runs)",
+        UserWarning,
+        stacklevel=2,
+    )
 
 
 def load_json(path: Path) -> dict:
@@ -128,15 +144,23 @@ def scan_checkpoint(root: str | os.PathLike, *, allow_pickle: bool = False, read
         confined(root, name, str(root / name))
     aux = [n for n in names if n in AUX_PATTERNS]
     pickles = [n for n in names if n.endswith(PICKLE_SUFFIXES) and not n.startswith("training_args")]
+    if "adapter_config.json" in names:
+        # A LoRA output (LLaVA's: adapter beside config.json and its side files): the adapter's
+        # weights are fetched as an adapter, not as the model's.
+        pickles = [n for n in pickles if n not in ADAPTER_FILES]
     index_path = root / INDEX_NAME
     if index_path.exists():
         weight_files = _files_from_index(root, index_path)
     else:
-        weight_files = [n for n in names if n.endswith(".safetensors")]
+        weight_files = [n for n in names if n.endswith(".safetensors") and not ("adapter_config.json" in names and n in ADAPTER_FILES)]
+    if not weight_files and pickles and all(n in LLAVA_SIDE_FILES for n in pickles):
+        allow_pickle = True  # read with weights_only=True like every pickle here, with one notice
+        for name in pickles:
+            side_file_notice(root / name)
     if not weight_files and pickles and not allow_pickle:
         raise InputError(
-            f"{root}: weights are pickled ({', '.join(pickles[:3])}); pickle can run code: set source.allow_pickle: true "
-            "to convert them to safetensors with torch.load(weights_only=True), or supply safetensors"
+            f"{root}: weights are pickled ({', '.join(pickles[:3])}); pickle can run code: pass allow_pickle=True "
+            "(source.allow_pickle: true in a spec) to convert them to safetensors with torch.load(weights_only=True), or supply safetensors"
         )
     if not weight_files and not pickles:
         raise InputError(f"{root}: no *.safetensors weights found; is this a checkpoint directory?")

@@ -19,9 +19,17 @@ from dataclasses import dataclass
 
 from loadgraph.errors import InputError
 
-# config.json model types LLaVA's code registers (v1.5 checkpoints were saved as plain "llava").
-_TEXT_TYPE = {"llava": "llama", "llava_llama": "llama", "llava_mistral": "mistral"}
-_ARCH_TEXT_TYPE = {"LlavaLlamaForCausalLM": "llama", "LlavaMistralForCausalLM": "mistral"}
+# config.json model types LLaVA's (and LLaVA-NeXT's) code registers (v1.5 checkpoints were saved as plain "llava").
+_TEXT_TYPE = {"llava": "llama", "llava_llama": "llama", "llava_mistral": "mistral", "llava_mixtral": "mixtral", "llava_qwen": "qwen2", "llava_gemma": "gemma"}
+_ARCH_TEXT_TYPE = {"LlavaLlamaForCausalLM": "llama", "LlavaMistralForCausalLM": "mistral", "LlavaMixtralForCausalLM": "mixtral",
+                   "LlavaQwenForCausalLM": "qwen2", "LlavaGemmaForCausalLM": "gemma"}
+# Why llava_mpt is refused: LLaVA's MPT is its own copy of MosaicML's remote-code MPT.
+MPT_REASON = (
+    "llava_mpt is LLaVA's copy of MosaicML's remote-code MPT (fused Wqkv, ALiBi, its own module names); transformers' "
+    "Llava cannot hold that language model and LLaVA itself dropped MPT after v1.0; convert it with LLaVA's own code"
+)
+# LLaVA's config keys -> transformers' Llava config keys (overwrite_config / customized_config use LLaVA's).
+CONFIG_KEYS = {"mm_vision_select_layer": "vision_feature_layer", "mm_vision_select_feature": "vision_feature_select_strategy"}
 PROJECTOR_PREFIX = "model.mm_projector."
 TOWER_PREFIX = "model.vision_tower."  # only present when a finetune saved an unfrozen tower
 RESIZE_MULTIPLE = 64  # the conversion script pads the vocabulary to a multiple of 64
@@ -59,22 +67,24 @@ class OriginalLlava:
         return "gelu" if self.projector_type != "linear" else "linear"
 
 
-def parse_original(config: dict, origin: str) -> OriginalLlava:
+def parse_original(config: dict, origin: str, layout: str = "hf") -> OriginalLlava:
     archs = config.get("architectures") or []
+    if config.get("model_type") == "llava_mpt" or "LlavaMptForCausalLM" in archs:
+        raise InputError(f"{origin}: {MPT_REASON}")
     text_type = next((_ARCH_TEXT_TYPE[a] for a in archs if a in _ARCH_TEXT_TYPE), None) or _TEXT_TYPE.get(config.get("model_type", ""))
     if text_type is None:
         raise InputError(
-            f"{origin}: LLaVA checkpoint with model_type {config.get('model_type')!r} / architectures {archs}: only Llama and "
-            "Mistral language models (LlavaLlamaForCausalLM, LlavaMistralForCausalLM) can be converted to transformers' Llava"
+            f"{origin}: LLaVA checkpoint with model_type {config.get('model_type')!r} / architectures {archs}: only "
+            f"{', '.join(sorted(_ARCH_TEXT_TYPE))} language models convert to transformers' Llava"
         )
     projector = config.get("mm_projector_type", "linear")
     match = _MLP_GELU.match(projector)
     if projector == "linear" or (match and match.group(1) == "1"):
         projector = "linear"
-    elif not (match and match.group(1) == "2"):
+    elif not (match and (match.group(1) == "2" or layout == "llava")):
         raise InputError(
             f"{origin}: mm_projector_type {projector!r} has no transformers Llava equivalent (its projector is Linear-act-Linear); "
-            "only linear and mlp2x_gelu convert"
+            "only linear and mlp2x_gelu convert (load_pretrained_model holds any mlpNx_gelu)"
         )
     feature = config.get("mm_vision_select_feature", "patch")
     if feature not in _SELECT_STRATEGY:
@@ -97,7 +107,14 @@ def parse_original(config: dict, origin: str) -> OriginalLlava:
     )
 
 
-def legacy_name(original: str, projector_type: str) -> str | None:
+def original_name(name: str) -> str:
+    """LLaVA's renaming of the tensors it saves beside a LoRA (non_lora_trainables.bin):
+    `base_model.model.model.mm_projector.0.weight` -> `model.mm_projector.0.weight`."""
+    name = name.removeprefix("base_model.")
+    return name[len("model."):] if name.startswith("model.model.") or name.startswith("model.lm_head.") else name
+
+
+def legacy_name(original: str, projector_type: str, layout: str = "hf") -> str | None:
     """An original LLaVA tensor name -> the llava-hf checkpoint name the conversion script gives it.
 
     None for tensors the converted model does not have (rotary caches, LLaVA-NeXT's image_newline).
@@ -109,10 +126,10 @@ def legacy_name(original: str, projector_type: str) -> str | None:
         if projector_type == "linear":
             return f"multi_modal_projector.linear_1.{rest}"
         index, _, leaf = rest.partition(".")
-        layer = {"0": "linear_1", "2": "linear_2"}.get(index)
-        if layer is None:
-            raise InputError(f"tensor {original!r}: an mlp2x_gelu projector has Linear layers 0 and 2 only")
-        return f"multi_modal_projector.{layer}.{leaf}"
+        # nn.Sequential(Linear, GELU, Linear, GELU, Linear...): Linear k sits at index 2k.
+        if not index.isdigit() or int(index) % 2 or (layout == "hf" and int(index) > 2):
+            raise InputError(f"tensor {original!r}: an mlpNx_gelu projector has Linear layers at even indices only ({projector_type})")
+        return f"multi_modal_projector.linear_{int(index) // 2 + 1}.{leaf}"
     if original.startswith(TOWER_PREFIX):
         # model.vision_tower.vision_tower.vision_model.X (LLaVA's CLIPVisionTower wraps the CLIP model)
         return "vision_tower." + tower_name(original[len(TOWER_PREFIX):].removeprefix("vision_tower."))

@@ -9,7 +9,6 @@ padding) but takes one tensor at a time, so a shard of any size costs one tensor
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import math
 import os
@@ -20,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, Callable, Iterable, Mapping
 
 from loadgraph import faults
+from loadgraph.formats.digest import TreeHasher, digest_bytes, hasher, is_safetensors, tree_digest
 from loadgraph.errors import InputError
 
 if TYPE_CHECKING:
@@ -62,7 +62,7 @@ MAX_PENDING = 2
 
 @functools.lru_cache(maxsize=1)
 def _hash_pool() -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256")
+    return ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="digest")
 
 
 @dataclass(frozen=True)
@@ -235,7 +235,7 @@ def encode_header(tensors: list[PlannedTensor], metadata: Mapping[str, str] | No
 
 
 class ShardWriter:
-    """Writes one safetensors file tensor by tensor, hashing as it goes.
+    """Writes one safetensors file tensor by tensor, hashing each tensor as it goes (formats/digest.py).
 
     The full tensor list is known up front (from source headers), so the header is written
     first and each tensor's bytes stream after it in safetensors order.
@@ -250,7 +250,7 @@ class ShardWriter:
         self._total = sum(p.nbytes for p in self.order) or 1
         self._handed = 0
         self._next = 0
-        self._sha = hashlib.sha256()
+        self.tensor_digests: dict[str, str] = {}
         self._file: BinaryIO = open(path, "wb")
         self.size = 0
         # Computed tensors are written on a background thread so that the caller computes the
@@ -259,22 +259,25 @@ class ShardWriter:
         self._pending: list = []
         self._sources: dict[str, BinaryIO] = {}  # files copied from, opened once, closed with the shard
         self._buf: bytearray | None = None
-        self._emit(encode_header(self.order, metadata))
+        header = encode_header(self.order, metadata)
+        self._head = digest_bytes(header)
+        self._emit(header)
 
     @property
     def pending(self) -> list[PlannedTensor]:
         return self.order[self._next :]
 
-    def _emit(self, data: bytes | memoryview) -> None:
+    def _emit(self, data: bytes | memoryview, h=None) -> None:
+        """Write `data`, feeding hasher `h` on a second thread meanwhile (both release the GIL on
+        big buffers); wait before returning because the caller reuses `data`'s buffer."""
         faults.wrote(len(data))
-        # Hash on a second thread while this one writes (both release the GIL on big buffers);
-        # wait before returning because the caller reuses `data`'s buffer.
-        if len(data) >= PARALLEL_HASH_MIN:
-            pending = _hash_pool().submit(self._sha.update, data)
+        if h is not None and len(data) >= PARALLEL_HASH_MIN:
+            pending = _hash_pool().submit(h.update, data)
             self._file.write(data)
             pending.result()
         else:
-            self._sha.update(data)
+            if h is not None:
+                h.update(data)
             self._file.write(data)
         self.size += len(data)
 
@@ -294,15 +297,21 @@ class ShardWriter:
         self._expect(name, len(data))
         while len(self._pending) >= MAX_PENDING:
             self._pending.pop(0).result()
-        self._pending.append(self._io.submit(self._emit, data))
+        self._pending.append(self._io.submit(self._emit_tensor, name, data))
         self._progress(len(data))
+
+    def _emit_tensor(self, name: str, data: memoryview) -> None:
+        h = hasher(len(data))
+        self._emit(data, h)
+        self.tensor_digests[name] = h.hexdigest()
 
     def _drain(self) -> None:
         while self._pending:
             self._pending.pop(0).result()
 
-    def copy_from(self, name: str, path: str | os.PathLike, begin: int, nbytes: int) -> None:
-        """Copy a tensor's bytes verbatim from `path` (absolute offsets) through one fixed buffer."""
+    def copy_from(self, name: str, path: str | os.PathLike, begin: int, nbytes: int) -> str:
+        """Copy a tensor's bytes verbatim from `path` (absolute offsets) through one fixed buffer;
+        returns their digest (what a reader checks against the source's manifest)."""
         self._drain()
         self._expect(name, nbytes)
         src = self._sources.get(str(path))
@@ -314,16 +323,19 @@ class ShardWriter:
         view = memoryview(buf)
         src.seek(begin)
         left = nbytes
+        h = hasher(nbytes)
         while left:
             got = src.readinto(view[: min(left, len(buf))])
             if not got:
                 raise InputError(f"{getattr(src, 'name', 'source')}: unexpected end of file copying {name!r}")
-            self._emit(view[:got])
+            self._emit(view[:got], h)
             self._progress(got)
             left -= got
+        self.tensor_digests[name] = h.hexdigest()
+        return self.tensor_digests[name]
 
     def close(self) -> str:
-        """Finish the file and return its sha256."""
+        """Finish the file and return its tensor tree digest."""
         self._drain()
         self._io.shutdown()
         if self._next != len(self.order):
@@ -333,7 +345,7 @@ class ShardWriter:
             os.fsync(self._file.fileno())
         self._file.close()
         self._close_sources()
-        return self._sha.hexdigest()
+        return tree_digest(self._head, (self.tensor_digests[p.name] for p in self.order))
 
     def _close_sources(self) -> None:
         for src in self._sources.values():
@@ -348,22 +360,14 @@ class ShardWriter:
         self._close_sources()
 
 
-def sha256_file(path: str | os.PathLike, chunk: int = COPY_CHUNK) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb", buffering=0) as f:
-        buf = bytearray(max(1, min(chunk, os.fstat(f.fileno()).st_size + 1)))  # small files: small buffer
-        view = memoryview(buf)
-        while got := f.readinto(buf):
-            h.update(view[:got])
-    return h.hexdigest()
-
-
-def copy_and_hash(src: str | os.PathLike, dst: str | os.PathLike, chunk: int = COPY_CHUNK) -> str:
-    """Copy a file in one pass, returning the sha256 of what was written."""
+def copy_and_hash(src: str | os.PathLike, dst: str | os.PathLike, chunk: int = COPY_CHUNK) -> tuple[str, dict[str, str]]:
+    """Copy a file in one pass, returning the digest of what was written (the tensor tree digest
+    for safetensors, with the tensors' digests) as formats/digest.py records it."""
+    tree = TreeHasher.for_header(read_header(src)) if is_safetensors(src) else None
     with open(src, "rb", buffering=0) as fi, open(dst, "wb") as fo:
+        h = tree or hasher(os.fstat(fi.fileno()).st_size)
         buf = bytearray(chunk)
         view = memoryview(buf)
-        h = hashlib.sha256()
         while got := fi.readinto(buf):
             faults.wrote(got)
             pending = _hash_pool().submit(h.update, view[:got])
@@ -372,4 +376,4 @@ def copy_and_hash(src: str | os.PathLike, dst: str | os.PathLike, chunk: int = C
         fo.flush()
         if FSYNC:
             os.fsync(fo.fileno())
-    return h.hexdigest()
+    return tree.finish() if tree else (h.hexdigest(), {})

@@ -15,9 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from loadgraph.errors import InputError
 from loadgraph.loading.builder import BuiltArtifact, build_artifact
 from loadgraph.loading.dispatch import Architecture, LoadingError, model_name_from_path, read_config, resolve_architecture
-from loadgraph.loading.modeling import attach_adapters, load_exact, resize_for_tokenizer
+from loadgraph.loading.modeling import attach_adapters, llava_class, load_exact, resize_for_tokenizer
 from loadgraph.loading.multimodal import add_image_tokens, load_image_processor, overlay_projector, projector_file
 from loadgraph.loading.options import apply_overrides, attention_arg, context_length, device_map_arg, spec_dtype, torch_dtype_of
 from loadgraph.spec import AdapterSpec, BuildSpec, QuantizeSpec, Source, VerifySpec
@@ -33,17 +34,33 @@ class LoadPlan:
     spec: BuildSpec
     arch: Architecture
     projector: Path | None  # LLaVA projector weights to place on the built model
+    llava: bool = False  # an original LLaVA checkpoint: the model is one of LLaVA's classes (llava_api)
 
 
 def _is_adapter_dir(path: Path) -> bool:
     return (path / "adapter_config.json").is_file()
 
 
-def _local_dir(path: str, what: str) -> Path:
+def _local_dir(path: str, what: str, revision: str | None = None) -> Path:
+    """A local directory, or a hub id found in the local hub cache (offline), as LLaVA accepts both."""
+    from loadgraph.stages.fetch import REPO_ID, locate
+
     p = Path(path).expanduser()
-    if not p.is_dir():
-        raise LoadingError(f"{what}: {path} is not a directory (hub ids go through `loadgraph prefetch` and a spec)")
-    return p.absolute()
+    if p.is_dir():
+        return p.absolute()
+    if REPO_ID.match(path) and not p.exists():
+        try:
+            return locate(path, revision, what)[0]
+        except LoadingError:
+            raise
+        except InputError as exc:
+            raise LoadingError(str(exc)) from None
+    raise LoadingError(f"{what}: {path} is not a directory (nor a hub repo id like org/name)")
+
+
+def _source_name(path: str, local: Path) -> str:
+    """What a spec names: the hub id itself (its commit enters the key), else the local directory."""
+    return path if not Path(path).expanduser().exists() else str(local)
 
 
 def plan_load(
@@ -61,9 +78,10 @@ def plan_load(
     """LLaVA's branches (LoRA + base, projector + base, plain) as a BuildSpec."""
     if load_8bit and load_4bit:
         raise LoadingError("load_8bit and load_4bit are exclusive; pass at most one")
-    path = _local_dir(model_path, "model_path")
-    if _original_llava_config(path) is not None and not _is_adapter_dir(path):
-        return _plan_original_llava(path, model_base, model_name, load_8bit=load_8bit, load_4bit=load_4bit, dtype=dtype, source_kwargs=source_kwargs, verify=verify)
+    path = _local_dir(model_path, "model_path", source_kwargs.get("revision"))
+    if _original_llava_config(path) is not None:
+        return _plan_original_llava(model_path, path, model_base, model_name, load_8bit=load_8bit, load_4bit=load_4bit, dtype=dtype,
+                                    source_kwargs=source_kwargs, verify=verify)
     adapters: list[AdapterSpec] = []
     projector = None
     if model_base is None:
@@ -102,11 +120,17 @@ def plan_load(
     return LoadPlan(spec, arch, projector)
 
 
-def _quantize_spec(load_4bit: bool, load_8bit: bool, dtype: str) -> QuantizeSpec | None:
-    """LLaVA's BitsAndBytesConfig: NF4, double quantization, compute in the load dtype; or int8."""
+# LLaVA quantizes its language model only: its tower is loaded apart (unquantized) and kept so here,
+# with the projector; lm_head is transformers' default skip.
+MULTIMODAL_SKIPS = ["lm_head", "vision_tower", "multi_modal_projector"]
+
+
+def _quantize_spec(load_4bit: bool, load_8bit: bool, dtype: str, multimodal: bool = False) -> QuantizeSpec | None:
+    """LLaVA's BitsAndBytesConfig: NF4, double quantization, float16 compute (LLaVA fixes it); or int8."""
+    skips = MULTIMODAL_SKIPS if multimodal else []
     if load_4bit:
-        return QuantizeSpec(method="bnb-nf4", double_quant=True, compute_dtype=None if dtype == "auto" else dtype)
-    return QuantizeSpec(method="bnb-int8") if load_8bit else None
+        return QuantizeSpec(method="bnb-nf4", double_quant=True, compute_dtype="float16", skip_modules=skips)
+    return QuantizeSpec(method="bnb-int8", skip_modules=skips) if load_8bit else None
 
 
 # --- original-format LLaVA checkpoints (issue 9): the build's convert stage makes them transformers Llava ---
@@ -120,27 +144,37 @@ def _original_llava_config(path: Path) -> dict | None:
     return doc if is_original_llava(doc) else None
 
 
-def _plan_original_llava(path: Path, model_base: str | None, model_name: str, *, load_8bit: bool, load_4bit: bool, dtype: str,
+def _plan_original_llava(model_path: str, path: Path, model_base: str | None, model_name: str, *, load_8bit: bool, load_4bit: bool, dtype: str,
                          source_kwargs: dict[str, Any], verify: bool) -> LoadPlan:
-    """A LLaVA-format model_path (full, or projector-only over model_base) -> a spec whose graph converts it."""
+    """A LLaVA-format model_path -> a spec whose graph converts it, keeping LLaVA's own layout.
+
+    Full checkpoints convert alone; a projector-only one takes model_base as its language model;
+    a LoRA output (adapter + non_lora_trainables) merges the adapter onto model_base first, as
+    LLaVA's builder does (`PeftModel.from_pretrained(model, model_path).merge_and_unload()`).
+    """
     from loadgraph.formats.llava_original import parse_original
     from loadgraph.spec import ConvertSpec
 
-    info = parse_original(_original_llava_config(path) or {}, f"{path}/config.json")
-    convert = ConvertSpec(model_base=str(_local_dir(model_base, "model_base"))) if model_base is not None else None
+    info = parse_original(_original_llava_config(path) or {}, f"{path}/config.json", "llava")
+    lora = _is_adapter_dir(path)
+    if lora and model_base is None:
+        raise LoadingError(f"model_path: {path} is a LLaVA LoRA output (adapter_config.json); pass the language model it was trained on as model_base")
+    base = None if model_base is None else _source_name(model_base, _local_dir(model_base, "model_base"))
+    adapters = [AdapterSpec(path=_source_name(model_path, path), mode="merge", allow_other_base=True)] if lora else []
+    convert = ConvertSpec(model_base=base, base_adapters=adapters, layout="llava")
     arch = resolve_architecture(model_name, {"model_type": "llava", "text_config": {"model_type": info.text_type}}, f"{path}/config.json", True)
-    if load_8bit and load_4bit:
-        raise LoadingError("load_8bit and load_4bit are exclusive; pass at most one")
-    quantize = _quantize_spec(load_4bit, load_8bit, dtype)
+    quantize = _quantize_spec(load_4bit, load_8bit, dtype, multimodal=True)
     spec = BuildSpec(
         name=model_name,
-        source=Source(model=str(path), **{k: v for k, v in source_kwargs.items() if v is not None}),
+        source=Source(model=_source_name(model_path, path), **{k: v for k, v in source_kwargs.items() if v is not None}),
         dtype=dtype,
         quantize=quantize,
         convert=convert,
-        verify=VerifySpec() if verify else None,  # the conversion computed new weights (added token rows)
+        # The llava layout copies bytes (the strict load below checks every name); its classes
+        # are not the ones the verify stage loads.
+        verify=None,
     )
-    return LoadPlan(spec, arch, None)
+    return LoadPlan(spec, arch, None, llava=True)
 
 
 def load_pretrained_model(
@@ -155,6 +189,8 @@ def load_pretrained_model(
     customized_config: Any = None,
     overwrite_config: dict[str, Any] | None = None,
     *,
+    device: str = "cuda",
+    use_flash_attn: bool = False,
     cache: Any = None,
     executor: str = "local",
     verify: bool = True,
@@ -166,8 +202,14 @@ def load_pretrained_model(
     ("local" or "ray") and `verify` (run the build's verify stage) choose how the artifact is
     built. `revision`, `trust_remote_code` and `allow_pickle` describe the source and enter the
     build; every other keyword goes to `from_pretrained`. The model's `loadgraph_artifact`
-    attribute holds the artifact key, path and build report.
+    attribute holds the artifact key, path and build report. `device` and `use_flash_attn` are
+    LLaVA's: a device other than "cuda" places the whole model there (`device_map={"": device}`),
+    use_flash_attn asks for flash_attention_2.
     """
+    if device != "cuda":
+        device_map = {"": device}
+    if use_flash_attn:
+        attn_implementation = "flash_attention_2"
     model_path = str(model_path)
     model_name = model_name or model_name_from_path(model_path)
     multimodal = bool(kwargs.pop("multimodal", False))  # LLaVA-NeXT's flag for non-"llava" names
@@ -192,6 +234,8 @@ def load_pretrained_model(
         add_image_tokens(tokenizer, model.config)
         resize_for_tokenizer(model, tokenizer)
         image_processor = load_image_processor(built.path)
+        if plan.llava:
+            model.image_processor = image_processor  # what get_vision_tower().image_processor returns
     model.eval()
     return tokenizer, model, image_processor, context_length(model.config)
 
@@ -214,7 +258,7 @@ def _load_built(built: BuiltArtifact, plan: LoadPlan, dtype: str, device_map, at
         load_kwargs["device_map"] = device_map
     if attn is not None:
         load_kwargs["attn_implementation"] = attn
-    model = load_exact(built.path, plan.arch, **load_kwargs)
+    model = load_exact(built.path, plan.arch, cls=llava_class(plan.arch.family) if plan.llava else None, **load_kwargs)
     model = attach_adapters(model, built.attached_adapters, trainable=False)
     tokenizer = AutoTokenizer.from_pretrained(str(built.path), trust_remote_code=trust)
     model.loadgraph_artifact = built  # key, path and build report, for callers and tests

@@ -20,10 +20,17 @@ def auto_class(arch: Architecture):
     return getattr(transformers, arch.auto_class_name)
 
 
-def load_exact(path: Path, arch: Architecture, **kwargs: Any):
-    """`Auto*.from_pretrained(path, **kwargs)` that fails on any key it could not place."""
+def llava_class(family: str):
+    """LLaVA's class for a language family (LlavaLlamaForCausalLM, ...), on transformers' Llava."""
+    from loadgraph.loading.llava_api import CLASSES
+
+    return CLASSES[family]
+
+
+def load_exact(path: Path, arch: Architecture, cls=None, **kwargs: Any):
+    """`Auto*.from_pretrained(path, **kwargs)` (or `cls`'s) that fails on any key it could not place."""
     kwargs = {**kwargs, "output_loading_info": True}
-    model, info = auto_class(arch).from_pretrained(str(path), **kwargs)
+    model, info = (cls or auto_class(arch)).from_pretrained(str(path), **kwargs)
     bad = {k: sorted(info[k])[:5] for k in ("missing_keys", "unexpected_keys", "mismatched_keys") if info.get(k)}
     if bad:
         raise BuildError(

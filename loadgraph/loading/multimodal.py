@@ -63,7 +63,11 @@ def read_projector(path: Path, allow_pickle: bool) -> dict:
         from safetensors.torch import load_file
 
         return load_file(str(path))
-    if not allow_pickle:
+    from loadgraph.formats.checkpoint import LLAVA_SIDE_FILES, side_file_notice
+
+    if path.name in LLAVA_SIDE_FILES:
+        side_file_notice(path)
+    elif not allow_pickle:
         raise LoadingError(f"{path}: pickled projector weights are refused; pass allow_pickle=True (loaded with torch.load(weights_only=True)) or save them as safetensors")
     import torch
 

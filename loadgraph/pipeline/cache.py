@@ -7,7 +7,7 @@ Layout under the cache root:
   locks/<key>.lock      one builder per key across processes and nodes
   used/<key>            mtime = last use, for least-recently-used eviction
   pins/<name>.json      roots gc keeps (exports, user pins)
-  statcache.json        (path, size, mtime, inode) -> sha256 of source files, so plans don't rehash
+  statcache.json        (path, size, mtime, inode) -> digest of source files, so plans don't rehash
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ UNIT_RECORD = "unit.json"
 MANIFEST_FORMAT = "loadgraph-artifact/1"
 # get() re-hashes the small files that are not shards (configs, index) on every lookup: cheap,
 # and a damaged config is as fatal as a damaged shard. Shards and bigger files are checked by
-# size and mtime there, and re-hashed by the runner before a node reads them (verify_inputs).
+# size and mtime there, and checked tensor by tensor by the units that read them (stages/tensor_io.py).
 SMALL_FILE = 1 << 20
 
 
@@ -106,6 +106,10 @@ class Cache:
     def localize_units(self, key: str, unit_ids: list[str]) -> None:
         """Make units that finished elsewhere readable here (the remote tier downloads them)."""
 
+    def prepare_staging(self, ctx, stage) -> None:
+        """Point a unit at the node's prepared output files on this machine (the remote tier
+        gives each node its own; a shared cache has the driver's)."""
+
     # -- published artifacts -------------------------------------------------
     def object_dir(self, key: str) -> Path:
         return self.root / "objects" / key
@@ -115,9 +119,9 @@ class Cache:
 
         Damaged: a file missing, resized, written since publication (its mtime differs from the
         one the manifest recorded; published files are read-only, so any write is damage), or a
-        small file whose sha256 differs. Stat-only for shards keeps a fully cached build instant.
+        small file whose digest differs. Stat-only for shards keeps a fully cached build instant.
         """
-        from loadgraph.formats.safetensors import sha256_file
+        from loadgraph.formats import digest
 
         path = self.object_dir(key)
         try:
@@ -131,7 +135,7 @@ class Cache:
                 st = (path / rel).stat()
                 if st.st_size != meta["size"] or meta.get("mtime_ns", st.st_mtime_ns) != st.st_mtime_ns:
                     return None
-                if st.st_size <= SMALL_FILE and not rel.endswith(".safetensors") and sha256_file(path / rel) != meta["sha256"]:
+                if st.st_size <= SMALL_FILE and not rel.endswith(".safetensors") and not digest.matches(path / rel, meta):
                     return None
             except (OSError, KeyError, TypeError):
                 return None
@@ -253,7 +257,7 @@ class Cache:
 
     def verify(self, key: str) -> list[str]:
         """Re-hash every file of an entry; returns the problems found (empty = intact)."""
-        from loadgraph.formats.safetensors import sha256_file
+        from loadgraph.formats import digest
 
         path = self.object_dir(key)
         try:
@@ -267,8 +271,8 @@ class Cache:
                 problems.append(f"{key[:12]}/{rel}: missing")
             elif f.stat().st_size != meta["size"]:
                 problems.append(f"{key[:12]}/{rel}: size {f.stat().st_size} != {meta['size']}")
-            elif sha256_file(f) != meta["sha256"]:
-                problems.append(f"{key[:12]}/{rel}: sha256 mismatch")
+            elif not digest.matches(f, meta):
+                problems.append(f"{key[:12]}/{rel}: digest mismatch")
         return problems
 
     def evict(self, key: str) -> None:

@@ -98,7 +98,10 @@ def _compile_target(graph: Graph, spec: BuildSpec, cache: Cache) -> Target:
         params = {"scales": [a.scale for a, _ in merged], "dtype": spec.dtype, "allow_pickle": spec.source.allow_pickle,
                   "base_roundtrip": spec.merge.base_roundtrip}
         inputs = {"model": current.key, **{f"adapter{i}": n.key for i, (_, n) in enumerate(merged)}}
-        current = stages["merge"] = graph.add("merge", params, inputs, f"{spec.name}: merge {len(merged)} adapter(s)")
+        from loadgraph.stages.quantize import resolve_backend
+
+        current = stages["merge"] = graph.add("merge", params, inputs, f"{spec.name}: merge {len(merged)} adapter(s)",
+                                              {"merge_device": resolve_backend("auto")})
         cast_done = True
         if cache.get(current.key) is None and checked_dir:
             graph.checks.append((current.key, partial(_preflight_adapters, checked_dir, [n for _, n in merged], [a.scale for a, _ in merged], spec.source.allow_pickle)))
@@ -124,6 +127,9 @@ def _compile_target(graph: Graph, spec: BuildSpec, cache: Cache) -> Target:
             "dtype": "auto" if cast_done else spec.dtype,
             "copy_tokenizer": spec.export.copy_tokenizer,
         }
+        if export_params["dtype"] == "auto":
+            # The node before the export writes its files in the export's layout: the export links them.
+            current.runtime.setdefault("shard_bytes", export_params["max_shard_size"])
         current = stages["export"] = graph.add("export", export_params, {"model": current.key}, f"{spec.name}: export")
         export_path = spec.export.path
     if spec.verify is not None:
@@ -150,8 +156,8 @@ def _llava_convert(graph: Graph, spec: BuildSpec, cache: Cache, source_dir: str,
         if spec.convert is not None:
             raise InputError(f"convert: {config_path} is not an original-format LLaVA config (no mm_* fields); remove the convert block")
         return inspected, source_dir
-    info = parse_original(config, str(config_path))
     options = spec.convert or ConvertSpec()
+    info = parse_original(config, str(config_path), options.layout)
     tower = options.vision_tower or info.vision_tower
     if not tower:
         raise InputError(f"{config_path}: mm_vision_tower is not set; name the CLIP vision tower (local dir or hub id) there or in convert.vision_tower")
@@ -165,12 +171,29 @@ def _llava_convert(graph: Graph, spec: BuildSpec, cache: Cache, source_dir: str,
             raise InputError(str(exc) if str(exc).startswith(what) else f"{what} {model}: {exc}") from None
         fetched = graph.add("fetch", params, {}, f"{spec.name}: fetch {what} {Path(model).name}", runtime)
         inputs[name] = graph.add("inspect", {}, {"model": fetched.key}, f"{spec.name}: inspect {what}").key
+        if name == "base" and options.base_adapters:
+            inputs[name] = _base_merge(graph, spec, cache, options, inputs[name], runtime["path"]).key
     weights = [p.name for p in Path(source_dir).iterdir() if p.name.endswith((".safetensors", ".bin")) and not p.name.startswith("training_args")]
     if weights and all(n.startswith("mm_projector") for n in weights) and "base" not in inputs:
         raise InputError(f"{source_dir}: holds only projector weights ({', '.join(sorted(weights))}); set convert.model_base to the language model it was trained on")
-    node = graph.add("convert", {"seed": options.seed}, inputs, f"{spec.name}: convert LLaVA ({info.text_type}, {info.projector_type}) -> LlavaForConditionalGeneration")
+    if options.base_adapters and "base" not in inputs:
+        raise InputError("convert.base_adapters: merging adapters before the conversion needs convert.model_base")
+    params = {"seed": options.seed, **({"layout": options.layout} if options.layout != "hf" else {})}  # hf keys stay as they were
+    node = graph.add("convert", params, inputs, f"{spec.name}: convert LLaVA ({info.text_type}, {info.projector_type}) -> LlavaForConditionalGeneration")
     converted = cache.get(node.key)
     return node, (str(converted.path) if converted else None)
+
+
+def _base_merge(graph: Graph, spec: BuildSpec, cache: Cache, options: ConvertSpec, base: str, base_dir: str) -> Node:
+    """convert.base_adapters merged onto model_base: the merge node a plain-LM LoRA gets."""
+    adapters = _adapter_nodes(graph, spec.model_copy(update={"adapters": options.base_adapters}), cache, base_dir)
+    params = {"scales": [a.scale for a in options.base_adapters], "dtype": spec.dtype, "allow_pickle": spec.source.allow_pickle,
+              "base_roundtrip": spec.merge.base_roundtrip}
+    node = graph.add("merge", params, {"model": base, **{f"adapter{i}": n.key for i, n in enumerate(adapters)}},
+                     f"{spec.name}: merge {len(adapters)} adapter(s) onto convert.model_base")
+    if cache.get(node.key) is None:
+        graph.checks.append((node.key, partial(_preflight_adapters, base_dir, adapters, params["scales"], spec.source.allow_pickle)))
+    return node
 
 
 def scan_is_safetensors(path: str) -> bool:

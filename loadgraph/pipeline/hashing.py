@@ -1,19 +1,26 @@
 """Content digests of source files, memoised by (path, size, mtime, inode).
 
-A source's key is the digest of its content, never its path; hashing 100 GB on every
-`plan` would be unusable, so a file whose stat is unchanged reuses its recorded sha256.
+A source's key is the digest of its content, never its path; hashing 100 GB on every `plan`
+would be unusable, so a file whose stat is unchanged reuses its recorded digest. Digests are
+BLAKE3 (formats/digest.py: a tensor tree for safetensors, with each tensor's digest, so units
+can check exactly the bytes they read). A file of a hub snapshot is a link to a blob named by
+its LFS sha256: that names its content without reading it.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from filelock import FileLock
 
-from loadgraph.formats.safetensors import sha256_file
+from loadgraph.formats import digest
+
+STORE = "statcache.json"
+_HUB_BLOB = re.compile(r"^[0-9a-f]{64}$")
 
 
 def _stat_id(path: Path) -> list[int]:
@@ -21,9 +28,31 @@ def _stat_id(path: Path) -> list[int]:
     return [st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev]
 
 
-def hash_files(paths: dict[str, Path], cache_root: Path) -> dict[str, str]:
-    """relname -> sha256 for each file, reusing digests of files whose stat is unchanged."""
-    store = cache_root / "statcache.json"
+def hub_sha256(path: Path) -> str | None:
+    """The LFS sha256 of a hub-cache snapshot file (a link to blobs/<sha256>), else None."""
+    if not path.is_symlink():
+        return None
+    target = path.resolve()
+    return target.name if target.parent.name == "blobs" and _HUB_BLOB.match(target.name) else None
+
+
+def _record(path: Path) -> dict:
+    """{meta: the manifest's file record, tensors: per-tensor digests} of one file."""
+    lfs = hub_sha256(path)
+    if lfs is not None:
+        return {"meta": {"size": path.stat().st_size, "sha256": lfs}, "tensors": {}}
+    meta, tensors = digest.file_record(path)
+    return {"meta": meta, "tensors": tensors}
+
+
+def key_digest(record: dict) -> str:
+    meta = record["meta"]
+    return meta["blake3"] if "blake3" in meta else f"sha256:{meta['sha256']}"
+
+
+def file_records(paths: dict[str, Path], cache_root: Path) -> dict[str, dict]:
+    """relname -> {meta, tensors} for each file, reusing records of files whose stat is unchanged."""
+    store = cache_root / STORE
     lock = FileLock(str(cache_root / "locks" / "statcache.lock"))
     try:
         lock.acquire()
@@ -34,21 +63,20 @@ def hash_files(paths: dict[str, Path], cache_root: Path) -> dict[str, str]:
             memo: dict[str, dict] = json.loads(store.read_text())
         except (OSError, ValueError):
             memo = {}
-        out: dict[str, str] = {}
+        out: dict[str, dict] = {}
         misses: dict[str, tuple[str, list[int]]] = {}
         for rel, path in paths.items():
             real, stat_id = str(path.resolve()), _stat_id(path)
             hit = memo.get(real)
-            if hit and hit["stat"] == stat_id:
-                out[rel] = hit["sha256"]
+            if hit and hit.get("stat") == stat_id and "meta" in hit:
+                out[rel] = hit
             else:
                 misses[rel] = (real, stat_id)
-        # hashlib releases the GIL on large buffers: one thread per core hashes in parallel.
-        with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-            digests = dict(zip(misses, pool.map(lambda rel: sha256_file(paths[rel]), misses)))
+        # Big files hash multi-threaded inside BLAKE3; small ones in parallel here (GIL released).
+        with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+            records = dict(zip(misses, pool.map(lambda rel: _record(paths[rel]), misses)))
         for rel, (real, stat_id) in misses.items():
-            out[rel] = digests[rel]
-            memo[real] = {"stat": stat_id, "sha256": digests[rel]}
+            out[rel] = memo[real] = {"stat": stat_id, **records[rel]}
         if misses and lock is not None:
             tmp = store.with_suffix(f".{os.getpid()}.tmp")
             try:
@@ -62,12 +90,21 @@ def hash_files(paths: dict[str, Path], cache_root: Path) -> dict[str, str]:
     return out
 
 
+def hash_files(paths: dict[str, Path], cache_root: Path) -> dict[str, str]:
+    """relname -> content digest (what enters a source's key)."""
+    return {rel: key_digest(r) for rel, r in file_records(paths, cache_root).items()}
 
-def stat_matches(path: Path, sha256: str, cache_root: Path) -> bool:
-    """True if `path` is provably the file that hashed to `sha256` (stat unchanged since)."""
+
+def stat_record(path: Path, expected: str, cache_root: Path) -> dict | None:
+    """The memoised record of `path` if it provably still holds the content digested as `expected`."""
     try:
-        memo = json.loads((cache_root / "statcache.json").read_text())
+        memo = json.loads((cache_root / STORE).read_text())
     except (OSError, ValueError):
-        return False
+        return None
     hit = memo.get(str(path.resolve()))
-    return bool(hit) and hit["sha256"] == sha256 and hit["stat"] == _stat_id(path)
+    try:
+        if hit and "meta" in hit and key_digest(hit) == expected and hit["stat"] == _stat_id(path):
+            return hit
+    except OSError:
+        return None
+    return None

@@ -1,4 +1,4 @@
-"""Whole-file sha256 checks of what is published, exported or loaded, without rehashing every time.
+"""Whole-file digest checks of what is published, exported or loaded, without rehashing every time.
 
 `Cache.get` only stats shards (a fully cached build must stay instant), and a byte flip that
 keeps size and mtime passes a stat. It cannot keep the inode's change time: every write, utime,
@@ -16,7 +16,7 @@ import json
 import os
 from pathlib import Path
 
-from loadgraph.formats.safetensors import sha256_file
+from loadgraph.formats import digest
 
 MEMO = "verified.json"
 
@@ -26,7 +26,7 @@ def _ident(st: os.stat_result) -> list[int]:
 
 
 class Verifier:
-    """sha256 of files against the digests a manifest records, memoised by inode change time."""
+    """Files against the digests a manifest records (formats/digest.py), memoised by inode change time."""
 
     def __init__(self, cache_root: Path):
         self.store = Path(cache_root) / MEMO
@@ -37,35 +37,32 @@ class Verifier:
             self.memo = {}
         self.dirty = False
 
-    def matches(self, path: Path, sha256: str) -> bool:
-        """True if `path` holds bytes with this sha256 (hashes it unless provably unchanged)."""
+    def matches(self, path: Path, meta: dict) -> bool:
+        """True if `path` holds the bytes `meta` records (hashes it unless provably unchanged)."""
+        want = digest.recorded(meta)
         try:
             ident = _ident(path.stat())
         except OSError:
             return False
         hit = self.memo.get(str(path))
-        if hit and hit.get("ident") == ident and hit.get("sha256") == sha256:
+        if hit and hit.get("ident") == ident and hit.get("digest") == want:
             return True
-        try:
-            actual = sha256_file(path)
-        except OSError:
+        if not digest.matches(path, meta):
+            if self.memo.pop(str(path), None) is not None:
+                self.dirty = True
             return False
-        if actual != sha256:
-            self.memo.pop(str(path), None)
-            self.dirty = True
-            return False
-        self._remember(path, ident, sha256)
+        self._remember(path, ident, want)
         return True
 
-    def record(self, path: Path, sha256: str) -> None:
-        """`path` was just written (or linked) by us from bytes known to hash to `sha256`."""
+    def record(self, path: Path, meta: dict) -> None:
+        """`path` was just written (or linked) by us from bytes known to have `meta`'s digest."""
         try:
-            self._remember(path, _ident(path.stat()), sha256)
+            self._remember(path, _ident(path.stat()), digest.recorded(meta))
         except OSError:
             pass
 
-    def _remember(self, path: Path, ident: list[int], sha256: str) -> None:
-        self.memo[str(path)] = {"ident": ident, "sha256": sha256}
+    def _remember(self, path: Path, ident: list[int], value: str) -> None:
+        self.memo[str(path)] = {"ident": ident, "digest": value}
         self.dirty = True
 
     def save(self) -> None:
@@ -86,10 +83,10 @@ class Verifier:
 
 
 def damaged_files(verifier: Verifier, root: Path, files: dict[str, dict]) -> list[str]:
-    """Relative names of the files under `root` whose bytes differ from the recorded sha256."""
-    return [rel for rel, meta in sorted(files.items()) if not verifier.matches(root / rel, meta["sha256"])]
+    """Relative names of the files under `root` whose bytes differ from the recorded digest."""
+    return [rel for rel, meta in sorted(files.items()) if not verifier.matches(root / rel, meta)]
 
 
 def record_files(verifier: Verifier, root: Path, files: dict[str, dict]) -> None:
     for rel, meta in files.items():
-        verifier.record(root / rel, meta["sha256"])
+        verifier.record(root / rel, meta)

@@ -19,8 +19,6 @@ from loadgraph.errors import InputError
 
 # scheme -> the fsspec backend package (extras: loadgraph[s3], loadgraph[gcs])
 BACKENDS = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs"}
-# A digest field a manifest's file entry may carry, strongest first (the cache's hash may change).
-DIGEST_FIELDS = ("blake3", "sha256")
 CHUNK = 8 << 20
 TRANSFERS = 8  # files moved at once; s3fs also sends the parts of one big file concurrently
 # `Path("s3://b/p")` is "s3:/b/p": typer hands --cache over as a Path, so a URL arrives collapsed.
@@ -115,47 +113,33 @@ def check_reachable(fs, root: str, field: str, url: str) -> None:
 
 # -- digests -------------------------------------------------------------------------------------
 def file_digest(meta: dict) -> tuple[str, str]:
-    """(algorithm, hex digest) of a manifest file entry, whichever digest field it carries."""
-    for alg in DIGEST_FIELDS:
-        if isinstance(meta.get(alg), str):
-            return alg, meta[alg]
-    if isinstance(meta.get("digest"), str) and ":" in meta["digest"]:  # "alg:hex"
-        alg, hexdigest = meta["digest"].split(":", 1)
-        return alg, hexdigest
-    raise KeyError(f"no digest in {sorted(meta)}")
+    """(kind, digest) of a manifest file entry, whichever digest it records (formats/digest.py):
+    the kind names how it was computed (a safetensors tensor tree, plain BLAKE3, legacy sha256),
+    so that content objects named by it never mix two kinds."""
+    from loadgraph.formats.digest import recorded
+
+    value = recorded(meta)
+    if not value:
+        raise KeyError(f"no digest in {sorted(meta)}")
+    kind = (meta.get("tree") or "blake3") if meta.get("blake3") else "sha256"
+    return kind, value
 
 
-def new_hasher(alg: str):
-    if alg == "blake3":
-        import blake3
+def download_verified(fs, rpath: str, lpath: Path, meta: dict) -> str | None:
+    """Download an object to `lpath` and check it against the digest `meta` records. Returns the
+    ETag of the bytes read ("" if the store gives none), or None (and no file) if they are
+    missing or differ."""
+    from loadgraph.formats.digest import matches
 
-        return blake3.blake3()
-    return hashlib.new(alg)
-
-
-def hash_file(path: Path, alg: str) -> str:
-    h = new_hasher(alg)
-    with open(path, "rb", buffering=0) as f:
-        while chunk := f.read(CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-# -- transfers -----------------------------------------------------------------------------------
-def download_verified(fs, rpath: str, lpath: Path, alg: str, digest: str) -> str | None:
-    """Stream an object to `lpath`, hashing as it arrives. Returns the ETag of the bytes read
-    ("" if the store gives none), or None (and no file) if they are missing or differ."""
-    h = new_hasher(alg)
     try:
         with fs.open(rpath, "rb", block_size=CHUNK, cache_type="none") as fi, open(lpath, "wb") as fo:
             etag = (getattr(fi, "details", None) or {}).get("ETag", "")  # s3fs reads with If-Match on it
             while chunk := fi.read(CHUNK):
-                h.update(chunk)
                 fo.write(chunk)
     except FileNotFoundError:
         lpath.unlink(missing_ok=True)
         return None
-    if h.hexdigest() != digest:
+    if not matches(lpath, meta):  # a second read, from the page cache
         lpath.unlink(missing_ok=True)
         return None
     return etag

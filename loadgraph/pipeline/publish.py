@@ -18,6 +18,7 @@ from pathlib import Path
 
 from loadgraph import faults
 from loadgraph.errors import BuildError, InputError
+from loadgraph.formats import digest
 from loadgraph.formats.safetensors import copy_and_hash
 from loadgraph.pipeline.cache import MANIFEST, MANIFEST_FORMAT, Artifact, Cache, check_cache_outside
 from loadgraph.pipeline.fsops import exchange, owned_name, owner_gone, remove
@@ -92,7 +93,7 @@ def export_intact(art: Artifact, dest: Path, verifier: Verifier) -> bool:
     """`dest` holds `art`: its manifest names the key and every file has the recorded bytes.
 
     A file that is the cache's own inode is as good as the (already verified) cache entry; any
-    other (a copy on another filesystem, a copied config) is checked by sha256, memoised by its
+    other (a copy on another filesystem, a copied config) is checked by its digest, memoised by its
     ctime, so that a copy altered in place, keeping its size and mtime, is replaced.
     """
     if not dest.is_dir() or dest.is_symlink() or existing_export_key(dest) != art.key:
@@ -104,7 +105,7 @@ def export_intact(art: Artifact, dest: Path, verifier: Verifier) -> bool:
             return False
         if st.st_size != meta["size"]:
             return False
-        if (st.st_dev, st.st_ino) != (ours.st_dev, ours.st_ino) and not verifier.matches(dest / rel, meta["sha256"]):
+        if (st.st_dev, st.st_ino) != (ours.st_dev, ours.st_ino) and not verifier.matches(dest / rel, meta):
             return False
     return True
 
@@ -152,12 +153,12 @@ def _publish_local(art: Artifact, dest: Path, verifier: Verifier) -> str:
                     continue
                 except OSError:
                     pass  # another filesystem, or links not permitted: copy
-            digest = copy_and_hash(art.path / rel, staged / rel)
-            if meta and digest != meta["sha256"]:
-                raise BuildError(f"{art.path / rel}: sha256 {digest[:12]} != recorded {meta['sha256'][:12]} while exporting it; "
+            got = copy_and_hash(art.path / rel, staged / rel)[0]
+            if meta and not (got == meta["blake3"] if "blake3" in meta else digest.matches(staged / rel, meta)):
+                raise BuildError(f"{art.path / rel}: bytes differ from the digest recorded in the manifest while exporting it; "
                                  f"run `loadgraph cache verify --evict` and rebuild")
             if meta:
-                placed[str(rel)] = digest
+                placed[str(rel)] = meta
         shutil.copyfile(art.path / MANIFEST, staged / MANIFEST)  # last: marks the export complete
         _swap_into_place(staged, dest, art, verifier)
     except _AlreadyThere:
@@ -171,7 +172,7 @@ def _publish_local(art: Artifact, dest: Path, verifier: Verifier) -> str:
         raise
     # Linking changed the cache files' ctime and the copies are new: remember them as verified.
     record_files(verifier, art.path, art.files)
-    record_files(verifier, dest, {rel: {"sha256": d} for rel, d in placed.items()})
+    record_files(verifier, dest, placed)
     return "published"
 
 

@@ -17,7 +17,8 @@ from pathlib import Path
 
 from loadgraph.errors import InputError
 from loadgraph.pipeline.cache import MANIFEST, MANIFEST_FORMAT, Artifact, Cache
-from loadgraph.pipeline.objstore import check_reachable, file_digest, hash_file, open_store, parallel, put_file, put_json, read_json, url_of
+from loadgraph.formats.digest import blake3_file
+from loadgraph.pipeline.objstore import check_reachable, file_digest, open_store, parallel, put_file, put_json, read_json, url_of
 from loadgraph.pipeline.remote_lease import RemoteLease
 
 MARKER = ".loadgraph-export.json"
@@ -68,7 +69,7 @@ def _wanted(art: Artifact) -> dict[str, dict]:
     """rel -> {"digest": "alg:hex", "size"} for every file of the export, the manifest included."""
     files = {rel: {"digest": "%s:%s" % file_digest(meta), "size": meta["size"]} for rel, meta in art.files.items()}
     manifest = art.path / MANIFEST
-    files[MANIFEST] = {"digest": "sha256:" + hash_file(manifest, "sha256"), "size": manifest.stat().st_size}
+    files[MANIFEST] = {"digest": "blake3:" + blake3_file(manifest), "size": manifest.stat().st_size}
     return files
 
 

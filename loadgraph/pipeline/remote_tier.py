@@ -27,13 +27,15 @@ from typing import Iterator
 
 from filelock import FileLock
 
+from loadgraph import faults
 from loadgraph.errors import BuildError
+from loadgraph.formats import digest
 from loadgraph.pipeline.cache import MANIFEST_FORMAT, Artifact, Cache
 from loadgraph.pipeline.objstore import (
+    CHUNK,
     check_reachable,
     download_verified,
     file_digest,
-    hash_file,
     local_dir_for,
     open_store,
     parallel,
@@ -54,6 +56,14 @@ class RemoteTierWarning(UserWarning):
 
 def portable(files: dict[str, dict]) -> dict[str, dict]:
     return {rel: {k: v for k, v in meta.items() if k not in LOCAL_FIELDS} for rel, meta in files.items()}
+
+
+def _placed(result: dict) -> dict[str, dict]:
+    """The tensors a unit of a stage with a layout wrote into the node's staging files (such a
+    unit returns no "files"): what another node needs to fill its own copy of those files."""
+    if result.get("files"):
+        return {}
+    return {n: t for n, t in result.get("tensors", {}).items() if "blake3" in t and "file" in t and "begin" in t}
 
 
 class TieredCache(Cache):
@@ -130,7 +140,7 @@ class TieredCache(Cache):
         if art.key in self._on_remote:
             return
         if not self.fs.exists(self._manifest_path(art.key)):
-            if any(hash_file(art.path / rel, file_digest(m)[0]) != file_digest(m)[1] for rel, m in art.files.items()):
+            if not all(digest.matches(art.path / rel, m) for rel, m in art.files.items()):
                 return  # damaged here: the runner's input check evicts and rebuilds it
             try:
                 self._upload(art.path, art.files)
@@ -146,15 +156,17 @@ class TieredCache(Cache):
             return result
         if result is not None:
             if not self.fs.exists(self._unit_path(key, unit_id)):  # finished here earlier, dropped there
-                self._upload(self.unit_dir(key, unit_id), result.get("files", {}))
-                self._put_record(self._unit_path(key, unit_id), result)
+                self._upload_unit(key, unit_id, self.unit_dir(key, unit_id), result)
             return result
         record = read_json(self.fs, self._unit_path(key, unit_id))
         if not isinstance(record, dict):
             return None
+        placed = _placed(record)
+        if placed and not all((self.unit_dir(key, "files") / t["file"]).exists() for t in placed.values()):
+            return record  # done elsewhere; only the node that assembles (it prepared the files) fetches the bytes
         staged = self.new_tmp_dir(f"fetch-unit-{key[:12]}-{unit_id}")
         try:
-            bad = self._download(record.get("files", {}), staged)
+            bad = self._download(record.get("files", {}), staged) + self._download_placed(key, placed)
             if bad:
                 self._drop(key, self._unit_path(key, unit_id), bad)
                 shutil.rmtree(staged, ignore_errors=True)
@@ -168,9 +180,24 @@ class TieredCache(Cache):
     def publish_unit(self, key: str, unit_id: str, staged: Path, result: dict) -> None:
         # Remote record before the local rename: a retry that finds the unit done here can rely on
         # the tier having it too, and a kill before the record leaves only unnamed blobs.
-        self._upload(staged, result.get("files", {}))
-        self._put_record(self._unit_path(key, unit_id), result)
+        self._upload_unit(key, unit_id, staged, result)
         super().publish_unit(key, unit_id, staged, result)
+
+    def _upload_unit(self, key: str, unit_id: str, root: Path, result: dict) -> None:
+        self._upload(root, result.get("files", {}))
+        self._upload_placed(key, _placed(result))
+        self._put_record(self._unit_path(key, unit_id), result)
+
+    def prepare_staging(self, ctx, stage) -> None:
+        """A stage with a layout writes into the node's prepared files: on this node, its own."""
+        local = self.unit_dir(ctx.key, "files")
+        if ctx.staging is None or ctx.staging == local:
+            return
+        from loadgraph.formats.layout import prepare_files
+
+        with FileLock(str(self.root / "locks" / f"staging-{ctx.key}.lock")):  # units of one node share the files
+            prepare_files(local, stage.layout(ctx))
+        ctx.staging = local
 
     def localize_units(self, key: str, unit_ids: list[str]) -> None:
         """Units that ran on other nodes: their files into this node's cache, verified."""
@@ -217,14 +244,63 @@ class TieredCache(Cache):
 
         parallel(one, todo.items())
 
+    def _tensor_blob(self, t: dict) -> str:
+        return f"{self.base}/blobs/blake3/{t['blake3']}"  # the BLAKE3 of the tensor's bytes
+
+    def _upload_placed(self, key: str, tensors: dict[str, dict]) -> None:
+        """Tensors a unit wrote at their offsets in this node's staging files: each as an object
+        of its bytes, streamed (multipart for big ones), unless one is there already."""
+        staging = self.unit_dir(key, "files")
+
+        def one(t: dict) -> None:
+            rpath, nbytes = self._tensor_blob(t), t["end"] - t["begin"]
+            try:
+                if self.fs.info(rpath).get("size") == nbytes:
+                    return
+            except FileNotFoundError:
+                pass
+            with open(staging / t["file"], "rb", buffering=0) as fi, self.fs.open(rpath, "wb", block_size=CHUNK) as fo:
+                done = 0
+                while done < nbytes:
+                    chunk = os.pread(fi.fileno(), min(CHUNK, nbytes - done), t["begin"] + done)
+                    if not chunk:
+                        raise OSError(f"{staging / t['file']}: shorter than its layout")
+                    fo.write(chunk)
+                    done += len(chunk)
+            faults.uploaded()
+
+        parallel(one, tensors.values())
+
+    def _download_placed(self, key: str, tensors: dict[str, dict]) -> list[str]:
+        """Each tensor's object into this node's staging files at its offset, checked against its
+        digest; the objects that were missing or differed."""
+        staging = self.unit_dir(key, "files")
+
+        def one(t: dict) -> str | None:
+            rpath, h, offset = self._tensor_blob(t), digest.hasher(t["end"] - t["begin"]), t["begin"]
+            try:
+                with self.fs.open(rpath, "rb", block_size=CHUNK, cache_type="none") as fi:
+                    fd = os.open(staging / t["file"], os.O_WRONLY)
+                    try:
+                        while (chunk := fi.read(CHUNK)) and offset + len(chunk) <= t["end"]:
+                            h.update(chunk)
+                            os.pwrite(fd, chunk, offset)
+                            offset += len(chunk)
+                    finally:
+                        os.close(fd)
+            except FileNotFoundError:
+                return rpath
+            return None if offset == t["end"] and h.hexdigest() == t["blake3"] else rpath
+
+        return [b for b in parallel(one, tensors.values()) if b]
+
     def _download(self, files: dict[str, dict], staged: Path) -> list[str]:
         """Fetch every file into `staged`, verified; the blobs that were missing or differed."""
 
         def one(item: tuple[str, dict]) -> str | None:
             rel, meta = item
             (staged / rel).parent.mkdir(parents=True, exist_ok=True)
-            alg, digest = file_digest(meta)
-            etag = download_verified(self.fs, self.blob_path(meta), staged / rel, alg, digest)
+            etag = download_verified(self.fs, self.blob_path(meta), staged / rel, meta)
             if etag is None:
                 return self.blob_path(meta)
             if etag:

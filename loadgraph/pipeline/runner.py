@@ -11,14 +11,13 @@ import os
 import platform
 import shutil
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Protocol
 
 from loadgraph import faults
-from loadgraph.errors import BuildError, InputError, disk_full_message
-from loadgraph.formats.safetensors import sha256_file
+from loadgraph.errors import BuildError, CorruptInput, InputError, disk_full_message
+from loadgraph.formats import digest
 from loadgraph.pipeline.cache import Artifact, Cache
 from loadgraph.pipeline.executors.base import Executor
 from loadgraph.pipeline.graph import Graph, Node
@@ -40,8 +39,10 @@ class NodeReport:
     units_reused: int = 0
     seconds: float = 0.0
     bytes: int = 0  # read by the units
-    bytes_written: int = 0  # files the units wrote (links of unchanged files count as written)
+    bytes_written: int = 0  # bytes the units wrote (links of unchanged files count as written)
+    bytes_hashed: int = 0  # bytes the units hashed to check their inputs (not counting outputs)
     details: dict = field(default_factory=dict)  # e.g. verify's figures, from the manifest
+    units: list[dict] = field(default_factory=list)  # per unit: id, reused, and where it ran (node id, ip, host)
 
 
 @dataclass
@@ -52,7 +53,7 @@ class BuildReport:
     nodes: list[NodeReport] = field(default_factory=list)
     targets: list[dict] = field(default_factory=list)
     error: str | None = None
-    corrupt_rebuilt: int = 0  # inputs found damaged (sha256), evicted and rebuilt
+    corrupt_rebuilt: int = 0  # inputs found damaged (digest mismatch), evicted and rebuilt
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -100,41 +101,7 @@ def preflight(graph: Graph, cache: Cache, overwrite: bool) -> None:
             check_destination(target.export_path, cache, overwrite, inputs)
 
 
-class CorruptInput(BuildError):
-    """An input artifact's file no longer has its recorded sha256; the entry has been evicted."""
-
-    def __init__(self, message: str, key: str):
-        super().__init__(message)
-        self.key = key
-
-
-# Inputs are re-hashed before a node reads them; files shared by several entries (hardlinks)
-# are hashed once per build: (device, inode, size, mtime) -> sha256.
-_verified: dict[tuple[int, int, int, int], str] = {}
 MAX_CORRUPT_RESTARTS = 3
-
-
-def verify_inputs(cache: Cache, inputs: dict) -> None:
-    """Re-hash every file of a node's inputs; evict an entry that fails and raise CorruptInput.
-
-    get() only stats big files (a fully cached build must stay instant); a node that is about
-    to compute from its inputs reads them anyway, so hashing them first costs one sequential
-    read and guarantees nothing is computed, linked or exported from damaged bytes.
-    """
-    todo: list[tuple[str, Path, dict, tuple[int, int, int, int]]] = []
-    for art in inputs.values():
-        for rel, meta in art.files.items():
-            st = (art.path / rel).stat()
-            todo.append((art.key, art.path / rel, meta, (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)))
-    missing = {t[3] for t in todo if t[3] not in _verified}
-    paths = {t[3]: t[1] for t in todo if t[3] in missing}
-    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
-        for ident, digest in zip(paths, pool.map(sha256_file, paths.values())):
-            _verified[ident] = digest
-    for key, path, meta, ident in todo:
-        if _verified[ident] != meta["sha256"]:
-            _evict(cache, key)
-            raise CorruptInput(f"{path}: sha256 {_verified[ident][:12]} != recorded {meta['sha256'][:12]}; cache entry {key[:12]} evicted", key)
 
 
 def _evict(cache: Cache, key: str) -> None:
@@ -190,6 +157,7 @@ def _build_graph(graph: Graph, cache: Cache, executor_factory, reporter: Reporte
         report.executor = holder[0].name
     cached = cached_keys(graph, cache)
     needed = needed_keys(graph, cached)
+    built: set[str] = set()  # nodes this build produced: their digests were computed as they were written
     for node in graph.nodes.values():
         art = cache.get(node.key) if node.key in cached else None
         if art is not None or node.key not in needed:
@@ -205,7 +173,8 @@ def _build_graph(graph: Graph, cache: Cache, executor_factory, reporter: Reporte
                 reporter.phase(f"starting {getattr(executor_factory, 'label', 'the executor')}")
                 holder.append(executor_factory())
                 report.executor = holder[0].name
-            nr = _build_node(node, cache, holder[0], reporter, verifier, lease, built_for(graph, node))
+            nr = _build_node(node, cache, holder[0], reporter, verifier, lease, built_for(graph, node), built)
+            built.add(node.key)
         final = art if art is not None else cache.get(node.key)
         if final is not None:
             nr.details = {k: v for k, v in final.manifest.items() if k in ("verify", "quantization")}
@@ -215,12 +184,12 @@ def _build_graph(graph: Graph, cache: Cache, executor_factory, reporter: Reporte
         final = cache.get(target.final)
         if final is None:  # damaged since it was built or found: walk the graph again
             raise CorruptInput(f"{cache.object_dir(target.final)}: damaged after it was built", target.final)
-        # What is exported or loaded is checked whole (sha256, memoised by ctime): a flip that
+        # What is exported or loaded is checked whole (digest, memoised by ctime): a flip that
         # keeps size and mtime passes get()'s stat but must never leave the cache.
         damaged = damaged_files(verifier, final.path, final.files)
         if damaged:
             _evict(cache, final.key)
-            raise CorruptInput(f"{final.path / damaged[0]}: sha256 differs from the manifest; cache entry {final.key[:12]} evicted", final.key)
+            raise CorruptInput(f"{final.path / damaged[0]}: digest differs from the manifest; cache entry {final.key[:12]} evicted", final.key)
         if target.export_path:
             entry["export"] = target.export_path
             entry["export_status"] = publish_export(final, target.export_path, cache, verifier, holder[0] if holder else None)
@@ -253,15 +222,24 @@ def built_for(graph: Graph, node: Node) -> dict:
 
 
 def _build_node(node: Node, cache: Cache, executor: Executor, reporter: Reporter, verifier: Verifier, lease: BuildLease,
-                origin: dict | None = None) -> NodeReport:
+                origin: dict | None = None, built: set[str] | frozenset = frozenset()) -> NodeReport:
     t0 = time.perf_counter()
     with cache.lock(node.key):
         art = cache.get(node.key)
         if art is not None:  # another builder finished it while we waited for the lock
             return NodeReport(node.key, node.stage, node.labels, "cached")
         stage = get_stage(node.stage)
-        ctx = node_context(cache, node.describe())
-        verify_inputs(cache, ctx.inputs)
+        desc = {**node.describe(), "lease": str(lease.path) if lease.path else None,
+                "trusted": sorted(name for name, key in node.inputs.items() if key in built)}
+        ctx = node_context(cache, desc)
+        layout = stage.layout(ctx)
+        header_digests: dict[str, str] = {}
+        if layout is not None:
+            from loadgraph.formats.layout import prepare_files
+
+            ctx.staging = cache.unit_dir(node.key, "files")
+            header_digests = prepare_files(ctx.staging, layout)
+            desc["staging"] = str(ctx.staging)
         units = stage.units(ctx)
         results: dict[str, dict] = {}
         for unit in units:
@@ -281,10 +259,12 @@ def _build_node(node: Node, cache: Cache, executor: Executor, reporter: Reporter
 
         try:
             if todo:
-                desc = {**node.describe(), "lease": str(lease.path) if lease.path else None}
                 executor.run_units(cache.location, desc, todo, on_result, on_progress)
                 cache.localize_units(node.key, [u.id for u in todo])
-            art = _assemble(node, stage, ctx, units, results, cache, origin or {})
+            art = _assemble(node, stage, ctx, units, results, cache, origin or {}, layout, header_digests)
+        except CorruptInput as exc:
+            _evict(cache, exc.key)
+            raise
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise BuildError(disk_full_message(cache.root, f"{node.stage} {node.short}")) from None
@@ -292,26 +272,49 @@ def _build_node(node: Node, cache: Cache, executor: Executor, reporter: Reporter
         cache.drop_units(node.key)
         # Digests were computed from the bytes as they were written: trust them until the inode changes.
         record_files(verifier, art.path, art.files)
+    fresh = [r for r in results.values() if not r.get("reused")]
     nr = NodeReport(
         node.key,
         node.stage,
         node.labels,
         "built",
         units_total=len(units),
-        units_reused=sum(1 for r in results.values() if r.get("reused")),
+        units_reused=len(results) - len(fresh),
         seconds=time.perf_counter() - t0,
         bytes=sum(r.get("bytes", 0) for r in results.values()),
-        bytes_written=sum(m.get("size", 0) for r in results.values() if not r.get("reused") for m in r.get("files", {}).values()),
+        bytes_written=sum(r.get("written", sum(m.get("size", 0) for m in r.get("files", {}).values())) for r in fresh),
+        bytes_hashed=sum(r.get("hashed", 0) for r in fresh),
+        units=[{"id": u.id, "reused": bool(results[u.id].get("reused")), "ran_on": results[u.id].get("ran_on")} for u in units],
     )
     reporter.node_finished(node, nr)
     return nr
 
 
-def _assemble(node: Node, stage, ctx, units: list[Unit], results: dict[str, dict], cache: Cache, origin: dict) -> Artifact:
+def _placed_files(layout, header_digests: dict[str, str], tensors: dict[str, dict]) -> dict[str, dict]:
+    """Each prepared file's record, from its header's and its tensors' digests (never re-read)."""
+    by_file: dict[str, list[tuple[int, str]]] = {rel: [] for rel in layout.headers}
+    for name, t in tensors.items():
+        by_file[t["file"]].append((t["begin"], t["blake3"]))
+    return {rel: digest.tree_record(layout.sizes[rel], digest.tree_digest(header_digests[rel], [d for _, d in sorted(by_file[rel])]))
+            for rel in layout.headers}
+
+
+def _assemble(node: Node, stage, ctx, units: list[Unit], results: dict[str, dict], cache: Cache, origin: dict, layout=None,
+              header_digests: dict[str, str] | None = None) -> Artifact:
     """Link unit files into a staged artifact, let the stage finish it, write the manifest, publish."""
     staged = cache.new_tmp_dir(f"node-{node.short}")
     try:
         known: dict[str, tuple[int, dict]] = {}  # relpath -> (inode of the unit's file, its record)
+        tensors = {n: t for u in units for n, t in results[u.id].get("tensors", {}).items()}  # unit order, not finishing order
+        if layout is not None:
+            missing = set(layout.tensors) - set(tensors)
+            if missing:
+                raise BuildError(f"{node.stage} {node.short}: {len(missing)} planned tensors were never written (e.g. {sorted(missing)[0]}); rerun the build")
+            tensors = {n: tensors[n] for n in layout.order}  # the planned order, whatever order the units finished in
+            for rel, meta in _placed_files(layout, header_digests or {}, tensors).items():
+                (staged / rel).parent.mkdir(parents=True, exist_ok=True)
+                _link_unit_file(ctx.staging / rel, staged / rel, meta)  # a copy where links are not supported
+                known[rel] = ((staged / rel).stat().st_ino, meta)
         for unit in units:
             unit_dir = cache.unit_dir(node.key, unit.id)
             for rel, meta in results[unit.id].get("files", {}).items():
@@ -328,8 +331,8 @@ def _assemble(node: Node, stage, ctx, units: list[Unit], results: dict[str, dict
             rel = str(p.relative_to(staged))
             hit = known.get(rel)
             # A file the stage did not replace keeps the digest computed while it was written.
-            files[rel] = hit[1] if hit and hit[0] == p.stat().st_ino else {"size": p.stat().st_size, "sha256": sha256_file(p)}
-        tensors = {n: t for r in results.values() for n, t in r.get("tensors", {}).items()}
+            files[rel] = hit[1] if hit and hit[0] == p.stat().st_ino else digest.file_record(p)[0]
+        tensors = extras.pop("tensors", None) or tensors
         manifest = {
             "stage": node.stage,
             "stage_version": stage_version(node.stage),
@@ -357,9 +360,9 @@ def _link_unit_file(src: Path, dst: Path, meta: dict) -> None:
     except OSError:  # EPERM, and EOPNOTSUPP/EXDEV/EMLINK on filesystems without (enough) hard links
         from loadgraph.formats.safetensors import copy_and_hash
 
-        digest = copy_and_hash(src, dst)
-        if digest != meta.get("sha256", digest):
-            raise BuildError(f"{src}: sha256 {digest[:12]} != recorded {meta['sha256'][:12]}; delete {src.parent} and rerun") from None
+        got = copy_and_hash(src, dst)[0]
+        if got != (digest.recorded(meta) or got):
+            raise BuildError(f"{src}: digest {got[:12]} != recorded {digest.recorded(meta)[:12]}; delete {src.parent} and rerun") from None
 
 
 def tool_versions() -> dict[str, str]:

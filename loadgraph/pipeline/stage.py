@@ -23,7 +23,8 @@ def canonical_json(doc: Any) -> str:
 
 
 def node_key(stage: str, version: int, params: dict, inputs: dict[str, str]) -> str:
-    """sha256 of {stage, version, params, input keys}: the content address of a node's output."""
+    """sha256 of {stage, version, params, input keys}: the content address of a node's output
+    (a few hundred bytes of JSON: the hash's speed is irrelevant, its stability is not)."""
     doc = {"stage": stage, "version": version, "params": params, "inputs": inputs}
     return hashlib.sha256(canonical_json(doc).encode()).hexdigest()
 
@@ -50,6 +51,12 @@ class NodeContext:
     # Fraction (0..1) of the running unit done; stages pass it to their ShardWriter so that
     # progress moves while a unit runs, not only when it finishes.
     progress: Callable[[float], None] = lambda fraction: None
+    # Inputs this build produced itself: their digests were computed as they were written, so
+    # units read them without hashing them again. Others are checked tensor by tensor on read.
+    trusted: frozenset[str] = frozenset()
+    # For a stage with a layout: the directory holding the node's prepared output files, which
+    # its units fill at the planned offsets (shared by the units, kept for resume).
+    staging: Path | None = None
 
     def input(self, name: str = "model") -> Artifact:
         return self.inputs[name]
@@ -64,11 +71,17 @@ class Stage:
     def units(self, ctx: NodeContext) -> list[Unit]:
         raise NotImplementedError
 
+    def layout(self, ctx: NodeContext):
+        """The output files planned up front (formats.layout.Layout), when the units write into
+        shared files at final offsets rather than each its own files; None otherwise."""
+        return None
+
     def run_unit(self, ctx: NodeContext, unit: Unit, out: Path) -> dict:
         """Write the unit's files into `out`; return a small JSON result.
 
-        The result's "files" ({relpath: {size, sha256}}) are linked into the artifact;
-        "tensors" ({name: {dtype, shape, file}}) join the manifest's tensor table.
+        The result's "files" ({relpath: {size, blake3}}) are linked into the artifact;
+        "tensors" ({name: {dtype, shape, file, begin, end, blake3}}) join the manifest's tensor
+        table. A stage with a layout writes into `ctx.staging` and returns no "files".
         """
         raise NotImplementedError
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 from dataclasses import asdict
+from pathlib import Path
 
 from loadgraph import faults
 from loadgraph.errors import BuildError
@@ -24,7 +25,9 @@ def node_context(cache: Cache, desc: dict) -> NodeContext:
         if art is None:
             raise RuntimeError(f"input {name} ({key[:12]}) of {desc['stage']} is missing from the cache at {cache.root}")
         inputs[name] = art
-    return NodeContext(desc["key"], desc["params"], desc["runtime"], inputs, cache)
+    staging = desc.get("staging")
+    return NodeContext(desc["key"], desc["params"], desc["runtime"], inputs, cache, trusted=frozenset(desc.get("trusted", ())),
+                       staging=Path(staging) if staging else None)
 
 
 def execute_unit(cache_root: str, desc: dict, unit: dict, progress: ProgressFn | None = None) -> dict:
@@ -38,6 +41,7 @@ def execute_unit(cache_root: str, desc: dict, unit: dict, progress: ProgressFn |
     check_driver(desc)
     stage = get_stage(desc["stage"])
     ctx = node_context(cache, desc)
+    cache.prepare_staging(ctx, stage)
     if progress is not None:
         ctx.progress = progress if isinstance(progress, Throttled) else Throttled(progress, period=0.0)
     staged = cache.new_tmp_dir(f"unit-{desc['key'][:12]}-{unit['id']}")

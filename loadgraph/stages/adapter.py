@@ -1,28 +1,33 @@
 """merge and attach: LoRA adapters applied to a base artifact, shard by shard.
 
-merge: one unit per base shard. Tensors no adapter touches are copied byte for byte (or cast);
-touched ones are read, merged in fp32 with PEFT's exact arithmetic (formats/lora.py) for each
-adapter in order, cast once, and written. Peak memory is one tensor plus the adapters.
+merge: units are tensor groups of about 512 MB (stages/placed.py) writing into the output's final
+shard files. Tensors no adapter touches are copied byte for byte (or cast); touched ones are read,
+merged in fp32 with PEFT's exact arithmetic (formats/lora.py) for each adapter in order (on the
+GPU when there is one), cast once, and written. Peak memory is a few tensors plus the adapters.
 attach: no merge; the base's files plus the validated adapter directories under adapters/N/,
 recorded in the manifest so the loader returns a PeftModel.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 from pathlib import Path
 
 from loadgraph.errors import InputError
 from loadgraph.formats.checkpoint import INDEX_NAME
-from loadgraph.formats.safetensors import DTYPES, FLOAT_DTYPES, TORCH_TO_ST, PlannedTensor, ShardWriter, TensorEntry, read_tensor
+from loadgraph.formats.layout import PlacedWriter
+from loadgraph.formats.safetensors import DTYPES, FLOAT_DTYPES, TORCH_TO_ST, PlannedTensor
 from loadgraph.pipeline.cache import Cache
 from loadgraph.pipeline.hashing import hash_files
 from loadgraph.pipeline.stage import NodeContext, Stage, Unit
 from loadgraph.spec import AdapterSpec
-from loadgraph.stages.export import ST_METADATA, set_config_dtype, shard_table
+from loadgraph.stages.export import set_config_dtype
 from loadgraph.stages.fetch import locate
 from loadgraph.stages.inspect import link_or_copy
+from loadgraph.stages.placed import output_layout, placed_result, placed_units, shard_bytes
+from loadgraph.stages.tensor_io import ArtifactReader
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
 
@@ -125,59 +130,101 @@ def cast_target(src_dtype: str, dtype: str) -> str:
     return src_dtype if dtype == "auto" or src_dtype not in FLOAT_DTYPES else TORCH_TO_ST[dtype]
 
 
+def merge_device(ctx: NodeContext) -> str:
+    """Where the arithmetic runs: the GPU when the compile found one (runtime, not key: the GPU
+    merge is bit-identical to PEFT's CPU merge, proven by tests/device), except DoRA's norm."""
+    if ctx.runtime.get("merge_device") != "cuda":
+        return "cpu"
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+_ADAPTER_TENSORS: dict[tuple[str, str], dict] = {}
+
+
+def adapter_tensors(adapter, device: str) -> dict:
+    """An adapter's tensors once per process and device (a unit reuses them for its whole group)."""
+    key = (str(adapter.weights_file), device)
+    if key not in _ADAPTER_TENSORS:
+        if len(_ADAPTER_TENSORS) >= 8:
+            _ADAPTER_TENSORS.pop(next(iter(_ADAPTER_TENSORS)))
+        tensors = adapter.load_tensors()
+        _ADAPTER_TENSORS[key] = {k: v.to(device) for k, v in tensors.items()} if device != "cpu" else tensors
+    return _ADAPTER_TENSORS[key]
+
+
 class MergeStage(Stage):
     name = "merge"
-    version = 1
+    version = 2
 
     def _adapter_dirs(self, ctx: NodeContext) -> list[Path]:
         return [ctx.inputs[f"adapter{i}"].path for i in range(len(ctx.params["scales"]))]
 
+    def layout(self, ctx: NodeContext):
+        tensors, dtype = ctx.input().tensors, ctx.params["dtype"]
+        planned = [PlannedTensor(n, cast_target(t["dtype"], dtype), tuple(t["shape"])) for n, t in tensors.items()]
+        return _layout(str(ctx.input().path), dtype, shard_bytes(ctx), planned)
+
     def units(self, ctx: NodeContext) -> list[Unit]:
-        tensors = ctx.input().tensors
-        files: dict[str, int] = {}
-        for t in tensors.values():
-            files[t["file"]] = files.get(t["file"], 0) + t["end"] - t["begin"]
-        return [Unit(id=f"shard-{i:05d}", payload={"file": f}, nbytes=n) for i, (f, n) in enumerate(sorted(files.items()))]
+        return placed_units(self.layout(ctx), gpu=ctx.runtime.get("merge_device") == "cuda")
 
     def run_unit(self, ctx: NodeContext, unit: Unit, out: Path) -> dict:
         import torch
 
-        base = ctx.input()
-        rel = unit.payload["file"]
-        shard = {n: t for n, t in base.tensors.items() if t["file"] == rel}
-        plans = artifact_plans(base, self._adapter_dirs(ctx), ctx.params["scales"], ctx.params["allow_pickle"])
-        touched = set().union(*(plan.touched() for _, plan in plans))
-        adapter_tensors = [adapter.load_tensors() if plan.touched() & shard.keys() else {} for adapter, plan in plans]
-        dtype = ctx.params["dtype"]
-        planned = [PlannedTensor(n, cast_target(t["dtype"], dtype), tuple(t["shape"])) for n, t in shard.items()]
-        writer = ShardWriter(out / rel, planned, ST_METADATA, on_progress=ctx.progress)
-        try:
-            for p in writer.order:
-                t = shard[p.name]
-                if p.name not in touched and p.dtype == t["dtype"]:
-                    writer.copy_from(p.name, base.path / rel, t["begin"], t["end"] - t["begin"])
-                    continue
-                tensor = read_tensor(base.path / rel, TensorEntry(t["dtype"], tuple(t["shape"]), t["begin"], t["end"]))
-                # PEFT merges into a base already loaded in the spec's dtype: cast first.
-                tensor = tensor.to(getattr(torch, DTYPES[p.dtype][1]))
-                if ctx.params.get("base_roundtrip") == "nf4" and any(_lora_target(plan, p.name) for _, plan in plans):
-                    tensor = nf4_roundtrip(tensor)
-                for (_, plan), tensors in zip(plans, adapter_tensors):
-                    if p.name in plan.ops:
-                        from loadgraph.formats.lora import merge_shard
+        from loadgraph.formats.lora import merge_shard
 
-                        tensor = merge_shard(plan, {p.name: tensor}, tensors)[p.name]
-                writer.write_tensor(p.name, tensor)
-            digest = writer.close()
+        base = ctx.input()
+        layout = self.layout(ctx)
+        plans = artifact_plans(base, self._adapter_dirs(ctx), ctx.params["scales"], ctx.params["allow_pickle"])
+        names = unit.payload["tensors"]
+        touched = set().union(*(plan.touched() for _, plan in plans))
+        device = merge_device(ctx)
+        reader = ArtifactReader(base, trusted="model" in ctx.trusted)
+        writer = PlacedWriter(ctx.staging, layout, ctx.progress, unit.nbytes)
+        try:
+            for name in names:
+                t, p = base.tensors[name], layout.tensors[name]
+                if name not in touched and p.dtype == t["dtype"]:
+                    writer.copy(name, reader.chunks(name, writer.buffer()))
+                    continue
+                # PEFT merges into a base already loaded in the spec's dtype: cast first.
+                tensor = reader.read(name).to(getattr(torch, DTYPES[p.dtype][1]))
+                if any(name in plan.ops for _, plan in plans):
+                    # The QLoRA round trip stays on the CPU: bitsandbytes' CUDA bytes differ from its CPU ones.
+                    if ctx.params.get("base_roundtrip") == "nf4" and any(_lora_target(plan, name) for _, plan in plans):
+                        tensor = nf4_roundtrip(tensor)
+                    dev = "cpu" if any(_uses_dora(plan, name) for _, plan in plans) else device
+                    tensor = tensor.to(dev, non_blocking=True)
+                    for adapter, plan in plans:
+                        if name in plan.ops:
+                            tensor = merge_shard(plan, {name: tensor}, adapter_tensors(adapter, dev))[name]
+                    tensor = tensor.cpu()
+                writer.write_tensor(name, tensor)
+            digests = writer.close()
         except BaseException:
             writer.abort()
             raise
-        size = (out / rel).stat().st_size
-        return {"files": {rel: {"size": size, "sha256": digest}}, "tensors": shard_table(out / rel, rel), "bytes": unit.nbytes}
+        return placed_result(layout, digests, reader.bytes_read, writer.written, reader.bytes_hashed)
 
     def finalize(self, ctx: NodeContext, results: dict[str, dict], out: Path) -> dict:
         copy_aux(ctx.input(), out, ctx.params["dtype"])
         return {"merged_adapters": [str(p) for p in self._adapter_dirs(ctx)]}
+
+
+def _uses_dora(plan, name: str) -> bool:
+    op = plan.ops.get(name)
+    return bool(op and any(target.use_dora for _, target in op.merges))
+
+
+@functools.lru_cache(maxsize=8)
+def _layout_cached(artifact: str, dtype: str, shard: int, planned: tuple):
+    return output_layout(list(planned), shard)
+
+
+def _layout(artifact: str, dtype: str, shard: int, planned: list[PlannedTensor]):
+    """Once per process and artifact (immutable), so units do not re-plan a 70B's headers."""
+    return _layout_cached(artifact, dtype, shard, tuple(planned))
 
 
 def copy_aux(src, out: Path, dtype: str) -> None:

@@ -9,6 +9,11 @@ as transformers' conversion script draws them (N(mean, 1e-5 * covariance) of the
 embedding rows) from a generator seeded by the `seed` param, so the stage stays a pure function.
 A `linear` projector becomes transformers' Linear-act-Linear projector exactly: act "linear"
 and an identity second layer with zero bias.
+
+`layout: llava` (what `load_pretrained_model` asks for) keeps LLaVA's own model instead: the
+vocabulary as trained (no `<image>`/`<pad>` rows: LLaVA marks images with -200 in input_ids),
+the projector at its own depth (linear, mlpNx_gelu), LLaVA's config keys, and the tower's
+image processor as LLaVA's `process_images` expects it. Every tensor is then a byte copy.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from loadgraph.errors import InputError
 from loadgraph.formats.checkpoint import INDEX_NAME, TOKENIZER_FILES
 from loadgraph.formats.llava_original import (
     COVARIANCE_SCALE,
+    original_name,
     IMAGE_TOKEN,
     PAD_TOKEN,
     PROJECTOR_PREFIX,
@@ -33,11 +39,19 @@ from loadgraph.formats.llava_original import (
     tower_name,
     vision_config_dict,
 )
-from loadgraph.formats.safetensors import DTYPES, PlannedTensor, ShardWriter, TensorEntry, read_tensor
+from loadgraph.formats.safetensors import DTYPES, PlannedTensor, ShardWriter
 from loadgraph.pipeline.cache import Artifact
 from loadgraph.pipeline.stage import NodeContext, Stage, Unit
-from loadgraph.stages.export import SHARD_NAME, ST_METADATA, shard_table
+from loadgraph.formats.digest import tree_record
+from loadgraph.formats.layout import SHARD_NAME
+from loadgraph.stages.export import ST_METADATA, shard_table
+from loadgraph.stages.tensor_io import ArtifactReader
 
+# config.json keys of LLaVA's that its scripts read from model.config (process_images, padding side, ...)
+LLAVA_KEY_PREFIXES = ("mm_", "image_", "tokenizer_", "tune_mm", "freeze_mm", "unfreeze_mm")
+IMAGE_TOKEN_INDEX = -200
+_SET_KEYS = ("mm_use_im_start_end", "mm_use_im_patch_token", "image_aspect_ratio", "image_token_index", "image_seq_length")
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json", "image_processor_config.json", "video_preprocessor_config.json")
 EMBED = "model.embed_tokens.weight"  # original (and plain Llama/Mistral) names
 LM_HEAD = "lm_head.weight"
 
@@ -47,11 +61,16 @@ def _config(art: Artifact) -> dict:
 
 
 def _tokenizer_source(ctx: NodeContext) -> Artifact:
-    for name in ("model", "base"):
+    # LLaVA's builder reads the tokenizer of model_base when there is one; the hf layout kept the checkpoint's first.
+    for name in ("base", "model") if ctx.params.get("layout") == "llava" else ("model", "base"):
         art = ctx.inputs.get(name)
         if art is not None and any(rel in TOKENIZER_FILES for rel in art.files):
             return art
     raise InputError(f"{ctx.input().manifest.get('source', {}).get('origin_path', 'source.model')}: no tokenizer files in the LLaVA checkpoint or its model_base")
+
+
+def _layout(ctx: NodeContext) -> str:
+    return ctx.params.get("layout", "hf")
 
 
 def load_tokenizer(ctx: NodeContext):
@@ -59,6 +78,8 @@ def load_tokenizer(ctx: NodeContext):
     from transformers import AddedToken, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(_tokenizer_source(ctx).path))
+    if _layout(ctx) == "llava":
+        return tok  # LLaVA's vocabulary as trained: its loader adds only the mm_use_* tokens
     tok.add_tokens(AddedToken(IMAGE_TOKEN, special=True, normalized=False), special_tokens=True)
     if tok.pad_token is None:
         tok.add_special_tokens({"pad_token": PAD_TOKEN})
@@ -70,18 +91,22 @@ def converted_config(ctx: NodeContext, tokenizer):
     from transformers import LlavaConfig
 
     original = _config(ctx.input())
-    info = parse_original(original, "config.json")
+    layout = _layout(ctx)
+    info = parse_original(original, "config.json", layout)
     text = text_config_dict(original, info.text_type)
     vocab = int(text.get("vocab_size", 0))
-    text["vocab_size"] = resized_vocab(vocab, len(tokenizer))
-    text["pad_token_id"] = tokenizer.pad_token_id
+    if layout == "hf":
+        text["vocab_size"] = resized_vocab(vocab, len(tokenizer))
+        text["pad_token_id"] = tokenizer.pad_token_id
     vision = vision_config_dict(_config(ctx.input("vision")), "mm_vision_tower")
     patches = (vision["image_size"] // vision["patch_size"]) ** 2
     dtype = original.get("dtype") or original.get("torch_dtype")
+    extra = {k: v for k, v in original.items() if k.startswith(LLAVA_KEY_PREFIXES) and k not in _SET_KEYS} if layout == "llava" else {}
     config = LlavaConfig(
         text_config=text,
         vision_config=vision,
-        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        # LLaVA's IMAGE_TOKEN_INDEX: never embedded, the model splices image features there
+        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN) if layout == "hf" else IMAGE_TOKEN_INDEX,
         image_seq_length=patches + (1 if info.select_strategy == "full" else 0),
         projector_hidden_act=info.projector_act,
         vision_feature_select_strategy=info.select_strategy,
@@ -93,8 +118,11 @@ def converted_config(ctx: NodeContext, tokenizer):
         mm_use_im_start_end=info.use_im_start_end,
         mm_use_im_patch_token=info.use_im_patch_token,
         image_aspect_ratio=info.aspect_ratio,
+        **extra,
     )
     config.architectures = ["LlavaForConditionalGeneration"]
+    if layout == "llava":
+        config.mm_projector_type = original.get("mm_projector_type", "linear")
     if dtype:
         config.dtype = dtype
     return config, info, vocab
@@ -102,34 +130,49 @@ def converted_config(ctx: NodeContext, tokenizer):
 
 def _sources(ctx: NodeContext, projector_type: str) -> list[tuple[str, str, str]]:
     """(input name, source tensor, llava-hf name) for every tensor the converted model takes."""
+    layout = _layout(ctx)
     model = ctx.input()
+    named = {original_name(n): n for n in model.tensors}  # non_lora_trainables spell them base_model.model.model.*
     lm = ctx.inputs.get("base", model)
     out: list[tuple[str, str, str]] = []
     lm_input = "base" if "base" in ctx.inputs else "model"
-    stored_tower = [n for n in model.tensors if n.startswith(TOWER_PREFIX)]
+    stored_tower = [n for n in named if n.startswith(TOWER_PREFIX)]
     for name in lm.tensors:
-        if name.startswith((PROJECTOR_PREFIX, TOWER_PREFIX)):
+        if original_name(name).startswith((PROJECTOR_PREFIX, TOWER_PREFIX)):
             continue
-        new = legacy_name(name, projector_type)
+        new = legacy_name(original_name(name), projector_type, layout)
         if new is not None:
             out.append((lm_input, name, new))
-    projector = [n for n in model.tensors if n.startswith(PROJECTOR_PREFIX)]
+    projector = [n for n in named if n.startswith(PROJECTOR_PREFIX)]
     if not projector:
         raise InputError(f"{model.manifest.get('source', {}).get('origin_path', 'source.model')}: no model.mm_projector.* tensors; not a LLaVA checkpoint")
-    out += [("model", n, legacy_name(n, projector_type)) for n in projector]
-    if "base" in ctx.inputs and len(projector) != len(model.tensors):
-        extra = sorted(set(model.tensors) - set(projector))[:3]
-        raise InputError(f"convert.model_base: the LLaVA checkpoint holds a language model too ({', '.join(extra)}...); drop model_base")
-    out += [("model", n, legacy_name(n, projector_type)) for n in stored_tower]
+    out += [("model", named[n], legacy_name(n, projector_type, layout)) for n in projector]
+    if "base" in ctx.inputs and len(projector) + len(stored_tower) != len(model.tensors):
+        extra = sorted(set(named) - set(projector) - set(stored_tower))[:3]
+        raise InputError(f"convert.model_base: the LLaVA checkpoint holds language-model tensors too ({', '.join(extra)}...); drop model_base")
+    out += [("model", named[n], legacy_name(n, projector_type, layout)) for n in stored_tower]
     if not stored_tower:  # a tower saved inside the checkpoint (unfrozen in training) wins over the named one
         out += [("vision", n, "vision_tower." + tower_name(n)) for n in ctx.input("vision").tensors if tower_keeps(n)]
+    if layout == "llava":
+        # transformers' legacy llava-hf renames are registered for LlavaForConditionalGeneration by
+        # class name only: LLaVA's classes get the in-memory names directly.
+        out = [(inp, src, _memory_name(new)) for inp, src, new in out]
     return out
 
 
-def _disk_names(config, legacy: list[str]) -> tuple[dict[str, str], list[str]]:
+_MEMORY_PREFIXES = (("language_model.model.", "model.language_model."), ("language_model.lm_head.", "lm_head."),
+                    ("multi_modal_projector.", "model.multi_modal_projector."), ("vision_tower.", "model.vision_tower."))
+
+
+def _memory_name(legacy: str) -> str:
+    return next((new + legacy[len(old):] for old, new in _MEMORY_PREFIXES if legacy.startswith(old)), legacy)
+
+
+def _disk_names(config, legacy: list[str], layout: str) -> tuple[dict[str, str], list[str]]:
     """llava-hf name -> the name transformers' save_pretrained writes, and in-memory params left uncovered.
 
-    Both directions use transformers' own renames on the model built on the meta device.
+    Both directions use transformers' own renames on the model built on the meta device (for the
+    llava layout, the class load_pretrained_model loads it with: its projector has LLaVA's depth).
     """
     import torch
     from transformers import LlavaForConditionalGeneration
@@ -137,8 +180,11 @@ def _disk_names(config, legacy: list[str]) -> tuple[dict[str, str], list[str]]:
 
     from loadgraph.formats.names import _rename_like_from_pretrained
 
+    cls = LlavaForConditionalGeneration
+    if layout == "llava":
+        from loadgraph.loading.llava_api import LlavaLlamaForCausalLM as cls  # the family does not change names
     with torch.device("meta"):
-        model = LlavaForConditionalGeneration(config)
+        model = cls(config)
     to_model, _, unexpected = _rename_like_from_pretrained(model, legacy)
     if unexpected:
         raise InputError(f"LLaVA checkpoint tensors with no place in LlavaForConditionalGeneration: {', '.join(sorted(unexpected)[:5])}")
@@ -164,7 +210,7 @@ class ConvertStage(Stage):
         config, info, vocab = converted_config(ctx, tokenizer)
         rows = config.text_config.vocab_size
         sources = _sources(ctx, info.projector_type)
-        to_disk, missing = _disk_names(config, [new for _, _, new in sources])
+        to_disk, missing = _disk_names(config, [new for _, _, new in sources], _layout(ctx))
         embed_input = "base" if "base" in ctx.inputs else "model"
         embed = ctx.inputs[embed_input].tensors.get(EMBED)
         if embed is None or embed["shape"][0] != vocab:
@@ -179,12 +225,14 @@ class ConvertStage(Stage):
                 entry.update(op="resize", shape=[rows, *t["shape"][1:]], stats=stats, seed=_seed(ctx.params["seed"], name))
             group = groups.setdefault((inp, t["file"]), [])
             group.append(entry)
-            if new == "multi_modal_projector.linear_1.weight":
+            if new.endswith("multi_modal_projector.linear_1.weight"):
                 projector_group, linear_1 = group, entry
-        unplaced = [m for m in missing if not (info.projector_type == "linear" and ".linear_2." in m)]
+        identity = info.projector_type == "linear" and _layout(ctx) == "hf"
+        tied = bool(getattr(config, "tie_word_embeddings", False) or config.text_config.tie_word_embeddings)
+        unplaced = [m for m in missing if not (identity and ".linear_2." in m) and not (tied and m.endswith("lm_head.weight"))]
         if unplaced:
             raise InputError(f"LLaVA conversion leaves LlavaForConditionalGeneration tensors without weights: {', '.join(unplaced[:5])}; is mm_vision_tower the right tower?")
-        if info.projector_type == "linear":
+        if identity:
             hidden = linear_1["shape"][0]
             for m in missing:
                 shape = [hidden, hidden] if m.endswith("weight") else [hidden]
@@ -206,7 +254,8 @@ class ConvertStage(Stage):
                 if e["op"] == "copy":
                     art = ctx.inputs[e["input"]]
                     t = art.tensors[e["src"]]
-                    writer.copy_from(planned.name, art.path / t["file"], t["begin"], t["end"] - t["begin"])
+                    got = writer.copy_from(planned.name, art.path / t["file"], t["begin"], t["end"] - t["begin"])
+                    ArtifactReader(art, trusted=e["input"] in ctx.trusted).check_copied(e["src"], got)
                 else:
                     writer.write_tensor(planned.name, self._compute(ctx, e))
             digest = writer.close()
@@ -214,7 +263,7 @@ class ConvertStage(Stage):
             writer.abort()
             raise
         size = (out / rel).stat().st_size
-        return {"files": {rel: {"size": size, "sha256": digest}}, "tensors": shard_table(out / rel, rel), "bytes": unit.nbytes}
+        return {"files": {rel: tree_record(size, digest)}, "tensors": shard_table(out / rel, rel, writer.tensor_digests), "bytes": unit.nbytes}
 
     @staticmethod
     def _compute(ctx: NodeContext, e: dict):
@@ -241,7 +290,16 @@ class ConvertStage(Stage):
         lm = ctx.inputs.get("base", ctx.input())
         if "generation_config.json" in lm.files:
             shutil.copyfile(lm.path / "generation_config.json", out / "generation_config.json")
-        processor(ctx, tokenizer, config, info).save_pretrained(out)
+        if _layout(ctx) == "llava":
+            # LLaVA's image processor is the tower's own (process_images pads/crops itself) and
+            # its tokenizer is the language model's, unchanged.
+            source = _tokenizer_source(ctx)
+            for rel in sorted(source.files):
+                if rel in TOKENIZER_FILES and rel not in PROCESSOR_FILES:
+                    shutil.copyfile(source.path / rel, out / rel)
+            tower_processor(ctx, config).save_pretrained(out)
+        else:
+            processor(ctx, tokenizer, config, info).save_pretrained(out)
         tensors = {n: t for r in results.values() for n, t in r["tensors"].items()}
         index = {"metadata": {"total_size": sum(t["end"] - t["begin"] for t in tensors.values())}, "weight_map": {n: tensors[n]["file"] for n in sorted(tensors)}}
         (out / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
@@ -249,8 +307,7 @@ class ConvertStage(Stage):
 
 
 def _read(art: Artifact, name: str):
-    t = art.tensors[name]
-    return read_tensor(art.path / t["file"], TensorEntry(t["dtype"], tuple(t["shape"]), t["begin"], t["end"]))
+    return ArtifactReader(art).read(name)  # checked against the manifest's digest as it is read
 
 
 def sample_rows(embed, rows: int, seed: int):
@@ -277,16 +334,22 @@ def sample_rows(embed, rows: int, seed: int):
     return (mu + eps @ factor.T).to(torch.float32)
 
 
-def processor(ctx: NodeContext, tokenizer, config, info):
-    """LlavaProcessor: the tower's image processor (LlavaImageProcessor with padding for `pad`), the tokenizer."""
-    from transformers import AutoImageProcessor, CLIPImageProcessor, LlavaImageProcessor, LlavaProcessor
+def tower_processor(ctx: NodeContext, config):
+    """The vision tower's image processor, as LLaVA's CLIPVisionTower reads it."""
+    from transformers import AutoImageProcessor, CLIPImageProcessor
 
     vision = ctx.input("vision")
     if any(rel in ("preprocessor_config.json", "processor_config.json") for rel in vision.files):
-        image_processor = AutoImageProcessor.from_pretrained(str(vision.path))
-    else:  # LLaVA's CLIPVisionTower would use CLIP's defaults at the tower's resolution
-        side = config.vision_config.image_size
-        image_processor = CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
+        return AutoImageProcessor.from_pretrained(str(vision.path))
+    side = config.vision_config.image_size  # LLaVA's CLIPVisionTower would use CLIP's defaults at the tower's resolution
+    return CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
+
+
+def processor(ctx: NodeContext, tokenizer, config, info):
+    """LlavaProcessor: the tower's image processor (LlavaImageProcessor with padding for `pad`), the tokenizer."""
+    from transformers import LlavaImageProcessor, LlavaProcessor
+
+    image_processor = tower_processor(ctx, config)
     if info.aspect_ratio == "pad":
         # LLaVA pads to a square of the mean colour before the CLIP transform: LlavaImageProcessor's do_pad.
         settings = {k: v for k, v in image_processor.to_dict().items() if k not in ("image_processor_type", "processor_class")}

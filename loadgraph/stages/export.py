@@ -1,7 +1,9 @@
 """export: re-shard into files of at most `max_shard_size`, cast if asked, write the index.
 
-One unit per output shard. Tensors that keep their dtype are copied byte for byte through
-a fixed buffer (no torch, no mmap): peak memory is the buffer, not the model.
+When the input already has the export's layout (the stage before it wrote its files for this
+export, stages/placed.py), its files are linked. Otherwise units are tensor groups of about
+512 MB writing into the final shard files; tensors that keep their dtype are copied byte for
+byte through a fixed buffer (no torch, no mmap): peak memory is the buffer, not the model.
 """
 
 from __future__ import annotations
@@ -11,14 +13,12 @@ import shutil
 from pathlib import Path
 
 from loadgraph.formats.checkpoint import INDEX_NAME, TOKENIZER_FILES
-from loadgraph.formats.safetensors import DTYPES, FLOAT_DTYPES, TORCH_TO_ST, PlannedTensor, ShardWriter, read_header, read_tensor
-from loadgraph.formats.safetensors import TensorEntry
+from loadgraph.formats.layout import Layout, PlacedWriter
+from loadgraph.formats.safetensors import DTYPES, FLOAT_DTYPES, TORCH_TO_ST, PlannedTensor, read_header
 from loadgraph.pipeline.stage import NodeContext, Stage, Unit
 from loadgraph.stages.inspect import link_or_copy
-
-SHARD_NAME = "model-{i:05d}-of-{n:05d}.safetensors"
-ST_METADATA = {"format": "pt"}  # what transformers writes; loaders check it
-
+from loadgraph.stages.placed import ST_METADATA, output_layout, placed_result, placed_units  # noqa: F401 - ST_METADATA: public here too
+from loadgraph.stages.tensor_io import ArtifactReader
 
 def out_dtype(src_dtype: str, target: str) -> str:
     """Only floating tensors follow the requested dtype; integer/quantized data never does."""
@@ -27,84 +27,82 @@ def out_dtype(src_dtype: str, target: str) -> str:
     return TORCH_TO_ST[target]
 
 
-def plan_shards(tensors: dict[str, dict], max_bytes: int, dtype: str) -> list[list[dict]]:
-    """Greedy packing in checkpoint order, as huggingface_hub's splitter does."""
-    shards: list[list[dict]] = [[]]
-    size = 0
-    for name, t in tensors.items():
-        planned = {"name": name, "dtype": out_dtype(t["dtype"], dtype), **{k: t[k] for k in ("shape", "file", "begin", "end")}, "src_dtype": t["dtype"]}
-        nbytes = PlannedTensor(name, planned["dtype"], tuple(t["shape"])).nbytes
-        if shards[-1] and size + nbytes > max_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(planned)
-        size += nbytes
-    return shards
-
-
-def write_shard(dest: Path, entries: list[dict], source_root: Path, on_progress=None) -> tuple[str, int]:
-    """Write one shard from its planned entries; returns (sha256, bytes read)."""
-    writer = ShardWriter(dest, [PlannedTensor(e["name"], e["dtype"], tuple(e["shape"])) for e in entries], ST_METADATA, on_progress=on_progress)
-    by_name = {e["name"]: e for e in entries}
-    read = 0
-    try:
-        for planned in writer.order:
-            e = by_name[planned.name]
-            src = source_root / e["file"]
-            if e["dtype"] == e["src_dtype"]:
-                writer.copy_from(e["name"], src, e["begin"], e["end"] - e["begin"])
-            else:
-                import torch
-
-                entry = TensorEntry(e["src_dtype"], tuple(e["shape"]), e["begin"], e["end"])
-                tensor = read_tensor(src, entry).to(getattr(torch, DTYPES[e["dtype"]][1]))
-                writer.write_tensor(e["name"], tensor)
-            read += e["end"] - e["begin"]
-        return writer.close(), read
-    except BaseException:
-        writer.abort()
-        raise
-
-
-def _whole_input_file(entries: list[dict], input_tensors: dict[str, dict]) -> str | None:
-    files = {e["file"] for e in entries}
-    if len(files) != 1 or any(e["dtype"] != e["src_dtype"] for e in entries):
-        return None
-    (only,) = files
-    names = {n for n, t in input_tensors.items() if t["file"] == only}
-    return only if names == {e["name"] for e in entries} else None
-
-
-def shard_table(path: Path, rel: str) -> dict[str, dict]:
+def shard_table(path: Path, rel: str, digests: dict[str, str] | None = None) -> dict[str, dict]:
     header = read_header(path)
-    return {n: {"dtype": e.dtype, "shape": list(e.shape), "file": rel, "begin": e.begin, "end": e.end} for n, e in header.tensors.items()}
+    table = {n: {"dtype": e.dtype, "shape": list(e.shape), "file": rel, "begin": e.begin, "end": e.end} for n, e in header.tensors.items()}
+    for name, d in (digests or {}).items():
+        table[name]["blake3"] = d
+    return table
+
+
+def _linkable(layout: Layout, tensors: dict[str, dict]) -> dict[str, str] | None:
+    """output file -> input file when every output shard is exactly one input file, uncast (then
+    the export links them: cache entries are immutable); None when anything must be rewritten."""
+    by_file: dict[str, set[str]] = {}
+    for name, t in tensors.items():
+        by_file.setdefault(t["file"], set()).add(name)
+    wanted: dict[str, set[str]] = {}
+    for name, p in layout.tensors.items():
+        if p.dtype != tensors[name]["dtype"]:
+            return None
+        wanted.setdefault(p.file, set()).add(name)
+    links = {}
+    for rel, names in wanted.items():
+        src = tensors[next(iter(names))]["file"]
+        if by_file[src] != names:
+            return None
+        links[rel] = src
+    return links
 
 
 class ExportStage(Stage):
     name = "export"
-    version = 1
+    version = 2
+
+    def _layout(self, ctx: NodeContext) -> Layout:
+        tensors, dtype = ctx.input().tensors, ctx.params["dtype"]
+        planned = [PlannedTensor(n, out_dtype(t["dtype"], dtype), tuple(t["shape"])) for n, t in tensors.items()]
+        return output_layout(planned, ctx.params["max_shard_size"])
+
+    def layout(self, ctx: NodeContext) -> Layout | None:
+        layout = self._layout(ctx)
+        return None if _linkable(layout, ctx.input().tensors) is not None else layout
 
     def units(self, ctx: NodeContext) -> list[Unit]:
-        shards = plan_shards(ctx.input().tensors, ctx.params["max_shard_size"], ctx.params["dtype"])
-        n = len(shards)
-        return [
-            Unit(id=f"shard-{i:05d}", payload={"file": SHARD_NAME.format(i=i, n=n), "tensors": entries}, nbytes=sum(e["end"] - e["begin"] for e in entries))
-            for i, entries in enumerate(shards, start=1)
-        ]
+        layout = self._layout(ctx)
+        links = _linkable(layout, ctx.input().tensors)
+        if links is None:
+            return placed_units(layout)
+        return [Unit(id=f"link-{i:05d}", payload={"file": rel, "source": src}) for i, (rel, src) in enumerate(sorted(links.items()), start=1)]
 
     def run_unit(self, ctx: NodeContext, unit: Unit, out: Path) -> dict:
-        rel = unit.payload["file"]
         src = ctx.input()
-        whole = _whole_input_file(unit.payload["tensors"], src.tensors)
-        if whole is not None:
-            # The shard is exactly one input file, uncast: link it (cache entries are immutable).
+        if "source" in unit.payload:
+            rel, whole = unit.payload["file"], unit.payload["source"]
             linked = link_or_copy(src.path / whole, out / rel)
             meta = src.files[whole]
             # A link to a user's source file stays marked so that nobody chmods or exports that inode.
             shared = {"shared": True} if linked and meta.get("shared") else {}
-            return {"files": {rel: {"size": meta["size"], "sha256": meta["sha256"], **shared}}, "tensors": shard_table(out / rel, rel), "bytes": 0}
-        digest, read = write_shard(out / rel, unit.payload["tensors"], src.path, ctx.progress)
-        return {"files": {rel: {"size": (out / rel).stat().st_size, "sha256": digest}}, "tensors": shard_table(out / rel, rel), "bytes": read}
+            record = {k: v for k, v in meta.items() if k not in ("shared", "mtime_ns")}
+            digests = {n: t["blake3"] for n, t in src.tensors.items() if t["file"] == whole and "blake3" in t}
+            return {"files": {rel: {**record, **shared}}, "tensors": shard_table(out / rel, rel, digests), "bytes": 0}
+        layout = self._layout(ctx)
+        reader = ArtifactReader(src, trusted="model" in ctx.trusted)
+        writer = PlacedWriter(ctx.staging, layout, ctx.progress, unit.nbytes)
+        try:
+            for name in unit.payload["tensors"]:
+                p = layout.tensors[name]
+                if p.dtype == src.tensors[name]["dtype"]:
+                    writer.copy(name, reader.chunks(name, writer.buffer()))
+                else:
+                    import torch
+
+                    writer.write_tensor(name, reader.read(name).to(getattr(torch, DTYPES[p.dtype][1])))
+            digests = writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+        return placed_result(layout, digests, reader.bytes_read, writer.written, reader.bytes_hashed)
 
     def finalize(self, ctx: NodeContext, results: dict[str, dict], out: Path) -> dict:
         src = ctx.input()

@@ -1,6 +1,6 @@
 """fetch: bring a source checkpoint (local directory or hub repo) into the cache.
 
-The node's key is the digest of the source's content (file sha256s, plus the hub commit),
+The node's key is the digest of the source's content (file digests, plus the hub commit),
 so moving or renaming a local checkpoint reuses its cache entry and editing one file
 rebuilds. Pickled weights are converted to safetensors only when the spec allows pickle.
 """
@@ -13,9 +13,10 @@ from pathlib import Path
 
 from loadgraph.errors import BuildError, InputError
 from loadgraph.formats.checkpoint import INDEX_NAME, Checkpoint, scan_checkpoint
-from loadgraph.formats.safetensors import copy_and_hash, sha256_file
+from loadgraph.formats import digest
+from loadgraph.formats.safetensors import copy_and_hash
 from loadgraph.pipeline.cache import Cache
-from loadgraph.pipeline.hashing import hash_files, stat_matches
+from loadgraph.pipeline.hashing import hash_files, key_digest, stat_record
 from loadgraph.pipeline.stage import NodeContext, Stage, Unit
 from loadgraph.stages.inspect import link_or_copy
 from loadgraph.spec import Source
@@ -100,21 +101,25 @@ class FetchStage(Stage):
         src = Path(ctx.runtime["path"]) / rel
         expected = ctx.params["files"][rel]
         if rel.endswith((".bin", ".pt", ".pth", ".ckpt")):
-            actual = sha256_file(src)
-            _check_unchanged(src, actual, expected)
+            _check_unchanged(src, key_digest({"meta": digest.file_record(src)[0]}), expected)
             return convert_pickle(src, out)
         linked = False
-        if stat_matches(src, expected, ctx.cache.root):
+        record = stat_record(src, expected, ctx.cache.root)
+        if record is not None:
             # Unchanged since it was hashed: link (same filesystem) or copy without rehashing.
             linked = link_or_copy(src, out / rel)
-            actual = expected
+            meta, tensors = dict(record["meta"]), record["tensors"]
+        elif expected.startswith("sha256:"):  # a hub blob, named by its sha256
+            link_or_copy(src, out / rel)
+            meta, tensors = {"size": (out / rel).stat().st_size, "sha256": expected.removeprefix("sha256:")}, {}
+            _check_unchanged(src, "" if not digest.matches(out / rel, meta) else expected, expected)
         else:
-            actual = copy_and_hash(src.resolve(), out / rel)
-            _check_unchanged(src, actual, expected)
-        size = (out / rel).stat().st_size
+            value, tensors = copy_and_hash(src.resolve(), out / rel)
+            meta = {"size": (out / rel).stat().st_size, "blake3": value, **({"tree": digest.TREE} if digest.is_safetensors(rel) else {})}
+            _check_unchanged(src, value, expected)
         # "shared": the cache file is the user's own inode; nothing may chmod it or link it into an export.
-        meta = {"size": size, "sha256": actual, **({"shared": True} if linked else {})}
-        return {"files": {rel: meta}, "bytes": size}
+        meta.update({"shared": True} if linked else {})
+        return {"files": {rel: meta}, "bytes": meta["size"], "tensor_digests": {rel: tensors} if tensors else {}}
 
     def finalize(self, ctx: NodeContext, results: dict[str, dict], out: Path) -> dict:
         if PICKLE_INDEX in ctx.params["files"]:
@@ -123,12 +128,13 @@ class FetchStage(Stage):
             index["weight_map"] = {k: _safetensors_name(v) for k, v in index["weight_map"].items()}
             (out / PICKLE_INDEX).unlink()
             (out / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True))
-        return {"source": {"commit": ctx.params["commit"], "origin_path": ctx.runtime["path"]}}
+        digests = {rel: d for r in results.values() for rel, d in r.get("tensor_digests", {}).items()}
+        return {"source": {"commit": ctx.params["commit"], "origin_path": ctx.runtime["path"]}, "tensor_digests": digests}
 
 
 def _check_unchanged(src: Path, actual: str, expected: str) -> None:
     if actual != expected:
-        raise BuildError(f"{src}: changed while the build ran (sha256 {actual[:12]} != planned {expected[:12]}); rerun the build")
+        raise BuildError(f"{src}: changed while the build ran (digest {actual[:12] or 'differs'} != planned {expected[:12]}); rerun the build")
 
 
 def _safetensors_name(name: str) -> str:
@@ -159,8 +165,8 @@ def convert_pickle(src: Path, out: Path) -> dict:
     state = {k: v.contiguous().clone() for k, v in state.items()}
     dest = out / _safetensors_name(src.name)
     save_file(state, str(dest), metadata={"format": "pt"})
-    digest = sha256_file(dest)
-    return {"files": {dest.name: {"size": dest.stat().st_size, "sha256": digest}}, "bytes": src.stat().st_size}
+    meta, tensors = digest.file_record(dest)
+    return {"files": {dest.name: meta}, "bytes": src.stat().st_size, "tensor_digests": {dest.name: tensors}}
 
 
 STAGES = {"fetch": FetchStage}

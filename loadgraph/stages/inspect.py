@@ -31,12 +31,16 @@ def link_or_copy(src: Path, dst: Path) -> bool:
         return False
 
 
-def tensor_table(root: Path) -> dict[str, dict]:
+def tensor_table(root: Path, digests: dict[str, dict[str, str]] | None = None) -> dict[str, dict]:
+    """name -> {dtype, shape, file, begin, end[, blake3]}; digests per file from the fetch, when known."""
     ckpt = scan_checkpoint(root)
-    return {
-        name: {"dtype": e.dtype, "shape": list(e.shape), "file": f, "begin": e.begin, "end": e.end}
-        for name, (f, e) in ckpt.tensors.items()
-    }
+    digests = digests or {}
+    table = {}
+    for name, (f, e) in ckpt.tensors.items():
+        table[name] = {"dtype": e.dtype, "shape": list(e.shape), "file": f, "begin": e.begin, "end": e.end}
+        if name in digests.get(f, {}):
+            table[name]["blake3"] = digests[f][name]
+    return table
 
 
 class InspectStage(Stage):
@@ -48,7 +52,7 @@ class InspectStage(Stage):
         return [Unit(id="headers")]
 
     def run_unit(self, ctx: NodeContext, unit: Unit, out: Path) -> dict:
-        return {"tensors": tensor_table(ctx.input().path)}
+        return {"tensors": tensor_table(ctx.input().path, ctx.input().manifest.get("tensor_digests"))}
 
     def finalize(self, ctx: NodeContext, results: dict[str, dict], out: Path) -> dict:
         src = ctx.input()

@@ -1,4 +1,4 @@
-"""quantize: bitsandbytes 4/8-bit or FP8, tensor by tensor, one unit per input shard.
+"""quantize: bitsandbytes 4/8-bit or FP8, tensor by tensor, in units of about 512 MB of input.
 
 What gets quantized, cast, renamed or dropped is decided once by transformers' own code on a
 meta-device model (formats/quant_plan.py), so the output tensors are those transformers writes
@@ -14,14 +14,22 @@ import shutil
 from pathlib import Path
 
 from loadgraph.formats.checkpoint import INDEX_NAME
-from loadgraph.formats.safetensors import PlannedTensor, ShardWriter, TensorEntry, read_tensor, st_dtype
+from loadgraph.formats.digest import tree_record
+from loadgraph.formats.safetensors import PlannedTensor, ShardWriter, st_dtype
 from loadgraph.pipeline.stage import NodeContext, Stage, Unit
 from loadgraph.spec import QuantizeSpec
 from loadgraph.stages.export import ST_METADATA, shard_table
+from loadgraph.stages.placed import UNIT_BYTES
+from loadgraph.stages.tensor_io import ArtifactReader
 
 
-def _entry(t: dict) -> TensorEntry:
-    return TensorEntry(t["dtype"], tuple(t["shape"]), t["begin"], t["end"])
+def _pinned(buf, nbytes: int):
+    """A page-locked staging buffer of at least `nbytes`, grown (never shrunk) as tensors need."""
+    import torch
+
+    if buf is None or buf.numel() < nbytes:
+        buf = torch.empty(max(nbytes, 1), dtype=torch.uint8, pin_memory=True)
+    return buf
 
 
 def settings_params(q: QuantizeSpec, dtype: str) -> dict:
@@ -70,14 +78,27 @@ def resolve_backend(requested: str) -> str:
 
 class QuantizeStage(Stage):
     name = "quantize"
-    version = 1
+    version = 2
 
     def units(self, ctx: NodeContext) -> list[Unit]:
-        files: dict[str, int] = {}
-        for t in ctx.input().tensors.values():
-            files[t["file"]] = files.get(t["file"], 0) + t["end"] - t["begin"]
+        """Tensor groups of about UNIT_BYTES (checkpoint order), each written as its own part file:
+        bitsandbytes' quant-state tensors hold data-dependent JSON, so the final offsets are not
+        known before the weights are quantized."""
+        groups: list[list[str]] = [[]]
+        size = 0
+        for name, t in ctx.input().tensors.items():
+            nbytes = t["end"] - t["begin"]
+            if groups[-1] and size + nbytes > UNIT_BYTES:
+                groups.append([])
+                size = 0
+            groups[-1].append(name)
+            size += nbytes
         gpu = ctx.params["backend"] == "cuda"
-        return [Unit(id=f"shard-{i:05d}", payload={"file": f}, nbytes=n, gpu=gpu) for i, (f, n) in enumerate(sorted(files.items()))]
+        tensors = ctx.input().tensors
+        n = len(groups)
+        return [Unit(id=f"part-{i:05d}", payload={"file": f"part-{i:05d}-of-{n:05d}.safetensors", "tensors": names},
+                     nbytes=sum(tensors[x]["end"] - tensors[x]["begin"] for x in names), gpu=gpu)
+                for i, names in enumerate(groups, start=1)]
 
     def _plan(self, ctx: NodeContext):
         return artifact_quant_plan(str(ctx.input().path), make_settings(ctx.params["settings"]))
@@ -88,22 +109,26 @@ class QuantizeStage(Stage):
         base = ctx.input()
         rel = unit.payload["file"]
         plan = self._plan(ctx)
+        backend = ctx.params["backend"]
+        reader = ArtifactReader(base, trusted="model" in ctx.trusted)
         quantized: dict[str, torch.Tensor] = {}
         kept: dict[str, tuple[str, dict, str]] = {}  # output name -> (input name, entry, output dtype)
-        for name, t in base.tensors.items():
-            if t["file"] != rel:
-                continue
+        staging = None
+        for name in unit.payload["tensors"]:
+            t = base.tensors[name]
             tp = plan.tensors.get(name)
             if tp is not None and tp.kind == "keep":
                 # Unquantized tensors (embeddings, lm_head, norms: most of the bytes) are not held
                 # in memory: they are streamed (or cast) into the shard at write time.
                 kept[tp.rename[tp.memory_name]] = (name, t, st_dtype(torch.empty(0, dtype=tp.dtype)))
                 continue
-            tensor = read_tensor(base.path / rel, _entry(t))
-            quantized.update(plan.convert(name, tensor, device=ctx.params["backend"]))
+            if backend == "cuda":  # pinned staging: the host-to-device copy runs at full speed
+                staging = _pinned(staging, t["end"] - t["begin"])
+            tensor = reader.read(name, into=staging)
+            quantized.update(plan.convert(name, tensor, device=backend))
         planned = [PlannedTensor(n, st_dtype(v), tuple(v.shape)) for n, v in quantized.items()]
         planned += [PlannedTensor(n, dtype, tuple(t["shape"])) for n, (_, t, dtype) in kept.items()]
-        if not planned:  # every tensor of this shard was dropped (e.g. a tied lm_head alone)
+        if not planned:  # every tensor of this group was dropped (e.g. a tied lm_head alone)
             return {"files": {}, "tensors": {}, "bytes": unit.nbytes}
         writer = ShardWriter(out / rel, planned, ST_METADATA, on_progress=ctx.progress)
         try:
@@ -113,14 +138,16 @@ class QuantizeStage(Stage):
                     continue
                 name, t, dtype = kept[p.name]
                 if dtype == t["dtype"]:
-                    writer.copy_from(p.name, base.path / rel, t["begin"], t["end"] - t["begin"])
+                    reader.check_copied(name, writer.copy_from(p.name, base.path / t["file"], t["begin"], t["end"] - t["begin"]))
                 else:
-                    writer.write_tensor(p.name, plan.convert(name, read_tensor(base.path / rel, _entry(t)))[p.name])
+                    writer.write_tensor(p.name, plan.convert(name, reader.read(name))[p.name])
             digest = writer.close()
         except BaseException:
             writer.abort()
             raise
-        return {"files": {rel: {"size": (out / rel).stat().st_size, "sha256": digest}}, "tensors": shard_table(out / rel, rel), "bytes": unit.nbytes}
+        size = (out / rel).stat().st_size
+        return {"files": {rel: tree_record(size, digest)}, "tensors": shard_table(out / rel, rel, writer.tensor_digests), "bytes": reader.bytes_read,
+                "hashed": reader.bytes_hashed}
 
     def finalize(self, ctx: NodeContext, results: dict[str, dict], out: Path) -> dict:
         plan = self._plan(ctx)

@@ -7,7 +7,6 @@ has its own local cache directory."""
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import logging
 import os
@@ -91,16 +90,28 @@ def plain(models, tmp_path_factory) -> Plain:
     return Plain(models("llama"), tmp_path_factory.mktemp("plain"))
 
 
-def tier_problems(fs, base: str) -> list[str]:
-    """Every manifest and unit record visible in the tier names only blobs that exist and hash to
-    their names: what a reader can see is never partial or wrong."""
+def tier_problems(fs, base: str, scratch: Path) -> list[str]:
+    """Every manifest and unit record visible in the tier names only objects that exist and hold
+    the bytes of their digests (files, and tensors written at offsets): what a reader can see is
+    never partial or wrong."""
+    from loadgraph.formats.digest import digest_bytes, matches
+
     problems = []
     for record in [p for p in fs.find(base) if "/objects/" in p or "/units/" in p]:
-        for rel, meta in json.loads(fs.cat_file(record))["files"].items():
-            alg, digest = file_digest(meta)
-            blob = f"{base}/blobs/{alg}/{digest}"
-            if not fs.exists(blob) or hashlib.new(alg, fs.cat_file(blob)).hexdigest() != digest:
-                problems.append(f"{record}: {rel}")
+        doc = json.loads(fs.cat_file(record))
+        for rel, meta in doc["files"].items():
+            blob = f"{base}/blobs/{'/'.join(file_digest(meta))}"
+            if not fs.exists(blob):
+                problems.append(f"{record}: {rel} missing")
+                continue
+            (scratch / "blob").write_bytes(fs.cat_file(blob))
+            if not matches(scratch / "blob", meta):
+                problems.append(f"{record}: {rel} differs")
+        if not doc["files"]:
+            for name, t in doc.get("tensors", {}).items():
+                blob = f"{base}/blobs/blake3/{t['blake3']}"
+                if not fs.exists(blob) or digest_bytes(fs.cat_file(blob)) != t["blake3"]:
+                    problems.append(f"{record}: tensor {name}")
     return problems
 
 
@@ -125,7 +136,7 @@ def test_tier_kill_in_upload_concurrent_builders_and_tampering(s3, plain, tmp_pa
     killed = cli(*args("a"), logdir=logs, env=env("node-a", LOADGRAPH_FAULT="kill-in-upload:8", LOADGRAPH_UNIT_LOG=str(tmp_path / "a.units")),
                  row=ROW_TIER)
     assert killed.rc == -9, killed.output
-    assert not tier_problems(s3.fs, base)
+    assert not tier_problems(s3.fs, base, tmp_path)
     assert not (tmp_path / "a" / "out").exists()
 
     # 2. Two builders at once on two fresh nodes: each unit is computed once between them, and
@@ -138,7 +149,7 @@ def test_tier_kill_in_upload_concurrent_builders_and_tampering(s3, plain, tmp_pa
     computed = unit_log(log)
     assert len(computed) == len(set(computed)), "a unit was computed twice"
     assert computed and unit_log(tmp_path / "a.units")
-    lost = [f for n in ("b", "c") for f in same_files(tmp_path / n / "out", plain.ref_out)] + tier_problems(s3.fs, base)
+    lost = [f for n in ("b", "c") for f in same_files(tmp_path / n / "out", plain.ref_out)] + tier_problems(s3.fs, base, tmp_path)
 
     # 3. A tampered content object in the bucket (same size, one byte flipped) is detected by a
     #    node that downloads it, dropped, rebuilt and uploaded again; the export is unchanged.
@@ -153,7 +164,7 @@ def test_tier_kill_in_upload_concurrent_builders_and_tampering(s3, plain, tmp_pa
     assert fixed.rc == 0, fixed.output
     assert "does not match its digest" in fixed.output
     assert {n["key"]: n["status"] for n in json.loads((tmp_path / "d.json").read_text())["nodes"]}[final] == "built"
-    lost += same_files(tmp_path / "d" / "out", plain.ref_out) + tier_problems(s3.fs, base)
+    lost += same_files(tmp_path / "d" / "out", plain.ref_out) + tier_problems(s3.fs, base, tmp_path)
     TALLY.add(ROW_TIER, faults=2, lost=len(lost))
     print(f"\n[s3 tier] 4 local caches, {stored_bytes(s3.fs, base)} bytes in the tier, faults: kill -9 after 8 uploads, "
           f"1 tampered blob; units computed by 2 concurrent builders: {len(computed)} (no duplicates); lost: {len(lost)}")
@@ -186,7 +197,7 @@ def test_multinode_ray_with_distinct_local_caches(s3, ray_cluster, plain, tmp_pa
     assert len(used) >= 2, [d.name for d in nodes_dir.iterdir()]
     s3.fs.get(f"{bucket}/out/", str(tmp_path / "out"), recursive=True)
     (tmp_path / "out" / ".loadgraph-export.json").unlink()  # loadgraph's record of the objects, beside the checkpoint
-    lost = same_files(tmp_path / "out", plain.ref_out) + tier_problems(s3.fs, url[5:])
+    lost = same_files(tmp_path / "out", plain.ref_out) + tier_problems(s3.fs, url[5:], tmp_path)
     TALLY.add(ROW_TIER, runs=1, lost=len(lost))
     print(f"\n[s3 tier, Ray] {len(ray_cluster.cluster.list_all_nodes())} Ray nodes, {len(used)} local caches used + the driver's, "
           f"{stored_bytes(s3.fs, url[5:])} bytes in the tier; lost: {len(lost)}")

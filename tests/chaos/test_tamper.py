@@ -97,7 +97,7 @@ def test_deleted_manifest_means_absent_and_rebuilt_identically(workload, tmp_pat
     statuses, _ = _rebuild(spec, cache, tmp_path, "r2")
     assert statuses == {"inspect": "cached", "merge": "built", "quantize": "built", "export": "built"}
     after = json.loads((merge_dir / "manifest.json").read_text())["files"]
-    assert {k: v["sha256"] for k, v in after.items()} == {k: v["sha256"] for k, v in before.items()}
+    assert {k: v["blake3"] for k, v in after.items()} == {k: v["blake3"] for k, v in before.items()}
 
 
 def test_crash_leftovers_are_ignored_and_gc_removes_them(workload, tmp_path):

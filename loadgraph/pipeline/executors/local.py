@@ -1,19 +1,69 @@
-"""In-process executor: units run one after another in this process (tests, debugging, tiny models)."""
+"""In-process executor: units run on a pool of threads in this process (tests, one machine).
+
+Units spend their time in pread/pwrite, BLAKE3 and torch kernels, all of which release the GIL,
+so threads keep every core busy without Ray's start-up; torch's own intra-op threads are
+divided among them so the pool does not oversubscribe the cores.
+"""
 
 from __future__ import annotations
+
+import os
+import socket
+import sys
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 
 from loadgraph.pipeline.executors.base import OnProgress, OnResult
 from loadgraph.pipeline.stage import Unit
 from loadgraph.pipeline.units import execute_unit, unit_dict
 
 
+def local_workers() -> int:
+    return max(1, int(os.environ.get("LOADGRAPH_LOCAL_WORKERS", 0)) or len(os.sched_getaffinity(0)))
+
+
 class LocalExecutor:
     name = "local"
 
+    def __init__(self, workers: int | None = None):
+        self.workers = workers or local_workers()
+
     def run_units(self, cache_root: str, desc: dict, units: list[Unit], on_result: OnResult, on_progress: OnProgress | None = None) -> None:
-        for unit in units:
-            progress = (lambda fraction, unit=unit: on_progress(unit, fraction)) if on_progress else None
-            on_result(unit, execute_unit(cache_root, desc, unit_dict(unit), progress))
+        workers = min(self.workers, len(units))
+        cores = len(os.sched_getaffinity(0))
+        here = {"node_id": None, "ip": None, "host": socket.gethostname(), "pid": os.getpid()}  # in this process, no Ray node
+
+        def run(unit: Unit) -> dict:
+            progress = (lambda fraction: on_progress(unit, fraction)) if on_progress else None
+            torch = sys.modules.get("torch")  # imported by the first units of a node, maybe
+            set_threads = getattr(torch, "set_num_threads", None)  # None while another thread imports it
+            if set_threads is not None and workers > 1:
+                set_threads(max(1, cores // workers))
+            return {**execute_unit(cache_root, desc, unit_dict(unit), progress), "ran_on": here}
+
+        if workers <= 1:
+            for unit in units:
+                on_result(unit, run(unit))
+            return
+        torch = sys.modules.get("torch")
+        threads = torch.get_num_threads() if torch else None
+        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="unit")
+        pending: dict[Future, Unit] = {}
+        try:
+            queue = list(units)
+            while queue or pending:
+                while queue and len(pending) < workers:
+                    unit = queue.pop(0)
+                    pending[pool.submit(run, unit)] = unit
+                done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for future in done:
+                    unit = pending.pop(future)
+                    on_result(unit, future.result())  # the first failure stops submitting and is raised
+        finally:
+            for future in pending:
+                future.cancel()
+            pool.shutdown(wait=True)  # running units finish (or fail) before the error surfaces
+            if torch and threads:
+                torch.set_num_threads(threads)
 
     def close(self) -> None:
         pass

@@ -14,12 +14,14 @@ import errno
 import os
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
 from loadgraph import errors
 from loadgraph.errors import BuildError, InputError, LoadgraphError, disk_full_message
 from loadgraph.pipeline.executors.base import OnProgress, OnResult
+from loadgraph.pipeline.executors.ray_sizing import NodeType, alive_types, autoscaler_types, cpu_share, infeasible_message, memory_for
 from loadgraph.pipeline.executors.ray_nodes import (
     NodeInfo,
     alive_nodes,
@@ -47,6 +49,10 @@ GPU_POLICY_ENV = "LOADGRAPH_RAY_GPU"
 GPU_POLICIES = ("auto", "require", "never")
 DRIVER_CHECK_S = 1.0
 CANCEL_GRACE_S = 10.0
+# While units wait, the cluster is re-read this often: a request that no node type (alive, or one
+# the autoscaler may add) can hold any more fails the build instead of waiting forever.
+FEASIBILITY_CHECK_S = 3.0
+NODE_LABEL = "ray.io/node-id"
 
 
 def _inject_fault(unit_id: str) -> None:
@@ -77,9 +83,11 @@ def _use_assigned_cpus() -> None:
 
 def _remote_execute(cache_root: str, identity: str, desc: dict, unit: dict) -> dict:
     here = where_am_i()
-    if identity and not sees_cache(cache_root, identity):
-        # Checked before execute_unit, whose Cache() would create an empty local cache here.
-        return {"error": unreachable_message(cache_root, [f"{here['node_id'][:12]} ({here['host']})"]), "error_class": "BuildError"}
+    if identity and not sees_cache(cache_root, identity):  # no identity: a remote tier, no shared path to check
+        # Checked before execute_unit, whose Cache() would create an empty local cache here. The
+        # driver leaves this node out and runs the unit elsewhere (a node that joined after the probe).
+        return {"error": unreachable_message(cache_root, [f"{here['node_id'][:12]} ({here['ip']})"]), "error_class": "BuildError",
+                "no_cache_on": here}
     stop = _watch_driver(desc)
     try:
         _inject_fault(unit["id"])
@@ -88,7 +96,7 @@ def _remote_execute(cache_root: str, identity: str, desc: dict, unit: dict) -> d
     except LoadgraphError as exc:
         # Deterministic, user-facing failures: returned, not raised, so Ray does not retry them
         # and the CLI keeps the class (exit code) and the one-line message.
-        return {"error": str(exc), "error_class": type(exc).__name__}
+        return {"error": str(exc), "error_class": type(exc).__name__, **({"error_key": exc.key} if hasattr(exc, "key") else {})}
     except OSError as exc:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):  # retrying cannot free space: say so, once
             return {"error": disk_full_message(cache_root, f"{desc['stage']} {desc['key'][:12]}"), "error_class": "BuildError"}
@@ -181,13 +189,11 @@ class RayExecutor:
                 self.embedded = True
             self._owns_connection = True
         self.nodes: list[NodeInfo] = alive_nodes()
+        self.bad_nodes: dict[str, str] = {}  # node id -> ip: nodes that do not see the cache, left out
         self.has_gpus = any(n.gpus for n in self.nodes)
-        self.max_node_memory = max((n.memory for n in self.nodes), default=0.0)
         self.driver_node = this_node_id()
         cpus = int(sum(n.resources.get("CPU", 0) for n in self.nodes))
-        self.total_cpus = cpus
-        self.max_node_cpus = int(max((n.resources.get("CPU", 0) for n in self.nodes), default=1)) or 1
-        self._cpus_per_unit = 1
+        self._cpus_per_unit = {False: 1, True: 1}  # by "wants a GPU", set per node in run_units
         self.max_in_flight = max_in_flight or max(2, 2 * (cpus + int(sum(n.gpus for n in self.nodes))))
         self.runtime_env = runtime_env
         self._task = ray.remote(max_retries=MAX_RETRIES, retry_exceptions=[OSError])(_remote_execute)
@@ -199,26 +205,59 @@ class RayExecutor:
             return False
         return self.gpu_policy == "require" or self.has_gpus
 
-    def _memory(self, unit: Unit) -> int:
-        want = max(MIN_MEMORY, int(unit.nbytes * MEMORY_PER_INPUT_BYTE))
-        # Never ask for more than the biggest node has: such a task would wait forever.
-        return int(min(want, self.max_node_memory)) if self.max_node_memory else want
+    def usable_nodes(self) -> list[NodeInfo]:
+        return [n for n in self.nodes if n.node_id not in self.bad_nodes]
 
-    def options_for(self, desc: dict, unit: Unit, cache_root: str) -> dict:
+    def node_types(self) -> list[NodeType]:
+        """The shapes a unit can land on: alive nodes that see the cache, and autoscaler groups."""
+        return alive_types(self.usable_nodes()) + autoscaler_types()
+
+    def _size_units(self, units: list[Unit]) -> None:
+        """Few big units (5 GB shards) would each get one core of a many-core node: give each a
+        fair share of the CPUs of the nodes that can run it, so torch's kernels run multi-threaded."""
+        types = self.node_types()
+        for gpu in (False, True):
+            mine = [u for u in units if self._wants_gpu(u) == gpu]
+            cpus = sum(n.resources.get("CPU", 0) for n in self.usable_nodes() if n.gpus >= 1 or not gpu)
+            self._cpus_per_unit[gpu] = cpu_share(types, cpus, len(mine), gpu)
+
+    def options_for(self, desc: dict, unit: Unit, cache_root: str, types: list[NodeType] | None = None) -> dict:
         if len(self.nodes) > 1 and self.driver_node and reads_driver_paths(desc, cache_root):
             # I/O only, and it must run where the files are. Zero CPUs: a Kubernetes head
             # usually has num-cpus=0, and a unit asking for one there would never start.
             opts: dict[str, Any] = {"num_cpus": 0, "scheduling_strategy": pinned_to(self.driver_node)}
         else:
-            opts = {"num_cpus": self._cpus_per_unit, "memory": self._memory(unit)}
-            if self._wants_gpu(unit):
+            gpu = self._wants_gpu(unit)
+            cpus = self._cpus_per_unit[gpu]
+            want = max(MIN_MEMORY, int(unit.nbytes * MEMORY_PER_INPUT_BYTE))
+            opts = {"num_cpus": cpus, "memory": memory_for(self.node_types() if types is None else types, want, cpus, gpu)}
+            if gpu:
                 opts["num_gpus"] = 1
+            if self.bad_nodes:
+                opts["label_selector"] = {NODE_LABEL: f"!in({', '.join(sorted(self.bad_nodes))})"}
         if self.runtime_env:
             opts["runtime_env"] = self.runtime_env
         return opts
 
+    def check_feasible(self, what: str, opts: dict, types: list[NodeType]) -> None:
+        """Fail now when no node type can hold this request (a task that would wait forever)."""
+        if "scheduling_strategy" in opts:  # pinned to the driver's node with no CPUs: it fits there
+            return
+        if not any(t.fits(opts) for t in types):
+            raise BuildError(infeasible_message(what, opts, types))
+
+    def _leave_out(self, node_id: str, ip: str, cache_root: str) -> None:
+        if node_id in self.bad_nodes:
+            return
+        self.bad_nodes[node_id] = ip
+        if not self.usable_nodes():
+            raise BuildError(unreachable_message(cache_root, [f"{n[:12]} ({i})" for n, i in self.bad_nodes.items()]))
+        warnings.warn(f"Ray node {node_id[:12]} ({ip}) does not see the cache at {cache_root} (not the same directory there): "
+                      "left out of this build; mount the shared cache at that path there to use it", stacklevel=2)
+
     def _check_cache(self, cache_root: str) -> str:
-        """The cache's id; on a joined multi-node cluster, fail now if some node cannot see it."""
+        """The cache's id; on a joined multi-node cluster, nodes that cannot see it are left out
+        (with a warning naming each); the build fails only when no node is left."""
         if cache_root not in self._checked_roots:
             from loadgraph.pipeline.objstore import url_of
 
@@ -227,9 +266,8 @@ class RayExecutor:
                 return ""
             identity = cache_identity(Path(cache_root))
             if not self.embedded and len(self.nodes) > 1:
-                bad = probe_cache(cache_root, identity, self.nodes)
-                if bad:
-                    raise BuildError(unreachable_message(cache_root, [f"{n.node_id[:12]} ({n.ip})" for n in bad]))
+                for node in probe_cache(cache_root, identity, self.nodes):
+                    self._leave_out(node.node_id, node.ip, cache_root)
             self._checked_roots[cache_root] = identity
         return self._checked_roots[cache_root]
 
@@ -237,32 +275,42 @@ class RayExecutor:
     def run_units(self, cache_root: str, desc: dict, units: list[Unit], on_result: OnResult, on_progress: OnProgress | None = None) -> None:
         ray = self.ray
         identity = self._check_cache(cache_root)
-        # Few big units (5 GB shards) would each get one core of a many-core node: give each a
-        # fair share, so torch's merge/cast/quantize kernels run multi-threaded inside it.
-        self._cpus_per_unit = max(1, min(self.max_node_cpus, self.total_cpus // max(1, len(units))))
+        self._size_units(units)
         queue = sorted(units, key=lambda u: -u.nbytes)  # biggest first: the slowest unit does not start last
-        pending: dict[Any, Unit] = {}
+        pending: dict[Any, tuple[Unit, dict]] = {}
+        next_check = time.monotonic() + FEASIBILITY_CHECK_S
         try:
             while queue or pending:
+                types = self.node_types() if queue else []
                 while queue and len(pending) < self.max_in_flight:
                     unit = queue.pop(0)
-                    ref = self._task.options(**self.options_for(desc, unit, cache_root)).remote(cache_root, identity, desc, unit_dict(unit))
-                    pending[ref] = unit
+                    opts = self.options_for(desc, unit, cache_root, types)
+                    self.check_feasible(f"{desc['stage']} unit {unit.id} ({desc['key'][:12]})", opts, types)
+                    ref = self._task.options(**opts).remote(cache_root, identity, desc, unit_dict(unit))
+                    pending[ref] = (unit, opts)
                 # Wake up every PERIOD_S to relay the progress running units write to the cache.
-                ready, _ = ray.wait(list(pending), num_returns=1, timeout=PERIOD_S if on_progress else None)
+                ready, _ = ray.wait(list(pending), num_returns=1, timeout=min(PERIOD_S, FEASIBILITY_CHECK_S))
                 if on_progress:
-                    for ref, unit in pending.items():
+                    for ref, (unit, _) in pending.items():
                         if ref not in ready and (fraction := read_progress(cache_root, desc["key"], unit.id)) is not None:
                             on_progress(unit, fraction)
                 for ref in ready:
-                    unit = pending.pop(ref)
+                    unit, _ = pending.pop(ref)
                     try:
                         result = ray.get(ref)
                     except ray.exceptions.RayError as exc:
                         raise BuildError(_failure(desc, unit, exc)) from exc
+                    if "no_cache_on" in result:  # a node that joined after the probe: leave it out, run the unit elsewhere
+                        self._leave_out(result["no_cache_on"]["node_id"], result["no_cache_on"]["ip"], cache_root)
+                        queue.insert(0, unit)
+                        continue
                     if "error" in result:
-                        raise getattr(errors, result["error_class"], BuildError)(result["error"])
+                        cls = getattr(errors, result["error_class"], BuildError)
+                        raise cls(result["error"], result["error_key"]) if "error_key" in result else cls(result["error"])
                     on_result(unit, result)
+                if not ready and pending and time.monotonic() > next_check:
+                    self._check_waiting(desc, pending)
+                    next_check = time.monotonic() + FEASIBILITY_CHECK_S
         finally:
             self._cancel(list(pending))
 
@@ -277,6 +325,13 @@ class RayExecutor:
             self._cancel(refs)
             cause = getattr(exc, "cause", None) or exc
             raise BuildError(f"export upload failed on Ray: {type(cause).__name__}: {_first_line(cause)}") from None
+
+    def _check_waiting(self, desc: dict, pending: dict) -> None:
+        """Nodes come and go: re-read them, and fail if a waiting unit fits none of them any more."""
+        self.nodes = alive_nodes()
+        types = self.node_types()
+        for unit, opts in pending.values():
+            self.check_feasible(f"{desc['stage']} unit {unit.id} ({desc['key'][:12]})", opts, types)
 
     def _cancel(self, refs: list) -> None:
         """Stop units still in flight after a failure. A plain cancel interrupts the task in Python,

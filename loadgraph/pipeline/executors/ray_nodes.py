@@ -66,7 +66,7 @@ def where_am_i() -> dict:
     """Inside a task: the node and process it runs in (for reports and fault tests)."""
     import ray
 
-    return {"node_id": ray.get_runtime_context().get_node_id(), "host": socket.gethostname(), "pid": os.getpid()}
+    return {"node_id": ray.get_runtime_context().get_node_id(), "ip": ray.util.get_node_ip_address(), "host": socket.gethostname(), "pid": os.getpid()}
 
 
 def cache_identity(root: Path) -> str:

@@ -1,0 +1,217 @@
+"""Output layouts decided before any unit runs, and a writer that places tensors at their offsets.
+
+A stage knows every output tensor's name, dtype and shape up front (from the input headers and,
+for bitsandbytes, the quantization plan), so the shard files' headers and every tensor's offset
+are computable before the first byte is produced. Units sized by bytes then write their tensors
+straight into the final files with pwrite, from any process that sees the files: the layout
+never costs a second full write, and parallelism is not bounded by the number of shards.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Iterable, Mapping
+
+from loadgraph import faults
+from loadgraph.formats.digest import digest_bytes, hasher
+from loadgraph.formats.safetensors import COPY_CHUNK, FSYNC, PlannedTensor, encode_header, safetensors_order, tensor_bytes
+
+if TYPE_CHECKING:
+    import torch
+
+SHARD_NAME = "model-{i:05d}-of-{n:05d}.safetensors"
+
+
+def shard_names(n: int) -> list[str]:
+    return [SHARD_NAME.format(i=i, n=n) for i in range(1, n + 1)]
+
+
+@dataclass(frozen=True)
+class Placed:
+    """One output tensor: its file and absolute byte range there."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    file: str
+    begin: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+    def table(self) -> dict:
+        return {"dtype": self.dtype, "shape": list(self.shape), "file": self.file, "begin": self.begin, "end": self.end}
+
+
+@dataclass(frozen=True)
+class Layout:
+    headers: dict[str, bytes]  # file -> its header bytes (length prefix + JSON + padding)
+    sizes: dict[str, int]  # file -> total size
+    tensors: dict[str, Placed]  # in file order, then offset order
+    order: tuple[str, ...] = ()  # the planned (checkpoint) order: the manifest keeps it, exports pack by it
+
+
+def pack(tensors: Iterable[PlannedTensor], max_bytes: int) -> list[list[PlannedTensor]]:
+    """Greedy packing in checkpoint order, as huggingface_hub's splitter does."""
+    shards: list[list[PlannedTensor]] = [[]]
+    size = 0
+    for t in tensors:
+        if shards[-1] and size + t.nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(t)
+        size += t.nbytes
+    return shards
+
+
+def plan_layout(groups: list[list[PlannedTensor]], names: list[str], metadata: Mapping[str, str] | None) -> Layout:
+    headers: dict[str, bytes] = {}
+    sizes: dict[str, int] = {}
+    placed: dict[str, Placed] = {}
+    for rel, group in zip(names, groups):
+        order = safetensors_order(group)
+        header = encode_header(order, metadata)
+        headers[rel] = header
+        offset = len(header)
+        for t in order:
+            placed[t.name] = Placed(t.name, t.dtype, t.shape, rel, offset, offset + t.nbytes)
+            offset += t.nbytes
+        sizes[rel] = offset
+    return Layout(headers, sizes, placed, tuple(t.name for group in groups for t in group))
+
+
+def unit_groups(layout: Layout, unit_bytes: int) -> list[list[str]]:
+    """Consecutive tensors (file order) in groups of about `unit_bytes`; a big tensor is a group alone."""
+    groups: list[list[str]] = [[]]
+    size = 0
+    for name, t in layout.tensors.items():
+        if groups[-1] and size + t.nbytes > unit_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(name)
+        size += t.nbytes
+    return [g for g in groups if g]
+
+
+def prepare_files(root: Path, layout: Layout) -> dict[str, str]:
+    """Create each file at its final size with its header (idempotent: a resumed build keeps the
+    tensors finished units wrote); returns each header's digest."""
+    digests = {}
+    for rel, header in layout.headers.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            if os.fstat(fd).st_size != layout.sizes[rel] or os.pread(fd, len(header), 0) != header:
+                os.ftruncate(fd, 0)
+                os.ftruncate(fd, layout.sizes[rel])  # sparse until the units fill it
+                os.pwrite(fd, header, 0)
+        finally:
+            os.close(fd)
+        digests[rel] = digest_bytes(header)
+    return digests
+
+
+class PlacedWriter:
+    """Writes some tensors of prepared files at their planned offsets, hashing each (its digest
+    joins the manifest; the file's tree digest is computed from them without reading it back).
+
+    Tensors handed over are written on a background thread while the caller computes the next;
+    at most `max_pending` wait, bounding memory."""
+
+    def __init__(self, root: Path, layout: Layout, on_progress: Callable[[float], None] | None = None, total: int = 0,
+                 max_pending: int = 2):
+        self.root, self.layout = root, layout
+        self.digests: dict[str, str] = {}
+        self.written = 0
+        self._fds: dict[str, int] = {}
+        self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="placed-writer")
+        self._pending: list = []
+        self._max_pending = max_pending
+        self._on_progress, self._total, self._handed = on_progress, total or 1, 0
+        self._buf: memoryview | None = None
+
+    def _fd(self, rel: str) -> int:
+        if rel not in self._fds:
+            self._fds[rel] = os.open(self.root / rel, os.O_WRONLY)
+        return self._fds[rel]
+
+    def _pwrite(self, fd: int, data: memoryview, offset: int) -> None:
+        faults.wrote(len(data))
+        while len(data):
+            n = os.pwrite(fd, data, offset)
+            data, offset = data[n:], offset + n
+            self.written += n
+
+    def _progress(self, nbytes: int) -> None:
+        self._handed += nbytes
+        if self._on_progress is not None:
+            self._on_progress(min(1.0, self._handed / self._total))
+
+    def _place(self, name: str, nbytes: int) -> "Placed":
+        p = self.layout.tensors[name]
+        if p.nbytes != nbytes:
+            raise RuntimeError(f"{p.file}: {name} is {nbytes} B where the layout planned {p.nbytes} B")
+        return p
+
+    def write_tensor(self, name: str, tensor: "torch.Tensor") -> None:
+        data = tensor_bytes(tensor)  # a view: keeps the tensor alive until written
+        p = self._place(name, len(data))
+        while len(self._pending) >= self._max_pending:
+            self._pending.pop(0).result()
+        self._pending.append(self._io.submit(self._write_one, p, data))
+        self._progress(len(data))
+
+    def _write_one(self, p: Placed, data: memoryview) -> None:
+        self.digests[p.name] = digest_bytes(data)
+        self._pwrite(self._fd(p.file), data, p.begin)
+
+    def copy(self, name: str, chunks: Iterable[memoryview]) -> str:
+        """Write a tensor from a stream of byte chunks (a verbatim copy); returns its digest."""
+        self.drain()
+        p = self.layout.tensors[name]
+        h, offset = hasher(p.nbytes), p.begin
+        for chunk in chunks:
+            h.update(chunk)
+            self._pwrite(self._fd(p.file), chunk, offset)
+            offset += len(chunk)
+            self._progress(len(chunk))
+        if offset != p.end:
+            raise RuntimeError(f"{p.file}: {name} copied {offset - p.begin} B where the layout planned {p.nbytes} B")
+        self.digests[name] = h.hexdigest()
+        return self.digests[name]
+
+    def buffer(self) -> memoryview:
+        if self._buf is None:
+            self._buf = memoryview(bytearray(COPY_CHUNK))
+        return self._buf
+
+    def drain(self) -> None:
+        while self._pending:
+            self._pending.pop(0).result()
+
+    def close(self) -> dict[str, str]:
+        try:
+            self.drain()
+        finally:
+            self._release()
+        return self.digests
+
+    def _release(self) -> None:
+        self._io.shutdown(wait=True)
+        for fd in self._fds.values():
+            if FSYNC:
+                os.fsync(fd)
+            os.close(fd)
+        self._fds.clear()
+
+    def abort(self) -> None:
+        for pending in self._pending:
+            pending.cancel()
+        self._pending.clear()
+        self._release()

@@ -1,0 +1,104 @@
+"""Reading an input artifact's tensors inside a unit, checked in the same pass that reads them.
+
+A manifest records each tensor's BLAKE3 (formats/digest.py). A unit checks exactly the bytes it
+reads against it, so a cached input is never re-read whole before a node computes; bytes this
+build produced itself (its digests computed while writing) are trusted and not hashed again.
+An artifact without per-tensor digests (written before them, or linked from a hub snapshot) is
+checked file by file, once per process, the first time a unit reads from the file.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterator
+
+from loadgraph.errors import CorruptInput
+from loadgraph.formats import digest
+from loadgraph.formats.safetensors import COPY_CHUNK, TensorEntry, read_tensor
+
+if TYPE_CHECKING:
+    import torch
+
+    from loadgraph.pipeline.cache import Artifact
+
+_FILES_CHECKED: set[tuple[str, str]] = set()  # (path, digest) verified whole in this process
+
+
+def entry(t: dict) -> TensorEntry:
+    return TensorEntry(t["dtype"], tuple(t["shape"]), t["begin"], t["end"])
+
+
+class ArtifactReader:
+    def __init__(self, art: "Artifact", trusted: bool = False):
+        self.art = art
+        self.trusted = trusted
+        self.bytes_read = 0
+        self.bytes_hashed = 0
+
+    def _corrupt(self, what: str) -> CorruptInput:
+        return CorruptInput(f"{what}: bytes differ from the digest in the manifest of cache entry {self.art.key[:12]}; evicting it", self.art.key)
+
+    def path(self, name: str) -> Path:
+        return self.art.path / self.art.tensors[name]["file"]
+
+    def _check_file(self, name: str) -> bool:
+        """True when the tensor must be hashed itself; checks its whole file first if it has no tensor digests."""
+        if self.trusted:
+            return False
+        t = self.art.tensors[name]
+        if t.get("blake3"):
+            return True
+        rel = t["file"]
+        meta = self.art.files.get(rel, {})
+        mark = (str(self.art.path / rel), digest.recorded(meta))
+        if mark not in _FILES_CHECKED:
+            if not digest.matches(self.art.path / rel, meta):
+                raise self._corrupt(str(self.art.path / rel))
+            self.bytes_hashed += meta.get("size", 0)
+            _FILES_CHECKED.add(mark)
+        return False
+
+    def read(self, name: str, into: "torch.Tensor | None" = None) -> "torch.Tensor":
+        t = self.art.tensors[name]
+        check = self._check_file(name)
+        tensor = read_tensor(self.path(name), entry(t), into=into)
+        self.bytes_read += t["end"] - t["begin"]
+        if check:
+            raw = tensor.reshape(-1).view(__import__("torch").uint8).numpy() if tensor.numel() else b""
+            if digest.digest_bytes(raw) != t["blake3"]:
+                raise self._corrupt(f"{self.path(name)}: tensor {name}")
+            self.bytes_hashed += t["end"] - t["begin"]
+        return tensor
+
+    def check_copied(self, name: str, got: str) -> None:
+        """A writer copied the tensor's bytes itself (ShardWriter.copy_from) and hashed them: check them."""
+        t = self.art.tensors[name]
+        self.bytes_read += t["end"] - t["begin"]
+        if self._check_file(name):
+            if got != t["blake3"]:
+                raise self._corrupt(f"{self.path(name)}: tensor {name}")
+            self.bytes_hashed += t["end"] - t["begin"]
+
+    def chunks(self, name: str, buf: memoryview | None = None) -> Iterator[memoryview]:
+        """The tensor's bytes as chunks of one reused buffer, checked when the last chunk is out
+        (a consumer that writes them stages its output, so a mismatch publishes nothing)."""
+        t = self.art.tensors[name]
+        check = self._check_file(name)
+        h = digest.hasher(t["end"] - t["begin"]) if check else None
+        buf = buf if buf is not None else memoryview(bytearray(COPY_CHUNK))
+        with open(self.path(name), "rb", buffering=0) as f:
+            pos, end = t["begin"], t["end"]
+            while pos < end:
+                got = os.preadv(f.fileno(), [buf[: min(len(buf), end - pos)]], pos)
+                if got <= 0:
+                    raise self._corrupt(f"{self.path(name)}: tensor {name} (file truncated)")
+                if h is not None:
+                    h.update(buf[:got])
+                yield buf[:got]
+                pos += got
+        self.bytes_read += t["end"] - t["begin"]
+        if h is not None:
+            if h.hexdigest() != t["blake3"]:
+                raise self._corrupt(f"{self.path(name)}: tensor {name}")
+            self.bytes_hashed += t["end"] - t["begin"]

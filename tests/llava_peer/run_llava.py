@@ -1,0 +1,29 @@
+"""Runs in LLaVA's own venv (make llava-check): LLaVA's real builder on one fixture.
+
+Writes the language-model and projector tensors it loaded and its greedy output, for check.py.
+argv: model_path model_base|- model_name out_dir image.safetensors
+"""
+
+import json
+import sys
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from llava.constants import IMAGE_TOKEN_INDEX
+from llava.mm_utils import tokenizer_image_token
+from llava.model.builder import load_pretrained_model
+
+model_path, model_base, model_name, out, image_file = sys.argv[1:6]
+tokenizer, model, image_processor, context_len = load_pretrained_model(
+    model_path, None if model_base == "-" else model_base, model_name, device_map="cpu", device="cpu")
+state = {k: v.contiguous() for k, v in model.state_dict().items() if "vision_tower" not in k}
+save_file(state, f"{out}/llava_state.safetensors")
+ids = tokenizer_image_token("<image>\nhello world", tokenizer, IMAGE_TOKEN_INDEX, return_tensors="pt").unsqueeze(0)
+image = load_file(image_file)["image"].to(torch.float16)
+with torch.inference_mode():
+    generated = model.generate(ids, images=image, image_sizes=[tuple(image.shape[-2:])], do_sample=False, max_new_tokens=8, use_cache=True)
+    logits = model(ids, images=image).logits
+save_file({"logits": logits.float().contiguous()}, f"{out}/llava_logits.safetensors")
+json.dump({"class": type(model).__name__, "ids": ids.tolist(), "generated": generated.tolist(), "context_len": context_len,
+           "vocab": len(tokenizer), "image_processor": type(image_processor).__name__}, open(f"{out}/llava.json", "w"))
