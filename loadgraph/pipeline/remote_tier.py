@@ -58,12 +58,13 @@ def portable(files: dict[str, dict]) -> dict[str, dict]:
     return {rel: {k: v for k, v in meta.items() if k not in LOCAL_FIELDS} for rel, meta in files.items()}
 
 
+STAGED = "staged"  # in a unit record: its tensors were written into the node's staging files
+
+
 def _placed(result: dict) -> dict[str, dict]:
-    """The tensors a unit of a stage with a layout wrote into the node's staging files (such a
-    unit returns no "files"): what another node needs to fill its own copy of those files."""
-    if result.get("files"):
-        return {}
-    return {n: t for n, t in result.get("tensors", {}).items() if "blake3" in t and "file" in t and "begin" in t}
+    """The tensors a unit of a stage with a layout wrote into the node's staging files: what
+    another node needs to fill its own copy of those files."""
+    return result.get("tensors", {}) if result.get(STAGED) else {}
 
 
 class TieredCache(Cache):
@@ -184,9 +185,12 @@ class TieredCache(Cache):
         super().publish_unit(key, unit_id, staged, result)
 
     def _upload_unit(self, key: str, unit_id: str, root: Path, result: dict) -> None:
+        # A unit of a stage with a layout returns no files: its bytes are ranges of the staging files.
+        staged = not result.get("files") and self.unit_dir(key, "files").is_dir()
+        record = {**result, STAGED: True} if staged else result
         self._upload(root, result.get("files", {}))
-        self._upload_placed(key, _placed(result))
-        self._put_record(self._unit_path(key, unit_id), result)
+        self._upload_placed(key, _placed(record))
+        self._put_record(self._unit_path(key, unit_id), record)
 
     def prepare_staging(self, ctx, stage) -> None:
         """A stage with a layout writes into the node's prepared files: on this node, its own."""

@@ -171,9 +171,12 @@ def test_tier_kill_in_upload_concurrent_builders_and_tampering(s3, plain, tmp_pa
     assert not lost
 
 
-def test_multinode_ray_with_distinct_local_caches(s3, ray_cluster, plain, tmp_path, nodes_dir):
+def test_multinode_ray_with_distinct_local_caches(s3, ray_cluster, plain, tmp_path, nodes_dir, monkeypatch):
     """Every Ray node gets its own local cache dir ({node} = its node id), the driver another;
     only the S3 tier is shared. The export is byte-identical to the local build's."""
+    # Units of 16 KB: a tiny model's tensors spread over every node, each writing its share of
+    # the shards into its own staging files, which reach the driver as objects of their tensors.
+    monkeypatch.setattr("loadgraph.stages.placed.UNIT_BYTES", 16 * 1024)
     from loadgraph.pipeline.cache import Cache
     from loadgraph.pipeline.executors.ray import RayExecutor
     from loadgraph.pipeline.graph import compile_specs
