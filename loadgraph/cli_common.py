@@ -86,14 +86,17 @@ def check_spec_args(specs: list[Path]) -> None:
 def open_cache(cache_dir: Optional[Path]):
     from loadgraph.pipeline.cache import Cache
 
-    return Cache(cache_dir)
+    cache = Cache(cache_dir)
+    cache.check()  # a remote tier that cannot be reached: one line now, not after the plan
+    return cache
 
 
 def cache_root(cache_dir: Optional[Path]) -> Path:
-    """The cache root without creating it (for the log path before anything else happens)."""
+    """The (local) cache root without creating it (for the log path before anything else happens)."""
     from loadgraph.pipeline.cache import default_cache_root
+    from loadgraph.pipeline.objstore import local_root
 
-    return (cache_dir or default_cache_root()).expanduser().absolute()
+    return local_root(cache_dir or default_cache_root()).expanduser().absolute()
 
 
 def debug_requested() -> bool:

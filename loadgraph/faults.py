@@ -7,6 +7,8 @@
   enospc-after-bytes:N raise ENOSPC once shard writes in this process pass N bytes
   kill-at-export:N     SIGKILL it at step N of replacing an export (1: staged, before the swap;
                        2: swapped, before the old export is deleted)
+  kill-in-upload:N     SIGKILL the process once it has uploaded N objects to an object store
+                       (the cache's remote tier or an s3:// export): a crash mid-upload
   slow-progress:S      sleep S seconds after every progress report of a unit (so that a test
                        sees a unit's progress arrive while it runs, also from Ray workers)
 `LOADGRAPH_UNIT_LOG=FILE` appends "<node key> <unit id> <pid>" for every unit computed (not
@@ -19,9 +21,8 @@ import errno
 import os
 import signal
 
-_count = 0
-_staged = 0
 _written = 0
+_events: dict[str, int] = {}
 
 
 def _arg(prefix: str) -> int | None:
@@ -29,29 +30,27 @@ def _arg(prefix: str) -> int | None:
     return int(spec.split(":", 1)[1]) if spec.startswith(prefix + ":") else None
 
 
-def unit_finished() -> None:
-    global _count
-    limit = _arg("kill-after-units")
+def _kill_at(fault: str) -> None:
+    """SIGKILL this process at the Nth event of `fault` (LOADGRAPH_FAULT=fault:N)."""
+    limit = _arg(fault)
     if limit is None:
         return
-    _count += 1
-    if _count >= limit:
+    _events[fault] = _events.get(fault, 0) + 1
+    if _events[fault] >= limit:
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def unit_finished() -> None:
+    _kill_at("kill-after-units")
 
 
 def unit_staged(key: str, unit_id: str) -> None:
     """A unit's files are complete in its staging dir, not yet published."""
-    global _staged
     log = os.environ.get("LOADGRAPH_UNIT_LOG")
     if log:
         with open(log, "a", encoding="utf-8") as f:  # O_APPEND: concurrent writers don't interleave lines
             f.write(f"{key} {unit_id} {os.getpid()}\n")
-    limit = _arg("kill-in-unit")
-    if limit is None:
-        return
-    _staged += 1
-    if _staged >= limit:
-        os.kill(os.getpid(), signal.SIGKILL)
+    _kill_at("kill-in-unit")
 
 
 def wrote(nbytes: int) -> None:
@@ -68,6 +67,10 @@ def export_step(step: int) -> None:
     """Replacing an export: 1 = the new one is staged, 2 = swapped in, the old one not yet deleted."""
     if _arg("kill-at-export") == step:
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def uploaded() -> None:
+    _kill_at("kill-in-upload")
 
 
 def progress_reported() -> None:

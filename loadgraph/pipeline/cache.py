@@ -69,9 +69,18 @@ class Artifact:
 
 
 class Cache:
+    def __new__(cls, root: str | os.PathLike | None = None):
+        # An object-store URL (s3://, gs://) is a per-node local cache in front of a shared tier.
+        if cls is Cache:
+            from loadgraph.pipeline.objstore import url_of
+
+            if url_of(root if root is not None else os.environ.get("LOADGRAPH_CACHE")):
+                from loadgraph.pipeline.remote_tier import TieredCache
+
+                cls = TieredCache
+        return super().__new__(cls)
+
     def __init__(self, root: str | os.PathLike | None = None):
-        if root is not None and "://" in str(root):
-            raise InputError(f"--cache: {root} is a URL; the cache needs a POSIX filesystem (atomic rename, hard links, locks): use a shared mount")
         self.root = Path(root) if root else default_cache_root()
         self.root = self.root.expanduser().absolute()
         if self.root.exists() and not self.root.is_dir():
@@ -85,6 +94,21 @@ class Cache:
                 (self.root / sub).mkdir(exist_ok=True)
             except OSError:
                 pass  # a read-only cache still serves what it holds; writes there fail with one line
+
+    @property
+    def location(self) -> str:
+        """What work units are given to open this cache on their node (a tier's URL, or the path)."""
+        return str(self.root)
+
+    def check(self) -> None:
+        """Plan-time reachability of what the cache needs beyond its directory (the remote tier)."""
+
+    def localize_units(self, key: str, unit_ids: list[str]) -> None:
+        """Make units that finished elsewhere readable here (the remote tier downloads them)."""
+
+    def prepare_staging(self, ctx, stage) -> None:
+        """Point a unit at the node's prepared output files on this machine (the remote tier
+        gives each node its own; a shared cache has the driver's)."""
 
     # -- published artifacts -------------------------------------------------
     def object_dir(self, key: str) -> Path:

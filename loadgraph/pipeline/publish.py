@@ -49,6 +49,9 @@ def check_destination(dest: str, cache: Cache, overwrite: bool, inputs: list[str
     so it is refused with or without --overwrite.
     """
     if is_remote(dest):
+        from loadgraph.pipeline.remote_export import check_remote_destination
+
+        check_remote_destination(dest, cache, overwrite)
         return
     path = Path(dest)
     if path.is_symlink():
@@ -69,11 +72,14 @@ def check_destination(dest: str, cache: Cache, overwrite: bool, inputs: list[str
         raise InputError(f"export.path: {path} exists and is not a loadgraph export; choose another path or pass --overwrite")
 
 
-def publish_export(art: Artifact, dest: str, cache: Cache, verifier: Verifier) -> str:
-    """Place `art` at `dest`; returns "up-to-date" or "published". `art` must be verified."""
+def publish_export(art: Artifact, dest: str, cache: Cache, verifier: Verifier, executor=None) -> str:
+    """Place `art` at `dest`; returns "up-to-date" or "published". `art` must be verified.
+    `executor`, when the build started one, uploads a remote export from its workers."""
     pin_name = hashlib.sha256(dest.encode()).hexdigest()[:16]
     if is_remote(dest):
-        status = _publish_remote(art, dest)
+        from loadgraph.pipeline.remote_export import publish_remote
+
+        status = publish_remote(art, dest, cache, executor)
     else:
         status = _publish_local(art, Path(dest), verifier)
     try:
@@ -225,21 +231,3 @@ def _swap_into_place(staged: Path, dest: Path, art: Artifact, verifier: Verifier
             remove(old)
         return
     raise OSError(errno.EBUSY, f"{dest}: other builders keep replacing this export; rerun")
-
-
-def _publish_remote(art: Artifact, dest: str) -> str:
-    """Object stores have no rename: upload everything, then the manifest as the commit marker."""
-    import fsspec
-
-    fs, root = fsspec.core.url_to_fs(dest)
-    try:
-        if json.loads(fs.cat_file(f"{root}/{MANIFEST}")).get("key") == art.key:
-            return "up-to-date"
-    except (FileNotFoundError, ValueError):
-        pass
-    fs.rm(f"{root}/{MANIFEST}") if fs.exists(f"{root}/{MANIFEST}") else None
-    for p in sorted(art.path.rglob("*")):
-        if p.is_file() and p.name != MANIFEST:
-            fs.put_file(str(p), f"{root}/{p.relative_to(art.path)}")
-    fs.put_file(str(art.path / MANIFEST), f"{root}/{MANIFEST}")
-    return "published"

@@ -193,7 +193,7 @@ def _build_graph(graph: Graph, cache: Cache, executor_factory, reporter: Reporte
             raise CorruptInput(f"{final.path / damaged[0]}: digest differs from the manifest; cache entry {final.key[:12]} evicted", final.key)
         if target.export_path:
             entry["export"] = target.export_path
-            entry["export_status"] = publish_export(final, target.export_path, cache, verifier)
+            entry["export_status"] = publish_export(final, target.export_path, cache, verifier, holder[0] if holder else None)
             entry["holds"] = artifact_contents(final)
         report.targets.append(entry)
 
@@ -261,7 +261,8 @@ def _build_node(node: Node, cache: Cache, executor: Executor, reporter: Reporter
 
         try:
             if todo:
-                executor.run_units(str(cache.root), desc, todo, on_result, on_progress)
+                executor.run_units(cache.location, desc, todo, on_result, on_progress)
+                cache.localize_units(node.key, [u.id for u in todo])
             art = _assemble(node, stage, ctx, units, results, cache, origin or {}, layout, header_digests)
         except CorruptInput as exc:
             _evict(cache, exc.key)
@@ -323,7 +324,7 @@ def _assemble(node: Node, stage, ctx, units: list[Unit], results: dict[str, dict
             tensors = {n: tensors[n] for n in layout.order}  # the planned order, whatever order the units finished in
             for rel, meta in _placed_files(layout, header_digests or {}, tensors).items():
                 (staged / rel).parent.mkdir(parents=True, exist_ok=True)
-                os.link(ctx.staging / rel, staged / rel)
+                _link_unit_file(ctx.staging / rel, staged / rel, meta)  # a copy where links are not supported
                 known[rel] = ((staged / rel).stat().st_ino, meta)
         for unit in units:
             unit_dir = cache.unit_dir(node.key, unit.id)
@@ -367,7 +368,7 @@ def _link_unit_file(src: Path, dst: Path, meta: dict) -> None:
     permitted (another member's file in a group-shared cache, under fs.protected_hardlinks)."""
     try:
         os.link(src, dst)
-    except PermissionError:
+    except OSError:  # EPERM, and EOPNOTSUPP/EXDEV/EMLINK on filesystems without (enough) hard links
         from loadgraph.formats.safetensors import copy_and_hash
 
         got = copy_and_hash(src, dst)[0]

@@ -43,7 +43,9 @@ class Throttled:
 
 def progress_file(cache_root: str | os.PathLike, key: str, unit_id: str) -> Path:
     # Under units/<key>/, so the node's drop_units() removes it with the finished units.
-    return Path(cache_root) / "units" / key / f".progress-{unit_id}"
+    from loadgraph.pipeline.objstore import local_root
+
+    return local_root(cache_root) / "units" / key / f".progress-{unit_id}"
 
 
 def file_reporter(cache_root: str, key: str, unit_id: str) -> ProgressFn:

@@ -83,7 +83,7 @@ def _use_assigned_cpus() -> None:
 
 def _remote_execute(cache_root: str, identity: str, desc: dict, unit: dict) -> dict:
     here = where_am_i()
-    if not sees_cache(cache_root, identity):
+    if identity and not sees_cache(cache_root, identity):  # no identity: a remote tier, no shared path to check
         # Checked before execute_unit, whose Cache() would create an empty local cache here. The
         # driver leaves this node out and runs the unit elsewhere (a node that joined after the probe).
         return {"error": unreachable_message(cache_root, [f"{here['node_id'][:12]} ({here['ip']})"]), "error_class": "BuildError",
@@ -259,6 +259,11 @@ class RayExecutor:
         """The cache's id; on a joined multi-node cluster, nodes that cannot see it are left out
         (with a warning naming each); the build fails only when no node is left."""
         if cache_root not in self._checked_roots:
+            from loadgraph.pipeline.objstore import url_of
+
+            if url_of(cache_root):  # a remote tier: every node has its own local dir and reaches the tier by URL
+                self._checked_roots[cache_root] = ""
+                return ""
             identity = cache_identity(Path(cache_root))
             if not self.embedded and len(self.nodes) > 1:
                 for node in probe_cache(cache_root, identity, self.nodes):
@@ -308,6 +313,18 @@ class RayExecutor:
                     next_check = time.monotonic() + FEASIBILITY_CHECK_S
         finally:
             self._cancel(list(pending))
+
+    def run_io(self, fn, items: list) -> list:
+        """I/O jobs (an export's uploads) as zero-CPU tasks spread over the nodes; results in order."""
+        task = self.ray.remote(num_cpus=0, max_retries=MAX_RETRIES, retry_exceptions=[OSError], scheduling_strategy="SPREAD")(fn)
+        opts = {"runtime_env": self.runtime_env} if self.runtime_env else {}
+        refs = [task.options(**opts).remote(item) for item in items]
+        try:
+            return self.ray.get(refs)
+        except self.ray.exceptions.RayError as exc:
+            self._cancel(refs)
+            cause = getattr(exc, "cause", None) or exc
+            raise BuildError(f"export upload failed on Ray: {type(cause).__name__}: {_first_line(cause)}") from None
 
     def _check_waiting(self, desc: dict, pending: dict) -> None:
         """Nodes come and go: re-read them, and fail if a waiting unit fits none of them any more."""

@@ -82,6 +82,12 @@ def cache_identity(root: Path) -> str:
         os.link(tmp, marker)
     except FileExistsError:
         pass
+    except OSError:  # no hard links here (some FUSE/object-store mounts): exclusive create instead
+        try:
+            with open(marker, "x") as f:
+                f.write(tmp.read_text())
+        except FileExistsError:
+            pass
     finally:
         tmp.unlink(missing_ok=True)
     return marker.read_text().strip()
