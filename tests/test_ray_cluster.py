@@ -32,6 +32,24 @@ from loadgraph.progress import RichReporter
 from loadgraph.spec import parse_spec
 
 
+@pytest.fixture(autouse=True)
+def _small_units(monkeypatch):
+    """Units of ~20 KB (as the 20 KB shards): enough units to spread over the nodes."""
+    monkeypatch.setenv("LOADGRAPH_UNIT_BYTES", "20000")
+
+
+def _runnable_desc(cache: Cache, node) -> dict:
+    """A node's description as the runner hands it to an executor (its output files prepared)."""
+    from loadgraph.formats.layout import prepare_files
+
+    desc = node.describe()
+    layout = get_stage(node.stage).layout(node_context(cache, desc))
+    if layout is not None:
+        prepare_files(cache.unit_dir(node.key, "files"), layout)
+        desc["staging"] = str(cache.unit_dir(node.key, "files"))
+    return desc
+
+
 def _spec(base: Path, out: Path, shard: str = "20KB") -> list:
     return parse_spec({"source": {"model": str(base)}, "verify": False, "export": {"path": str(out), "max_shard_size": shard}}, "test")
 
@@ -79,8 +97,10 @@ class ProgressRecorder(RichReporter):
         super().unit_finished(node, unit, result)
 
 
-def test_progress_from_ray_workers_arrives_while_units_run_and_renders(ray_cluster, models, tmp_path):
+def test_progress_from_ray_workers_arrives_while_units_run_and_renders(ray_cluster, models, tmp_path, monkeypatch):
     from loadgraph.render.summary import summary
+
+    monkeypatch.setenv("LOADGRAPH_UNIT_BYTES", "150000")  # several units of several tensors
 
     cache = Cache(tmp_path / "cache")
     graph = compile_specs(_spec(models("llama"), tmp_path / "out", shard="150KB"), cache)
@@ -110,7 +130,7 @@ def test_gpu_units_land_on_gpu_nodes_and_cpu_units_ask_for_none(ray_cluster, mod
     # The same real units, half of them marked as wanting a GPU, re-run against the cluster.
     marked = [dataclasses.replace(u, gpu=i % 2 == 0) for i, u in enumerate(units)]
     ran_on: dict[str, str] = {}
-    executor.run_units(str(cache.root), export.describe(), marked, lambda u, r: ran_on.__setitem__(u.id, r["ran_on"]["node_id"]))
+    executor.run_units(str(cache.root), _runnable_desc(cache, export), marked, lambda u, r: ran_on.__setitem__(u.id, r["ran_on"]["node_id"]))
     cache.drop_units(export.key)
     gpu_node = ray_cluster.gpu.node_id
     assert {ran_on[u.id] for u in marked if u.gpu} == {gpu_node}

@@ -17,7 +17,12 @@ from loadgraph.formats.layout import Layout, pack, plan_layout, shard_names, uni
 from loadgraph.formats.safetensors import PlannedTensor
 from loadgraph.pipeline.stage import NodeContext, Unit
 
-UNIT_BYTES = int(os.environ.get("LOADGRAPH_UNIT_BYTES", 512 * 1024 * 1024))
+UNIT_BYTES = 512 * 1024 * 1024
+
+
+def unit_bytes() -> int:
+    """The size of a unit's tensor group: LOADGRAPH_UNIT_BYTES, else 512 MiB (read when units are planned)."""
+    return int(os.environ.get("LOADGRAPH_UNIT_BYTES") or UNIT_BYTES)
 # The output's shard size when no export asks for one (transformers' save_pretrained default).
 DEFAULT_SHARD_BYTES = 5 * 1000**3
 ST_METADATA = {"format": "pt"}  # what transformers writes; loaders check it
@@ -34,11 +39,11 @@ def shard_bytes(ctx: NodeContext) -> int:
     return int(ctx.runtime.get("shard_bytes") or DEFAULT_SHARD_BYTES)
 
 
-def placed_units(layout: Layout, gpu: bool = False, unit_bytes: int | None = None) -> list[Unit]:
+def placed_units(layout: Layout, gpu: bool = False, size: int | None = None) -> list[Unit]:
     """One unit per tensor group; ids carry the layout's fingerprint so that a resumed build with
     another layout never mixes offsets of two layouts."""
     fingerprint = digest_bytes(b"".join(layout.headers.values()))[:8]
-    groups = unit_groups(layout, unit_bytes or UNIT_BYTES)
+    groups = unit_groups(layout, size or unit_bytes())
     return [
         Unit(id=f"part-{fingerprint}-{i:05d}", payload={"tensors": names}, nbytes=sum(layout.tensors[n].nbytes for n in names), gpu=gpu)
         for i, names in enumerate(groups)

@@ -19,7 +19,7 @@ from loadgraph.formats.safetensors import PlannedTensor, ShardWriter, st_dtype
 from loadgraph.pipeline.stage import NodeContext, Stage, Unit
 from loadgraph.spec import QuantizeSpec
 from loadgraph.stages.export import ST_METADATA, shard_table
-from loadgraph.stages.placed import UNIT_BYTES
+from loadgraph.stages.placed import unit_bytes
 from loadgraph.stages.tensor_io import ArtifactReader
 
 
@@ -85,10 +85,10 @@ class QuantizeStage(Stage):
         bitsandbytes' quant-state tensors hold data-dependent JSON, so the final offsets are not
         known before the weights are quantized."""
         groups: list[list[str]] = [[]]
-        size = 0
+        size, limit = 0, unit_bytes()
         for name, t in ctx.input().tensors.items():
             nbytes = t["end"] - t["begin"]
-            if groups[-1] and size + nbytes > UNIT_BYTES:
+            if groups[-1] and size + nbytes > limit:
                 groups.append([])
                 size = 0
             groups[-1].append(name)
