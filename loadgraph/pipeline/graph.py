@@ -83,7 +83,9 @@ def _compile_target(graph: Graph, spec: BuildSpec, cache: Cache) -> Target:
     from loadgraph.stages.fetch import resolve_source
 
     params, runtime = resolve_source(spec.source, cache)
-    fetched = graph.add("fetch", params, {}, f"{spec.name}: fetch {Path(spec.source.model).name}", runtime)
+    code = ", ".join(f"{name} {digest[:12]}" for name, digest in params.get("code", {}).items())
+    label = f"{spec.name}: fetch {Path(spec.source.model).name}" + (f" (trusted code, pinned by digest: {code})" if code else "")
+    fetched = graph.add("fetch", params, {}, label, runtime)
     inspected = graph.add("inspect", {}, {"model": fetched.key}, f"{spec.name}: inspect")
     # Original-format LLaVA (issue 9): convert to transformers' Llava; later stages see only that.
     current, checked_dir = _llava_convert(graph, spec, cache, runtime["path"], inspected)
