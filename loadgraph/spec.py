@@ -47,7 +47,7 @@ class QuantizeSpec(_Strict):
     double_quant: bool = False
     blocksize: int = 64
     compute_dtype: Dtype | None = None
-    quant_storage: Literal["uint8"] = "uint8"
+    quant_storage: Literal["uint8", "bfloat16", "float16", "float32"] = "uint8"  # 4-bit packing dtype (FSDP QLoRA: the compute dtype)
     skip_modules: list[str] = Field(default_factory=list)
     llm_int8_threshold: float = 6.0
     fp8_block_size: tuple[int, int] = (128, 128)
@@ -219,7 +219,7 @@ def parse_spec(doc: Any, origin: str, base_dir: Path | None = None) -> list[Buil
     if "model_name_or_path" in doc:
         from loadgraph.llamafactory import translate
 
-        doc = translate(doc, origin)
+        doc = translate(doc, origin, base_dir)
     model: type[BaseModel] = BatchSpec if ("targets" in doc or "matrix" in doc) else BuildSpec
     try:
         parsed = model.model_validate(doc)
