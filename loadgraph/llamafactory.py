@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from loadgraph.errors import InputError
-from loadgraph.llamafactory_keys import UNSUPPORTED, UNUSED, classify, known_keys, trainer_note
+from loadgraph.llamafactory_keys import MEGATRON_KEYS, MEGATRON_REASON, UNSUPPORTED, UNUSED, classify, known_keys, trainer_note
 
 # --------------------------------------------------------------------------------------------
 # translation
@@ -63,6 +63,9 @@ def _refuse(doc: dict, origin: str) -> None:
         raise InputError(f"{origin}: {len(unknown)} unknown LLaMA-Factory key(s) (LLaMA-Factory refuses them too): {', '.join(hints)}")
     bad = [f"{k}: {reason}" for k, (default, reason) in UNSUPPORTED.items()
            if k in doc and doc[k] != default and not (k == "infer_backend" and doc[k] in ("hf", "huggingface"))]
+    megatron = sorted(k for k in doc if k in MEGATRON_KEYS)
+    if megatron:
+        bad.append(f"{', '.join(megatron)}: {MEGATRON_REASON}")
     stage = doc.get("stage")
     if stage in UNSUPPORTED_STAGES:
         bad.append(f"stage: {stage!r} is not supported ({UNSUPPORTED_STAGES[stage]})")

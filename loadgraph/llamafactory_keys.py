@@ -1,8 +1,9 @@
 """Where each LLaMA-Factory key goes: the classification `loadgraph plan --explain` reports.
 
 Every key of LLaMA-Factory's ModelArguments, FinetuningArguments, DataArguments,
-TrainingArguments and GeneratingArguments (llamafactory 0.9.5, the release of the examples'
-commit; tests/peers/llamafactory-keys.tsv is the list taken from the installed package) lands
+TrainingArguments and GeneratingArguments (llamafactory 0.9.5, the registry's last release, listed from the installed package in
+tests/peers/llamafactory-keys.tsv; plus the keys of llamafactory-kt 0.9.6.dev0, the registry's
+closest match to the examples' commit, in tests/peers/llamafactory-kt-keys.tsv) lands
 in exactly one class:
   build     translated into the native BuildSpec (model, adapters, quantization, dtype, export);
   training  applied by `loadgraph.load(spec, trainable=True)` when the model is made trainable;
@@ -72,6 +73,17 @@ UNSUPPORTED: dict[str, tuple[Any, str]] = {
     "block_diag_attn": (False, "not a YAML key: LLaMA-Factory derives it from neat_packing"),
 }
 
+# Megatron training (mcore_adapter's TrainingArguments under USE_MCA, Megatron-Bridge in the
+# examples' commit): present at all, the file asks for a model loadgraph does not build.
+MEGATRON_REASON = "Megatron-Core / Megatron-Bridge training builds and shards its own model; loadgraph builds Hugging Face checkpoints"
+MEGATRON_KEYS = frozenset("""
+    account_for_embedding_in_pipeline_split account_for_loss_in_pipeline_split apply_rope_fusion bias_activation_fusion
+    calculate_per_token_loss context_parallel_size cross_entropy_loss_fusion expert_model_parallel_size export_hf_on_finish
+    extra_config masked_softmax_fusion megatron_bridge_args megatron_pretrained_checkpoint mixed_precision moe_grouped_gemm
+    moe_token_dispatcher_type overlap_grad_reduce overlap_param_gather pipeline_model_parallel_size recompute_granularity
+    recompute_method recompute_num_layers sequence_parallel tensor_model_parallel_size use_distributed_optimizer
+    use_megatron_bridge use_packed_sequences virtual_pipeline_model_parallel_size""".split())
+
 _MM_DATA = "a setting of LLaMA-Factory's multimodal data plugin (processor)"
 _ENGINE = "an inference-engine setting (vLLM / SGLang)"
 _KT = "only read with use_kt (KTransformers), which is refused"
@@ -95,8 +107,9 @@ UNUSED: dict[str, str] = {
     **{k: _ENGINE for k in ("vllm_maxlen", "vllm_gpu_util", "vllm_enforce_eager", "vllm_max_lora_rank", "vllm_config",
                             "sglang_maxlen", "sglang_mem_fraction", "sglang_tp_size", "sglang_config", "sglang_lora_backend")},
     **{k: _KT for k in ("kt_weight_path", "kt_expert_checkpoint_path", "kt_use_lora_experts", "kt_lora_expert_num",
-                        "kt_lora_expert_intermediate_size")},
-    "hyper_parallel_args": "only read with use_hyper_parallel, which is refused",
+                        "kt_lora_expert_intermediate_size", "kt_config", "kt_cpu_activation", "kt_non_expert_weight_path")},
+    **{k: "only read with use_hyper_parallel, which is refused" for k in (
+        "hyper_parallel_args", "hyper_parallel_cp_size", "hyper_parallel_efsdp_size", "hyper_parallel_ep_size", "hyper_parallel_token_dispatcher")},
 }
 
 
@@ -110,7 +123,7 @@ TRAINER_NOTES: dict[str, str] = {
         dataset eval_dataset dataset_dir media_dir cutoff_len train_on_prompt mask_history streaming buffer_size mix_strategy
         interleave_probs overwrite_cache preprocessing_batch_size preprocessing_num_workers max_samples eval_num_beams
         ignore_pad_token_for_loss val_size eval_on_each_dataset packing neat_packing tool_format enable_thinking
-        preserve_thinking tokenized_path data_shared_file_system"""),
+        preserve_thinking reasoning_effort tokenized_path data_shared_file_system"""),
     **_group("generation for predict / chat (GeneratingArguments)",
              "do_sample temperature top_p top_k num_beams max_length max_new_tokens repetition_penalty length_penalty skip_special_tokens"),
     **_group("evaluation (llamafactory-cli eval)", "task task_dir batch_size lang n_shot save_dir download_mode"),
@@ -191,6 +204,8 @@ def classify(key: str) -> tuple[str, str] | None:
     """(class, note) of a LLaMA-Factory key (see the module docstring); None for an unknown key."""
     if key in UNSUPPORTED:
         return "refused", UNSUPPORTED[key][1]
+    if key in MEGATRON_KEYS:
+        return "refused", MEGATRON_REASON
     if key in BUILD_KEYS:
         return "build", BUILD_KEYS[key]
     if key in TRAINING_KEYS:
@@ -202,4 +217,4 @@ def classify(key: str) -> tuple[str, str] | None:
 
 
 def known_keys() -> set[str]:
-    return set(BUILD_KEYS) | TRAINING_KEYS | set(UNSUPPORTED) | set(UNUSED) | set(TRAINER_NOTES) | HF_TRAINING_KEYS
+    return set(BUILD_KEYS) | TRAINING_KEYS | set(UNSUPPORTED) | set(UNUSED) | set(TRAINER_NOTES) | HF_TRAINING_KEYS | MEGATRON_KEYS

@@ -10,6 +10,7 @@ import torch
 from loadgraph.errors import InputError
 
 KEYS_TSV = Path(__file__).parent / "peers" / "llamafactory-keys.tsv"
+KT_TSV = Path(__file__).parent / "peers" / "llamafactory-kt-keys.tsv"
 
 
 def _rows() -> list[list[str]]:
@@ -33,6 +34,8 @@ def test_every_llamafactory_key_is_classified():
     derived = {r[2] for r in rows if r[3] == "derived"}
     assert derived and all(classify(k)[0] == "refused" for k in derived)
     assert all(classify(r[2])[1] for r in rows)  # each with its note or reason
+    kt = [r[2] for r in (line.split("\t") for line in KT_TSV.read_text().splitlines() if line and not line.startswith("#"))]
+    assert len(kt) > len(rows) and not [k for k in kt if classify(k) is None]
 
 
 def test_unknown_keys_all_reported_in_one_run():

@@ -61,6 +61,7 @@ def resolve_source(source: Source, cache: Cache, what: str = "source.model") -> 
         )
     root, commit = locate(source.model, source.revision, what)
     ckpt = scan_checkpoint(root, allow_pickle=source.allow_pickle)
+    check_quantization(ckpt.root / "config.json", ckpt.config())
     code = custom_code_files(ckpt, field) if source.trust_remote_code else []
     if not source.trust_remote_code:
         check_no_custom_code(ckpt.root / "config.json", ckpt.config(), what)
@@ -100,6 +101,20 @@ def _json_or_empty(path: Path) -> dict:
     except (OSError, ValueError):
         return {}
     return doc if isinstance(doc, dict) else {}
+
+
+# Pre-quantized formats whose weights loadgraph can read and check (bnb, fine-grained fp8).
+READABLE_QUANTIZATION = ("bitsandbytes", "fp8")
+
+
+def check_quantization(config_path: Path, config: dict) -> None:
+    """A GPTQ/AWQ/AQLM/... checkpoint is refused before any work: merging into, verifying or
+    re-quantizing its packed weights needs that method's kernels, which loadgraph does not run."""
+    quant = config.get("quantization_config")
+    method = quant.get("quant_method") if isinstance(quant, dict) else None
+    if method and method not in READABLE_QUANTIZATION:
+        raise InputError(f"{config_path}: a pre-quantized {method!r} checkpoint is not supported (its packed weights need {method}'s own kernels); "
+                         "start from the full-precision checkpoint and quantize with bnb-nf4/bnb-int8/fp8")
 
 
 def check_no_custom_code(config_path: Path, config: dict, what: str) -> None:
