@@ -166,13 +166,16 @@ def translate_doc(doc: dict, origin: str, *, trainable: bool = False, base_dir: 
         source["revision"] = doc["model_revision"]
     if doc.get("trust_remote_code"):
         source["trust_remote_code"] = True
-    build: dict[str, Any] = {"name": "llamafactory", "source": source, "dtype": rule.build}
+    # LLaMA-Factory merges at the checkpoint's dtype and casts the merged model: the cast is the export's.
+    build: dict[str, Any] = {"name": "llamafactory", "source": source, "dtype": "auto" if exporting else rule.build}
     if adapters:
         build["adapters"] = adapters
     if quantize:
         build["quantize"] = {k: v for k, v in quantize.items() if v is not None}
     if exporting:
         build["export"] = {"path": doc["export_dir"], "max_shard_size": f"{int(doc.get('export_size', 5))}GB"}
+        if rule.build != "auto":
+            build["export"]["dtype"] = rule.build
     if not (adapters or quantize or exporting):
         # The artifact is the source's own bytes: nothing computed, nothing to verify (the loader
         # still refuses any tensor it cannot place).

@@ -67,6 +67,9 @@ class ExportSpec(_Strict):
     path: str
     max_shard_size: Union[str, int] = "5GB"
     copy_tokenizer: bool = True
+    # Cast floating tensors here, after merging at the source's dtype (LLaMA-Factory's export
+    # order); the top-level dtype instead loads in that dtype before merging (PEFT's order).
+    dtype: Dtype | None = None
 
 
 class ConvertSpec(_Strict):

@@ -32,9 +32,9 @@ def test_lora_export_yaml(tmp_path):
         "export_legacy_format": False, "infer_dtype": "bfloat16", "model_revision": "main",
     })
     assert t.build == {
-        "name": "llamafactory", "source": {"model": "meta-llama/Llama-2-7b-hf"}, "dtype": "bfloat16",
+        "name": "llamafactory", "source": {"model": "meta-llama/Llama-2-7b-hf"}, "dtype": "auto",
         "adapters": [{"path": "saves/a", "mode": "merge"}, {"path": "saves/b", "mode": "merge"}],
-        "export": {"path": "out/merged", "max_shard_size": "2GB"},
+        "export": {"path": "out/merged", "max_shard_size": "2GB", "dtype": "bfloat16"},  # merged at the source dtype, then cast
     }
     assert t.trainer == ["template"] and "export_device" in t.unused and t.training == {"finetuning_type": "lora"}
 

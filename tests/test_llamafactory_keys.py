@@ -51,7 +51,7 @@ def test_explain_names_every_key_class_and_the_dtype_rule():
                     "lora_rank": 4, "template": "qwen3", "export_dir": "out", "infer_dtype": "bfloat16"})
     assert t.keys["use_asft_loss"][0] == "trainer" and t.keys["kt_weight_path"][0] == "unused" and t.keys["lora_rank"][0] == "training"
     assert t.keys["template"][0] == "build" and t.keys["model_name_or_path"][0] == "build"
-    assert t.dtype_rule == "export: infer_dtype bfloat16" and t.build["dtype"] == "bfloat16"
+    assert t.dtype_rule == "export: infer_dtype bfloat16" and t.build["export"]["dtype"] == "bfloat16"
 
 
 @pytest.mark.parametrize("extra, message", [

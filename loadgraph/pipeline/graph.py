@@ -123,7 +123,7 @@ def _compile_target(graph: Graph, spec: BuildSpec, cache: Cache) -> Target:
         export_params = {
             "max_shard_size": parse_size(spec.export.max_shard_size, "export.max_shard_size"),
             # merge/quantize already applied the dtype; quantized bytes must never be cast.
-            "dtype": "auto" if cast_done else spec.dtype,
+            "dtype": spec.export.dtype or ("auto" if cast_done else spec.dtype),
             "copy_tokenizer": spec.export.copy_tokenizer,
         }
         current = stages["export"] = graph.add("export", export_params, {"model": current.key}, f"{spec.name}: export")

@@ -17,6 +17,7 @@ from loadgraph.pipeline.stage import NodeContext, Stage, Unit
 from loadgraph.stages.inspect import link_or_copy
 
 SHARD_NAME = "model-{i:05d}-of-{n:05d}.safetensors"
+SINGLE_NAME = "model.safetensors"  # save_pretrained's name for one shard, written without an index
 ST_METADATA = {"format": "pt"}  # what transformers writes; loaders check it
 
 
@@ -82,13 +83,14 @@ def shard_table(path: Path, rel: str) -> dict[str, dict]:
 
 class ExportStage(Stage):
     name = "export"
-    version = 1
+    version = 2  # 2: one shard is model.safetensors without an index, as save_pretrained writes it
 
     def units(self, ctx: NodeContext) -> list[Unit]:
         shards = plan_shards(ctx.input().tensors, ctx.params["max_shard_size"], ctx.params["dtype"])
         n = len(shards)
         return [
-            Unit(id=f"shard-{i:05d}", payload={"file": SHARD_NAME.format(i=i, n=n), "tensors": entries}, nbytes=sum(e["end"] - e["begin"] for e in entries))
+            Unit(id=f"shard-{i:05d}", payload={"file": SINGLE_NAME if n == 1 else SHARD_NAME.format(i=i, n=n), "tensors": entries},
+                 nbytes=sum(e["end"] - e["begin"] for e in entries))
             for i, entries in enumerate(shards, start=1)
         ]
 
@@ -110,8 +112,9 @@ class ExportStage(Stage):
         src = ctx.input()
         tensors = {n: t for r in results.values() for n, t in r["tensors"].items()}
         total = sum(t["end"] - t["begin"] for t in tensors.values())
-        index = {"metadata": {"total_size": total}, "weight_map": {n: tensors[n]["file"] for n in sorted(tensors)}}
-        (out / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+        if len(results) > 1:
+            index = {"metadata": {"total_size": total}, "weight_map": {n: tensors[n]["file"] for n in sorted(tensors)}}
+            (out / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
         for rel in src.files:
             if rel.startswith("adapters/"):  # attached adapters travel whole
                 (out / rel).parent.mkdir(parents=True, exist_ok=True)
