@@ -176,6 +176,10 @@ def translate_doc(doc: dict, origin: str, *, trainable: bool = False, base_dir: 
         build["export"] = {"path": doc["export_dir"], "max_shard_size": f"{int(doc.get('export_size', 5))}GB"}
         if rule.build != "auto":
             build["export"]["dtype"] = rule.build
+        if doc.get("template"):
+            build["export"]["template"] = doc["template"]
+            if doc.get("default_system") is not None:
+                build["export"]["default_system"] = doc["default_system"]
     if not (adapters or quantize or exporting):
         # The artifact is the source's own bytes: nothing computed, nothing to verify (the loader
         # still refuses any tensor it cannot place).

@@ -70,6 +70,20 @@ class ExportSpec(_Strict):
     # Cast floating tensors here, after merging at the source's dtype (LLaMA-Factory's export
     # order); the top-level dtype instead loads in that dtype before merging (PEFT's order).
     dtype: Dtype | None = None
+    # A LLaMA-Factory chat template: its eos / padding side in the exported tokenizer and its
+    # Ollama Modelfile, as `llamafactory-cli export` writes them (default_system: the SYSTEM line).
+    template: str | None = None
+    default_system: str | None = None
+
+    @field_validator("template")
+    @classmethod
+    def _known_template(cls, v: str | None) -> str | None:
+        from loadgraph.llamafactory_templates import TEMPLATES
+
+        if v is not None and v not in TEMPLATES:
+            close = difflib.get_close_matches(v, list(TEMPLATES), n=1)
+            raise ValueError(f"unknown LLaMA-Factory template {v!r}" + (f"; did you mean {close[0]!r}?" if close else ""))
+        return v
 
 
 class ConvertSpec(_Strict):

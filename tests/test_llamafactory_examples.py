@@ -99,6 +99,13 @@ def test_merge_export_examples_build(fixtures, tmp_path):
     tensors = {k: v for f in sorted(out.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
     assert tensors and {t.dtype for t in tensors.values()} == {want}
     assert not any("lora_" in k for k in tensors) and doc["template"] == "qwen3_nothink"
+    # The template, as llamafactory-cli export applies it (make peer-check compares the bytes with it).
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(out))
+    assert tok.eos_token == "<|im_end|>" and tok.padding_side == "left"
+    assert (out / "model.safetensors").is_file() and not (out / "model.safetensors.index.json").exists()
+    assert 'PARAMETER stop "<|im_end|>"' in (out / "Modelfile").read_text()
 
 
 @pytest.mark.parametrize("rel, ftype", [

@@ -126,11 +126,24 @@ def _compile_target(graph: Graph, spec: BuildSpec, cache: Cache) -> Target:
             "dtype": spec.export.dtype or ("auto" if cast_done else spec.dtype),
             "copy_tokenizer": spec.export.copy_tokenizer,
         }
+        if spec.export.template is not None:
+            export_params["template"] = chat_template(spec)
+            export_params["trust_remote_code"] = spec.source.trust_remote_code
         current = stages["export"] = graph.add("export", export_params, {"model": current.key}, f"{spec.name}: export")
         export_path = spec.export.path
     if spec.verify is not None:
         _verify_node(graph, spec, current, base, stages, [n for _, n in merged])
     return Target(spec.name, spec, current.key, export_path)
+
+
+def chat_template(spec: BuildSpec) -> dict:
+    """The export's LLaMA-Factory template, by value: its data is part of the export's key."""
+    from loadgraph.llamafactory_templates import TEMPLATES
+
+    entry = {"name": spec.export.template, **TEMPLATES[spec.export.template]}
+    if spec.export.default_system is not None:
+        entry["default_system"] = spec.export.default_system
+    return entry
 
 
 # --- LLaVA original-format conversion (issue 9) -------------------------------------------------

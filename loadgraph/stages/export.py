@@ -130,6 +130,10 @@ class ExportStage(Stage):
                 (out / rel).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
             else:
                 shutil.copyfile(src.path / rel, out / rel)
+        if ctx.params.get("template"):
+            from loadgraph.stages.export_chat import apply_template
+
+            apply_template(out, ctx.params["template"], ctx.params.get("trust_remote_code", False))
         return {key: src.manifest[key] for key in ("adapters", "quantization") if key in src.manifest}
 
 
