@@ -190,7 +190,7 @@ def translate_doc(doc: dict, origin: str, *, trainable: bool = False, base_dir: 
         origin=origin,
         build=build,
         training=training,
-        trainer=sorted(k for k in doc if trainer_note(k)),
+        trainer=sorted(k for k in doc if trainer_note(k) and classify(k)[0] == "trainer"),
         unused={k: UNUSED[k] for k in doc if k in UNUSED},
         notes=notes,
         dtype_rule=rule.rule,

@@ -83,6 +83,9 @@ class ExportSpec(_Strict):
         if v is not None and v not in TEMPLATES:
             close = difflib.get_close_matches(v, list(TEMPLATES), n=1)
             raise ValueError(f"unknown LLaMA-Factory template {v!r}" + (f"; did you mean {close[0]!r}?" if close else ""))
+        if v is not None and TEMPLATES[v]["replace_jinja_template"]:
+            raise ValueError(f"LLaMA-Factory template {v!r} writes its own jinja chat template into the tokenizer, which loadgraph "
+                             "does not reproduce; use a template that keeps the tokenizer's (e.g. the model's own, like qwen3 or llama3)")
         return v
 
 

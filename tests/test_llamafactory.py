@@ -34,9 +34,10 @@ def test_lora_export_yaml(tmp_path):
     assert t.build == {
         "name": "llamafactory", "source": {"model": "meta-llama/Llama-2-7b-hf"}, "dtype": "auto",
         "adapters": [{"path": "saves/a", "mode": "merge"}, {"path": "saves/b", "mode": "merge"}],
-        "export": {"path": "out/merged", "max_shard_size": "2GB", "dtype": "bfloat16"},  # merged at the source dtype, then cast
+        # merged at the source dtype, then cast; the template shapes the exported tokenizer and Modelfile
+        "export": {"path": "out/merged", "max_shard_size": "2GB", "dtype": "bfloat16", "template": "llama2"},
     }
-    assert t.trainer == ["template"] and "export_device" in t.unused and t.training == {"finetuning_type": "lora"}
+    assert t.trainer == [] and t.keys["template"][0] == "build" and "export_device" in t.unused and t.training == {"finetuning_type": "lora"}
 
 
 def test_qlora_yaml_attaches_or_merges_then_quantizes():
@@ -94,11 +95,15 @@ def test_training_keys_and_cutoff_len():
         ({"stage": "rm"}, "value head"),
         ({"lora_rnak": 8}, "'lora_rnak' (did you mean 'lora_rank'?)"),
         ({"export_dir": "out", "add_tokens": "<x>"}, "do not resize the vocabulary"),
+        ({"export_dir": "out", "template": "default"}, "writes its own jinja chat template"),
+        ({"export_dir": "out", "template": "qwen4"}, "unknown LLaMA-Factory template 'qwen4'"),
     ],
 )
 def test_unsupported_and_unknown_keys_are_named(extra, message):
+    from loadgraph.spec import parse_spec
+
     with pytest.raises(InputError) as err:
-        _translate({"model_name_or_path": "b", **extra})
+        parse_spec(_translate({"model_name_or_path": "b", **extra}).build, "lf.yaml")
     assert message in str(err.value)
 
 
@@ -139,7 +144,7 @@ def test_cli_build_and_plan_explain(models, tmp_path):
     base = models("llama")
     adapter = make_lora_adapter(base, tmp_path / "saves" / "lora", r=4, lora_alpha=8)
     spec = write_spec(tmp_path / "export.yaml", {
-        "model_name_or_path": str(base), "adapter_name_or_path": "saves/lora", "template": "default",
+        "model_name_or_path": str(base), "adapter_name_or_path": "saves/lora", "template": "llama3",
         "finetuning_type": "lora", "export_dir": "merged", "export_size": 1, "infer_dtype": "float32",
     })
     plan = run_cli("plan", spec, "--explain", "--cache", tmp_path / "cache")
