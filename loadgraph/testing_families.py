@@ -62,4 +62,9 @@ def make_family_model(kind: str, out_dir: str | Path, *, dtype: str = "float32",
     out.mkdir(parents=True, exist_ok=True)
     model.to(_torch_dtype(dtype)).save_pretrained(out, max_shard_size=max_shard_size)
     make_tokenizer(out, config.get_text_config().vocab_size)
+    if hasattr(config, "vision_config"):
+        # The image processor a Qwen-VL checkpoint ships, at the fixture's patch sizes.
+        vision = config.vision_config
+        tf.Qwen2VLImageProcessor(patch_size=vision.patch_size, merge_size=vision.spatial_merge_size,
+                                 temporal_patch_size=vision.temporal_patch_size).save_pretrained(out)
     return out

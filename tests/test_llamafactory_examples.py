@@ -111,6 +111,7 @@ def test_merge_export_examples_build(fixtures, tmp_path):
 @pytest.mark.parametrize("rel, ftype", [
     ("train_lora/qwen3_lora_sft.yaml", "lora"), ("train_full/qwen3_full_sft.yaml", "full"),
     ("extras/badam/llama3_full_sft.yaml", "badam"), ("extras/fsdp_qlora/llama3_lora_sft.yaml", "qlora"),
+    ("train_lora/qwen3vl_lora_sft.yaml", "vl-lora"),
 ])
 def test_training_examples_load_trainable(rel, ftype, fixtures, tmp_path):
     from loadgraph import load
@@ -127,6 +128,9 @@ def test_training_examples_load_trainable(rel, ftype, fixtures, tmp_path):
         assert set(trainable.values()) == {torch.float32} and model.peft_config["default"].r == doc["lora_rank"]
     elif ftype == "full":
         assert len(trainable) == len(list(model.parameters()))
+    elif ftype == "vl-lora":  # LoRA on the language model; vision tower and merger frozen (LLaMA-Factory's defaults)
+        assert all(".lora_" in n and "language_model" in n for n in trainable)
+        assert not any(p.requires_grad for n, p in model.named_parameters() if "visual." in n)
     elif ftype == "badam":
         assert set(trainable.values()) == {torch.float32}  # fp32 fixture kept as loaded: BAdam does not upcast, nor cast down
     else:

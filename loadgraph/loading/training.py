@@ -23,10 +23,14 @@ from loadgraph.loading.trainargs import TrainingArgs
 from loadgraph.spec import BuildSpec
 
 LAYERNORM_NAMES = ("norm", "ln")  # LLaMA-Factory's extras/constants.py
-# LLaMA-Factory's COMPOSITE_MODELS entry for llava (model_utils/visual.py).
+# LLaMA-Factory's COMPOSITE_MODELS entries (model_utils/visual.py).
 _COMPOSITE = {
     "llava": {"projector": ("multi_modal_projector",), "vision": ("vision_tower",), "language": ("language_model", "lm_head")},
     "llava_next": {"projector": ("multi_modal_projector",), "vision": ("vision_tower",), "language": ("language_model", "lm_head")},
+    **{t: {"projector": ("visual.merger",), "vision": ("visual.patch_embed", "visual.blocks"), "language": ("language_model", "lm_head")}
+       for t in ("qwen2_vl", "qwen2_5_vl")},
+    **{t: {"projector": ("visual.merger",), "vision": ("visual.pos_embed", "visual.patch_embed", "visual.blocks", "visual.deepstack_merger_list"),
+           "language": ("language_model", "lm_head")} for t in ("qwen3_vl", "qwen3_vl_moe")},
 }
 
 
