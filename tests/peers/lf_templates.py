@@ -1,6 +1,7 @@
 """Write loadgraph/llamafactory_templates.py from LLaMA-Factory's own template registry.
 
-Run with the peer's interpreter (make peer-templates). Keeps, per template, what an export
+Run with the peer's interpreter: `$(LF_VENV)/bin/python tests/peers/lf_templates.py loadgraph/llamafactory_templates.py`.
+Keeps, per template, what an export
 uses: the prefix/system/user/assistant slots (for the Ollama Modelfile), default_system,
 stop_words, replace_eos and replace_jinja_template (for the tokenizer). Token slots ({"bos_token"})
 become "<bos_token>"-style markers: {"token": "bos_token"}.
