@@ -9,7 +9,7 @@ export RAY_AUTH_MODE := disabled
 export RAY_USAGE_STATS_ENABLED := 0
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test bench env clean
+.PHONY: demo test bench env clean peer-check peer-env
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -30,6 +30,27 @@ RAY_SUITES := tests/test_ray_cluster.py tests/chaos tests/test_integrations.py
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests $(addprefix --ignore=,$(RAY_SUITES))
 	set -e; for suite in $(RAY_SUITES); do $(BIN)/python -m pytest -q $$suite; done
+
+# LLaMA-Factory itself, in a venv of its own pins (CPU torch first; torchaudio is a stub: it is
+# imported only for audio inputs), then compared with loadgraph on its own example YAMLs.
+LF_VENV ?= /work/venvs/llamafactory
+LF_VERSION ?= 0.9.5
+$(LF_VENV)/.installed-$(LF_VERSION):
+	$(PY) -m venv $(LF_VENV)
+	$(LF_VENV)/bin/pip install -q torch==2.13.0
+	$(LF_VENV)/bin/pip install -q llamafactory==$(LF_VERSION)
+	# llamafactory pulls torch/torchvision/torchaudio builds for CUDA: put the CPU torch back.
+	$(LF_VENV)/bin/pip uninstall -y -q torchvision torchaudio triton $$($(LF_VENV)/bin/pip list 2>/dev/null | awk '/^(nvidia-|cuda-)/{print $$1}')
+	$(LF_VENV)/bin/pip install -q torch==2.13.0
+	sp=$$($(LF_VENV)/bin/python -c "import site; print(site.getsitepackages()[0])"); mkdir -p $$sp/torchaudio; \
+	  echo '__version__ = "0.0.0+stub"  # LLaMA-Factory imports torchaudio only for audio' > $$sp/torchaudio/__init__.py
+	touch $@
+
+peer-env: $(LF_VENV)/.installed-$(LF_VERSION)
+
+peer-check: $(STAMP) peer-env
+	$(LF_VENV)/bin/python tests/peers/lf_keys.py | diff - tests/peers/llamafactory-keys.tsv
+	rm -rf .peer-check && $(BIN)/python tests/peers/lf_export_check.py $(LF_VENV)/bin/llamafactory-cli .peer-check
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run

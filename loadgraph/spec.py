@@ -47,7 +47,7 @@ class QuantizeSpec(_Strict):
     double_quant: bool = False
     blocksize: int = 64
     compute_dtype: Dtype | None = None
-    quant_storage: Literal["uint8"] = "uint8"
+    quant_storage: Literal["uint8", "bfloat16", "float16", "float32"] = "uint8"  # 4-bit packing dtype (FSDP QLoRA: the compute dtype)
     skip_modules: list[str] = Field(default_factory=list)
     llm_int8_threshold: float = 6.0
     fp8_block_size: tuple[int, int] = (128, 128)
@@ -67,6 +67,26 @@ class ExportSpec(_Strict):
     path: str
     max_shard_size: Union[str, int] = "5GB"
     copy_tokenizer: bool = True
+    # Cast floating tensors here, after merging at the source's dtype (LLaMA-Factory's export
+    # order); the top-level dtype instead loads in that dtype before merging (PEFT's order).
+    dtype: Dtype | None = None
+    # A LLaMA-Factory chat template: its eos / padding side in the exported tokenizer and its
+    # Ollama Modelfile, as `llamafactory-cli export` writes them (default_system: the SYSTEM line).
+    template: str | None = None
+    default_system: str | None = None
+
+    @field_validator("template")
+    @classmethod
+    def _known_template(cls, v: str | None) -> str | None:
+        from loadgraph.llamafactory_templates import TEMPLATES
+
+        if v is not None and v not in TEMPLATES:
+            close = difflib.get_close_matches(v, list(TEMPLATES), n=1)
+            raise ValueError(f"unknown LLaMA-Factory template {v!r}" + (f"; did you mean {close[0]!r}?" if close else ""))
+        if v is not None and TEMPLATES[v]["replace_jinja_template"]:
+            raise ValueError(f"LLaMA-Factory template {v!r} writes its own jinja chat template into the tokenizer, which loadgraph "
+                             "does not reproduce; use a template that keeps the tokenizer's (e.g. the model's own, like qwen3 or llama3)")
+        return v
 
 
 class ConvertSpec(_Strict):
@@ -225,7 +245,7 @@ def parse_spec(doc: Any, origin: str, base_dir: Path | None = None) -> list[Buil
     if "model_name_or_path" in doc:
         from loadgraph.llamafactory import translate
 
-        doc = translate(doc, origin)
+        doc = translate(doc, origin, base_dir)
     model: type[BaseModel] = BatchSpec if ("targets" in doc or "matrix" in doc) else BuildSpec
     try:
         parsed = model.model_validate(doc)

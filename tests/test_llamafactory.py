@@ -32,22 +32,28 @@ def test_lora_export_yaml(tmp_path):
         "export_legacy_format": False, "infer_dtype": "bfloat16", "model_revision": "main",
     })
     assert t.build == {
-        "name": "llamafactory", "source": {"model": "meta-llama/Llama-2-7b-hf"}, "dtype": "bfloat16",
+        "name": "llamafactory", "source": {"model": "meta-llama/Llama-2-7b-hf"}, "dtype": "auto",
         "adapters": [{"path": "saves/a", "mode": "merge"}, {"path": "saves/b", "mode": "merge"}],
-        "export": {"path": "out/merged", "max_shard_size": "2GB"},
+        # merged at the source dtype, then cast; the template shapes the exported tokenizer and Modelfile
+        "export": {"path": "out/merged", "max_shard_size": "2GB", "dtype": "bfloat16", "template": "llama2"},
     }
-    assert t.trainer == ["template"] and "export_device" in t.unused and t.training == {"finetuning_type": "lora"}
+    assert t.trainer == [] and t.keys["template"][0] == "build" and "export_device" in t.unused and t.training == {"finetuning_type": "lora"}
 
 
 def test_qlora_yaml_attaches_or_merges_then_quantizes():
     doc = {"model_name_or_path": "base", "adapter_name_or_path": "saves/qlora", "quantization_bit": 4, "bf16": True}
     t = _translate(doc)
-    assert t.build["quantize"] == {"method": "bnb-nf4", "double_quant": True}
+    # Not training: bf16 does not count; infer_optim_dtype(unknown) is fp32 on a host without CUDA.
+    host = "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float16" if torch.cuda.is_available() else "float32"
+    assert t.build["quantize"] == {"method": "bnb-nf4", "double_quant": True, "compute_dtype": host, "quant_storage": host}
     assert t.build["adapters"] == [{"path": "saves/qlora", "mode": "attach"}]  # a quantized model is not merged into
-    assert t.build["dtype"] == "bfloat16"
-    exported = _translate({**doc, "export_dir": "out", "quantization_type": "fp4", "double_quantization": False})
+    assert t.build["dtype"] == "auto"  # LLaMA-Factory loads with torch_dtype="auto"
+    trained = _translate(doc, trainable=True)
+    assert trained.build["quantize"]["compute_dtype"] == trained.build["quantize"]["quant_storage"] == "bfloat16"
+    assert "bf16/pure_bf16" in trained.dtype_rule
+    exported = _translate({**doc, "export_dir": "out", "quantization_type": "fp4", "double_quantization": False, "infer_dtype": "float16"})
     assert exported.build["adapters"] == [{"path": "saves/qlora", "mode": "merge"}]  # merged first, then quantized
-    assert exported.build["quantize"] == {"method": "bnb-fp4", "double_quant": False}
+    assert exported.build["quantize"] == {"method": "bnb-fp4", "double_quant": False, "compute_dtype": "float16", "quant_storage": "float16"}
     assert _translate({"model_name_or_path": "b", "quantization_bit": 8}).build["quantize"] == {"method": "bnb-int8"}
     with pytest.raises(InputError, match="single adapter"):
         _translate({**doc, "adapter_name_or_path": "a,b"})
@@ -89,11 +95,15 @@ def test_training_keys_and_cutoff_len():
         ({"stage": "rm"}, "value head"),
         ({"lora_rnak": 8}, "'lora_rnak' (did you mean 'lora_rank'?)"),
         ({"export_dir": "out", "add_tokens": "<x>"}, "do not resize the vocabulary"),
+        ({"export_dir": "out", "template": "default"}, "writes its own jinja chat template"),
+        ({"export_dir": "out", "template": "qwen4"}, "unknown LLaMA-Factory template 'qwen4'"),
     ],
 )
 def test_unsupported_and_unknown_keys_are_named(extra, message):
+    from loadgraph.spec import parse_spec
+
     with pytest.raises(InputError) as err:
-        _translate({"model_name_or_path": "b", **extra})
+        parse_spec(_translate({"model_name_or_path": "b", **extra}).build, "lf.yaml")
     assert message in str(err.value)
 
 
@@ -109,9 +119,9 @@ def test_trainer_keys_cover_transformers_training_arguments():
 
     from transformers import Seq2SeqTrainingArguments
 
-    from loadgraph.llamafactory import trainer_keys
+    from loadgraph.llamafactory_keys import HF_TRAINING_KEYS
 
-    missing = {f.name for f in dataclasses.fields(Seq2SeqTrainingArguments)} - trainer_keys()
+    missing = {f.name for f in dataclasses.fields(Seq2SeqTrainingArguments)} - HF_TRAINING_KEYS
     assert not missing, f"add to HF_TRAINING_KEYS: {sorted(missing)}"
 
 
@@ -134,7 +144,7 @@ def test_cli_build_and_plan_explain(models, tmp_path):
     base = models("llama")
     adapter = make_lora_adapter(base, tmp_path / "saves" / "lora", r=4, lora_alpha=8)
     spec = write_spec(tmp_path / "export.yaml", {
-        "model_name_or_path": str(base), "adapter_name_or_path": "saves/lora", "template": "default",
+        "model_name_or_path": str(base), "adapter_name_or_path": "saves/lora", "template": "llama3",
         "finetuning_type": "lora", "export_dir": "merged", "export_size": 1, "infer_dtype": "float32",
     })
     plan = run_cli("plan", spec, "--explain", "--cache", tmp_path / "cache")
@@ -166,7 +176,7 @@ def _load(doc: dict, cache, **kw):
 
 
 def test_lora_all_targets_every_linear_but_the_head(models, cache_dir):
-    loaded = _load({"model_name_or_path": str(models("llama")), "finetuning_type": "lora", "lora_target": "all",
+    loaded = _load({"model_name_or_path": str(models("llama", "bfloat16")), "finetuning_type": "lora", "lora_target": "all",
                     "lora_rank": 4, "bf16": True}, cache_dir)
     model = loaded.model
     trainable = _trainable(model)
@@ -196,7 +206,7 @@ def test_qlora_quantized_base_with_fp32_lora(models, cache_dir):
 
 
 def test_freeze_trains_the_last_layers(models, cache_dir):
-    loaded = _load({"model_name_or_path": str(models("qwen2")), "finetuning_type": "freeze", "freeze_trainable_layers": 1,
+    loaded = _load({"model_name_or_path": str(models("qwen2", "bfloat16")), "finetuning_type": "freeze", "freeze_trainable_layers": 1,
                     "freeze_extra_modules": "embed_tokens", "bf16": True, "upcast_layernorm": True}, cache_dir)
     trainable = _trainable(loaded.model)
     assert trainable and all(n.startswith("model.layers.1.") or n == "model.embed_tokens.weight" for n in trainable)
@@ -210,12 +220,12 @@ def test_freeze_trains_the_last_layers(models, cache_dir):
 
 
 def test_full_and_disabled_checkpointing(models, cache_dir):
-    loaded = _load({"model_name_or_path": str(models("gemma")), "finetuning_type": "full", "disable_gradient_checkpointing": True,
+    loaded = _load({"model_name_or_path": str(models("gemma", "bfloat16")), "finetuning_type": "full", "disable_gradient_checkpointing": True,
                     "pure_bf16": True, "bf16": True}, cache_dir)
     params = dict(loaded.model.named_parameters())
     assert all(p.requires_grad for p in params.values())
     assert {p.dtype for p in params.values()} == {torch.bfloat16}  # pure_bf16: no fp32 upcast
-    assert not loaded.model.is_gradient_checkpointing
+    assert not loaded.model.is_gradient_checkpointing and loaded.model.config.use_cache is False  # LLaMA-Factory: never while training
 
 
 def test_oft(models, cache_dir):

@@ -24,10 +24,11 @@ if TYPE_CHECKING:
     import torch
 
 SHARD_NAME = "model-{i:05d}-of-{n:05d}.safetensors"
+SINGLE_NAME = "model.safetensors"  # save_pretrained's name for one shard, written without an index
 
 
 def shard_names(n: int) -> list[str]:
-    return [SHARD_NAME.format(i=i, n=n) for i in range(1, n + 1)]
+    return [SINGLE_NAME] if n == 1 else [SHARD_NAME.format(i=i, n=n) for i in range(1, n + 1)]
 
 
 @dataclass(frozen=True)

@@ -28,10 +28,11 @@ LANGUAGE_FAMILIES: dict[str, tuple[str, ...]] = {
     "mixtral": ("mixtral",),
     "mistral": ("mistral",),
     "gemma": ("gemma", "gemma2", "gemma3_text"),
-    "qwen": ("qwen2", "qwen2_moe", "qwen3", "qwen3_moe"),
+    "qwen": ("qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "qwen3_5_text", "qwen3_5_moe_text",
+             "qwen2_vl_text", "qwen2_5_vl_text", "qwen3_vl_text", "qwen3_vl_moe_text"),
     "llama": ("llama",),
 }
-MULTIMODAL_TYPES: tuple[str, ...] = ("llava", "llava_next")
+MULTIMODAL_TYPES: tuple[str, ...] = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
 # Names LLaVA's model zoo uses for the same families.
 ALIASES: dict[str, str] = {"zephyr": "mistral", "vicuna": "llama"}
 SUPPORTED_KEYWORDS: tuple[str, ...] = ("llava", "lora", *LANGUAGE_FAMILIES, *ALIASES)

@@ -47,6 +47,8 @@ class TrainingArgs(BaseModel):
     freeze_trainable_layers: int = 2
     freeze_trainable_modules: list[str] = ["all"]
     freeze_extra_modules: list[str] | None = None
+    use_llama_pro: bool = False  # train only the layers LLaMA Pro's block expansion added (every n-th)
+    use_badam: bool = False  # BAdam: trainable parameters stay in the load dtype (no fp32 upcast)
     # multimodal
     freeze_vision_tower: bool = True
     freeze_multi_modal_projector: bool = True

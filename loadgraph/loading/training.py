@@ -23,10 +23,14 @@ from loadgraph.loading.trainargs import TrainingArgs
 from loadgraph.spec import BuildSpec
 
 LAYERNORM_NAMES = ("norm", "ln")  # LLaMA-Factory's extras/constants.py
-# LLaMA-Factory's COMPOSITE_MODELS entry for llava (model_utils/visual.py).
+# LLaMA-Factory's COMPOSITE_MODELS entries (model_utils/visual.py).
 _COMPOSITE = {
     "llava": {"projector": ("multi_modal_projector",), "vision": ("vision_tower",), "language": ("language_model", "lm_head")},
     "llava_next": {"projector": ("multi_modal_projector",), "vision": ("vision_tower",), "language": ("language_model", "lm_head")},
+    **{t: {"projector": ("visual.merger",), "vision": ("visual.patch_embed", "visual.blocks"), "language": ("language_model", "lm_head")}
+       for t in ("qwen2_vl", "qwen2_5_vl")},
+    **{t: {"projector": ("visual.merger",), "vision": ("visual.pos_embed", "visual.patch_embed", "visual.blocks", "visual.deepstack_merger_list"),
+           "language": ("language_model", "lm_head")} for t in ("qwen3_vl", "qwen3_vl_moe")},
 }
 
 
@@ -69,7 +73,7 @@ def resolve_spec(spec: Any, trainable: bool, training: TrainingArgs | dict | Non
         build = doc
         lf_training: dict = {}
     elif llamafactory.is_llamafactory(doc):
-        t = llamafactory.translate_doc(doc, origin, trainable=trainable)
+        t = llamafactory.translate_doc(doc, origin, trainable=trainable, base_dir=base_dir)
         (build,) = parse_spec(t.build, origin, base_dir)
         lf_training = t.training
     else:
@@ -175,8 +179,10 @@ def _patched_config(path: Path, build: BuildSpec, args: TrainingArgs | None):
         if args.moe_aux_loss_coef is not None:  # LLaMA-Factory's configure_moe
             config.router_aux_loss_coef = args.moe_aux_loss_coef
             config.output_router_logits = True
-        if not args.disable_gradient_checkpointing:
-            config.use_cache = False  # a KV cache is useless, and wrong, under checkpointing
+        # LLaMA-Factory's configure_kv_cache: no KV cache while training, checkpointing or not.
+        for cfg in (config, getattr(config, "text_config", None)):
+            if cfg is not None:
+                cfg.use_cache = False
     return config
 
 
@@ -189,17 +195,19 @@ def prepare_for_training(model, tokenizer, args: TrainingArgs, artifact: BuiltAr
     import torch
     from transformers.integrations import is_deepspeed_zero3_enabled
 
-    resized = _resize_vocab(model, tokenizer, args, quantized)
+    resize = args.resize_vocab or len(tokenizer) > tokenizer_base_size(tokenizer, args)
+    if resize:
+        _resize_vocab(model, tokenizer, quantized)
     _prepare_model(model, args)
-    # LLaMA-Factory: trainable parameters go to fp32 unless pure bf16, or ZeRO-3 already keeps
-    # fp32 masters (and the base is not quantized).
-    cast_fp32 = not args.pure_bf16 and not (not quantized and is_deepspeed_zero3_enabled())
+    # LLaMA-Factory: trainable parameters go to fp32 unless pure bf16 or BAdam, or ZeRO-3 already
+    # keeps fp32 masters (and the base is not quantized).
+    cast_fp32 = not (args.pure_bf16 or args.use_badam) and not (not quantized and is_deepspeed_zero3_enabled())
     if args.finetuning_type == "full":
         _setup_full(model, args)
     elif args.finetuning_type == "freeze":
         _setup_freeze(model, args)
     else:
-        model = _setup_peft(model, args, artifact, resized)
+        model = _setup_peft(model, args, artifact, resize)
     if cast_fp32:
         for param in model.parameters():
             if param.requires_grad:
@@ -208,7 +216,13 @@ def prepare_for_training(model, tokenizer, args: TrainingArgs, artifact: BuiltAr
     return model
 
 
-def _resize_vocab(model, tokenizer, args: TrainingArgs, quantized: bool) -> bool:
+def tokenizer_base_size(tokenizer, args: TrainingArgs) -> int:
+    """The tokenizer's size before add_tokens/add_special_tokens (either one sets resize_vocab in LLaMA-Factory)."""
+    added = [t for t in (args.add_tokens or []) + (args.add_special_tokens or []) if t in tokenizer.get_added_vocab()]
+    return len(tokenizer) - len(added)
+
+
+def _resize_vocab(model, tokenizer, quantized: bool) -> bool:
     """LLaMA-Factory's resize_embedding_layer: pad to a multiple of 64, noisy-mean new rows."""
     import torch
 
@@ -286,7 +300,10 @@ def _setup_freeze(model, args: TrainingArgs) -> None:
     if not num_layers:
         raise LoadingError(f"finetuning_type freeze: {type(model).__name__} has no num_hidden_layers")
     n = args.freeze_trainable_layers
-    layer_ids = range(max(0, num_layers - n), num_layers) if n > 0 else range(min(-n, num_layers))
+    if args.use_llama_pro:
+        layer_ids = expanded_layer_ids(num_layers, n)
+    else:
+        layer_ids = range(max(0, num_layers - n), num_layers) if n > 0 else range(min(-n, num_layers))
     hidden, non_hidden = set(), set()
     for name, _ in model.named_parameters():
         if ".0." in name:
@@ -304,9 +321,20 @@ def _setup_freeze(model, args: TrainingArgs) -> None:
         if module not in non_hidden:
             raise LoadingError(f"freeze_extra_modules: module {module!r} not found; choose from {', '.join(sorted(non_hidden))}")
         trainable.append(module)
+    keys = _COMPOSITE.get(getattr(model.config, "model_type", None))
+    if not args.freeze_multi_modal_projector and keys is not None:
+        trainable.extend(keys["projector"])  # LLaMA-Factory trains the projector on request
     forbidden = _forbidden_modules(model, args)
     for name, param in model.named_parameters():
         param.requires_grad_(any(t in name for t in trainable) and not any(f in name for f in forbidden))
+
+
+def expanded_layer_ids(num_layers: int, n: int) -> range:
+    """LLaMA Pro: the checkpoint's every (num_layers/n)-th layer is an added block; those train."""
+    if n <= 0 or num_layers % n:
+        raise LoadingError(f"use_llama_pro: num_hidden_layers {num_layers} is not divisible by freeze_trainable_layers {n}")
+    stride = num_layers // n
+    return range(stride - 1, num_layers + stride - 1, stride)
 
 
 def all_linear_modules(model, freeze_vision_tower: bool) -> list[str]:
@@ -330,6 +358,10 @@ def all_linear_modules(model, freeze_vision_tower: bool) -> list[str]:
 def _target_modules(model, args: TrainingArgs, targets: list[str]) -> list[str]:
     if targets == ["all"]:
         targets = all_linear_modules(model, args.freeze_vision_tower)
+    if args.use_llama_pro:  # LLaMA-Factory's find_expanded_modules
+        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        layers = [f".{i:d}." for i in expanded_layer_ids(config.num_hidden_layers, args.freeze_trainable_layers)]
+        targets = [n for n, _ in model.named_modules() if any(t in n for t in targets) and any(layer in n for layer in layers)]
     forbidden = _forbidden_modules(model, args)
     if not forbidden:
         return targets
@@ -337,7 +369,7 @@ def _target_modules(model, args: TrainingArgs, targets: list[str]) -> list[str]:
     return [n for n, _ in model.named_modules() if any(t in n for t in targets) and not any(f in n for f in forbidden)]
 
 
-def _setup_peft(model, args: TrainingArgs, artifact: BuiltArtifact, resized: bool):
+def _setup_peft(model, args: TrainingArgs, artifact: BuiltArtifact, resize_vocab: bool):
     from peft import LoraConfig, OFTConfig, TaskType, get_peft_model
 
     from loadgraph.loading.modeling import attach_adapters
@@ -348,7 +380,7 @@ def _setup_peft(model, args: TrainingArgs, artifact: BuiltArtifact, resized: boo
             raise LoadingError("training resumes a single attached adapter; merge the others in the spec")
         return attach_adapters(model, attached, trainable=True)  # LLaMA-Factory's adapter_to_resume
     additional = args.additional_target
-    if resized and additional is None:
+    if resize_vocab and additional is None:
         # LLaMA-Factory: a resized vocabulary makes the embeddings and head trainable too.
         embeds = {id(model.get_input_embeddings()), id(model.get_output_embeddings())}
         additional = sorted({name.split(".")[-1] for name, module in model.named_modules() if id(module) in embeds})

@@ -83,7 +83,9 @@ def _compile_target(graph: Graph, spec: BuildSpec, cache: Cache) -> Target:
     from loadgraph.stages.fetch import resolve_source
 
     params, runtime = resolve_source(spec.source, cache)
-    fetched = graph.add("fetch", params, {}, f"{spec.name}: fetch {Path(spec.source.model).name}", runtime)
+    code = ", ".join(f"{name} {digest[:12]}" for name, digest in params.get("code", {}).items())
+    label = f"{spec.name}: fetch {Path(spec.source.model).name}" + (f" (trusted code, pinned by digest: {code})" if code else "")
+    fetched = graph.add("fetch", params, {}, label, runtime)
     inspected = graph.add("inspect", {}, {"model": fetched.key}, f"{spec.name}: inspect")
     # Original-format LLaVA (issue 9): convert to transformers' Llava; later stages see only that.
     current, checked_dir = _llava_convert(graph, spec, cache, runtime["path"], inspected)
@@ -124,17 +126,30 @@ def _compile_target(graph: Graph, spec: BuildSpec, cache: Cache) -> Target:
         export_params = {
             "max_shard_size": parse_size(spec.export.max_shard_size, "export.max_shard_size"),
             # merge/quantize already applied the dtype; quantized bytes must never be cast.
-            "dtype": "auto" if cast_done else spec.dtype,
+            "dtype": spec.export.dtype or ("auto" if cast_done else spec.dtype),
             "copy_tokenizer": spec.export.copy_tokenizer,
         }
         if export_params["dtype"] == "auto":
             # The node before the export writes its files in the export's layout: the export links them.
             current.runtime.setdefault("shard_bytes", export_params["max_shard_size"])
+        if spec.export.template is not None:
+            export_params["template"] = chat_template(spec)
+            export_params["trust_remote_code"] = spec.source.trust_remote_code
         current = stages["export"] = graph.add("export", export_params, {"model": current.key}, f"{spec.name}: export")
         export_path = spec.export.path
     if spec.verify is not None:
         _verify_node(graph, spec, current, base, stages, [n for _, n in merged])
     return Target(spec.name, spec, current.key, export_path)
+
+
+def chat_template(spec: BuildSpec) -> dict:
+    """The export's LLaMA-Factory template, by value: its data is part of the export's key."""
+    from loadgraph.llamafactory_templates import TEMPLATES
+
+    entry = {"name": spec.export.template, **TEMPLATES[spec.export.template]}
+    if spec.export.default_system is not None:
+        entry["default_system"] = spec.export.default_system
+    return entry
 
 
 # --- LLaVA original-format conversion (issue 9) -------------------------------------------------

@@ -57,7 +57,7 @@ def _linkable(layout: Layout, tensors: dict[str, dict]) -> dict[str, str] | None
 
 class ExportStage(Stage):
     name = "export"
-    version = 2
+    version = 3  # 3: byte-sized units at final offsets; one shard is model.safetensors without an index
 
     def _layout(self, ctx: NodeContext) -> Layout:
         tensors, dtype = ctx.input().tensors, ctx.params["dtype"]
@@ -122,6 +122,10 @@ class ExportStage(Stage):
                 (out / rel).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
             else:
                 shutil.copyfile(src.path / rel, out / rel)
+        if ctx.params.get("template"):
+            from loadgraph.stages.export_chat import apply_template
+
+            apply_template(out, ctx.params["template"], ctx.params.get("trust_remote_code", False))
         return {key: src.manifest[key] for key in ("adapters", "quantization") if key in src.manifest}
 
 

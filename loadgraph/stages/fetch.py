@@ -47,17 +47,75 @@ def locate(source_model: str, revision: str | None, what: str, allow_patterns: l
 
 
 def resolve_source(source: Source, cache: Cache, what: str = "source.model") -> tuple[dict, dict]:
-    """Validate a source before any work and return (params for the key, runtime locator)."""
-    if source.trust_remote_code and not (source.revision and COMMIT.match(source.revision)):
-        raise InputError(f"source.trust_remote_code: remote code runs only at a pinned commit; set source.revision to a 40-hex commit sha")
+    """Validate a source before any work and return (params for the key, runtime locator).
+
+    `trust_remote_code` is judged by what it would run: nothing when the checkpoint has no
+    custom code; a local directory's code files are pinned by their digests (in the key and the
+    manifest, named by `plan`); a hub repo's code only at a 40-hex commit, since a branch could
+    point at other code tomorrow. A revision on a local directory pins nothing and is refused.
+    """
+    field = what.rsplit(".", 1)[0] if what.endswith(".model") else what
+    if source.revision is not None and Path(source.model).expanduser().exists():
+        raise InputError(
+            f"{field}.revision: {source.revision!r} is set but {source.model} is a local directory, whose content is pinned by digest; "
+            "a revision selects a hub commit: remove it (model_revision in a LLaMA-Factory YAML)"
+        )
     root, commit = locate(source.model, source.revision, what)
     ckpt = scan_checkpoint(root, allow_pickle=source.allow_pickle)
+    check_quantization(ckpt.root / "config.json", ckpt.config())
+    code = custom_code_files(ckpt, field) if source.trust_remote_code else []
     if not source.trust_remote_code:
         check_no_custom_code(ckpt.root / "config.json", ckpt.config(), what)
-    files = source_files(ckpt, source.trust_remote_code)
+    elif code and commit is not None and not (source.revision and COMMIT.match(source.revision)):
+        raise InputError(
+            f"{field}.trust_remote_code: {source.model} is a hub repo with custom code ({', '.join(code)}), which runs only at a pinned commit; "
+            f"set {field}.revision (model_revision) to a 40-hex commit sha (main is {commit} now)"
+        )
+    files = source_files(ckpt, bool(code))
     digests = hash_files({rel: root / rel for rel in files}, cache.root)
-    params = {"files": digests, "commit": commit, "convert_pickle": bool(ckpt.pickle_files)}
+    params: dict = {"files": digests, "commit": commit, "convert_pickle": bool(ckpt.pickle_files)}
+    if code:
+        params["code"] = {rel: digests[rel] for rel in code}  # the trusted code, by content
     return params, {"path": str(root)}
+
+
+def custom_code_files(ckpt: Checkpoint, field: str) -> list[str]:
+    """The code files `trust_remote_code` would run: the checkpoint's *.py (auto_map names them)."""
+    code = sorted(p.name for p in ckpt.root.glob("*.py"))
+    for name in ("config.json", "tokenizer_config.json"):
+        path = ckpt.root / name
+        auto_map = (ckpt.config() if name == "config.json" else _json_or_empty(path)).get("auto_map") if path.exists() else None
+        refs = [v for v in (auto_map or {}).values() for v in (v if isinstance(v, list) else [v]) if isinstance(v, str)]
+        elsewhere = sorted({r.split("--")[0] for r in refs if "--" in r})
+        if elsewhere:
+            # transformers would fetch that repo's code at load time, unpinned by this checkpoint.
+            raise InputError(f"{path}: auto_map runs code from another repo ({', '.join(elsewhere)}); {field}.trust_remote_code cannot pin it: vendor the code files into the checkpoint")
+        missing = sorted({r.rsplit(".", 1)[0] + ".py" for r in refs} - set(code))
+        if missing:
+            raise InputError(f"{path}: auto_map names code files the checkpoint lacks ({', '.join(missing)}); add them or drop {field}.trust_remote_code")
+    return code
+
+
+def _json_or_empty(path: Path) -> dict:
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return doc if isinstance(doc, dict) else {}
+
+
+# Pre-quantized formats whose weights loadgraph can read and check (bnb, fine-grained fp8).
+READABLE_QUANTIZATION = ("bitsandbytes", "fp8")
+
+
+def check_quantization(config_path: Path, config: dict) -> None:
+    """A GPTQ/AWQ/AQLM/... checkpoint is refused before any work: merging into, verifying or
+    re-quantizing its packed weights needs that method's kernels, which loadgraph does not run."""
+    quant = config.get("quantization_config")
+    method = quant.get("quant_method") if isinstance(quant, dict) else None
+    if method and method not in READABLE_QUANTIZATION:
+        raise InputError(f"{config_path}: a pre-quantized {method!r} checkpoint is not supported (its packed weights need {method}'s own kernels); "
+                         "start from the full-precision checkpoint and quantize with bnb-nf4/bnb-int8/fp8")
 
 
 def check_no_custom_code(config_path: Path, config: dict, what: str) -> None:

@@ -57,7 +57,10 @@ def placed_result(layout: Layout, writer, reader) -> dict:
 
 
 def write_index(out: Path, results: dict[str, dict]) -> None:
-    """model.safetensors.index.json for the tensors the units wrote, as save_pretrained writes it."""
+    """model.safetensors.index.json for the tensors the units wrote, as save_pretrained writes it
+    (not for a single file: save_pretrained writes model.safetensors alone)."""
     tensors = {n: t for r in results.values() for n, t in r["tensors"].items()}
+    if len({t["file"] for t in tensors.values()}) <= 1:
+        return
     index = {"metadata": {"total_size": sum(t["end"] - t["begin"] for t in tensors.values())}, "weight_map": {n: tensors[n]["file"] for n in sorted(tensors)}}
     (out / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")

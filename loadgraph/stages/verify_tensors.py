@@ -145,6 +145,9 @@ def run_quantize_item(name: str, source_art: Artifact, quantized: Artifact, para
     tp = plan.tensors[name]
     value = read(source_art, name, device).to(tp.dtype)
     out = {mem: read(quantized, disk, device) for mem, disk in tp.rename.items() if disk in quantized.tensors}
+    if tp.kind != "keep" and settings["method"] in ("bnb-nf4", "bnb-fp4"):
+        # 4-bit codes packed into a float storage dtype (FSDP QLoRA) are bytes, not numbers: no finiteness.
+        out[tp.memory_name] = out[tp.memory_name].contiguous().view(torch.uint8)
     finite = sum(check_finite(tp.rename[mem], t) for mem, t in out.items())
     if tp.kind == "keep":
         check_kept(tp.rename[tp.memory_name], value, out[tp.memory_name])

@@ -229,7 +229,8 @@ def test_pickled_adapter_that_runs_code_never_runs(workload, tmp_path):
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("revision", [None, "main", "v1.0", "abc123"])
-def test_trust_remote_code_needs_a_pinned_commit(revision, models, tmp_path):
-    source = {"model": str(models("llama")), "trust_remote_code": True, **({"revision": revision} if revision else {})}
-    _refused(tmp_path, {"source": source, "export": {"path": str(tmp_path / "out")}}, "pinned commit")
+@pytest.mark.parametrize("revision", ["main", "v1.0", "abc123", "0" * 40])
+def test_a_revision_on_a_local_directory_is_refused(revision, models, tmp_path):
+    # A made-up commit on a local path would pin nothing: refused, naming the field.
+    source = {"model": str(models("llama")), "trust_remote_code": True, "revision": revision}
+    _refused(tmp_path, {"source": source, "export": {"path": str(tmp_path / "out")}}, "source.revision")

@@ -1,0 +1,107 @@
+"""`make peer-check`: real `llamafactory-cli export` against `loadgraph build`, same YAMLs, same fixtures.
+
+Each case is a LLaMA-Factory export YAML (LLaMA-Factory's merge_lora examples, on tiny fixtures;
+plus a variant with infer_dtype bfloat16). Both tools export it; the two directories are
+compared byte for byte: file names, every tensor's bytes, config.json's dtype, the tokenizer
+files, the Modelfile. `transformers_version` (each tool's own transformers) and loadgraph's
+manifest.json are the only differences ignored. Prints one line per difference and the counts;
+exits 1 when anything differs.
+
+  python tests/peers/lf_export_check.py LLAMAFACTORY_CLI WORKDIR
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from lf_examples import EXAMPLES, Fixtures, rewrite  # noqa: E402
+
+IGNORED_FILES = {"manifest.json"}
+CASES = {
+    "merge_lora/qwen3_lora_sft": ({}, None),
+    "merge_lora/qwen3_full_sft": ({}, None),
+    "merge_lora/qwen3_lora_sft+bf16": ({"infer_dtype": "bfloat16"}, "merge_lora/qwen3_lora_sft"),
+    # A Llama base under the llama3 template (bos in its slots, two stop words) and a system prompt.
+    "merge_lora/qwen3_lora_sft+llama3": ({"template": "llama3", "default_system": "You are terse.", "kind": "llama"}, "merge_lora/qwen3_lora_sft"),
+}
+
+
+def _without_version(path: Path) -> bytes:
+    """The file's bytes less its transformers_version line (each tool records its own transformers)."""
+    return b"".join(line for line in path.read_bytes().splitlines(keepends=True) if b'"transformers_version"' not in line)
+
+
+def compare(lf: Path, lg: Path) -> tuple[list[str], int, int]:
+    from safetensors import safe_open
+
+    diffs: list[str] = []
+    lf_files = {p.name for p in lf.iterdir()}
+    lg_files = {p.name for p in lg.iterdir()} - IGNORED_FILES
+    if lf_files != lg_files:
+        diffs.append(f"file names: only LLaMA-Factory {sorted(lf_files - lg_files)}, only loadgraph {sorted(lg_files - lf_files)}")
+    tensors = 0
+    lf_t = {k: (f, k) for f in sorted(lf.glob("*.safetensors")) for k in safe_open(str(f), "pt").keys()}
+    lg_t = {k: (f, k) for f in sorted(lg.glob("*.safetensors")) for k in safe_open(str(f), "pt").keys()}
+    if set(lf_t) != set(lg_t):
+        diffs.append(f"tensor names differ: {sorted(set(lf_t) ^ set(lg_t))[:5]}")
+    for name in sorted(set(lf_t) & set(lg_t)):
+        a = safe_open(str(lf_t[name][0]), "pt").get_tensor(name)
+        b = safe_open(str(lg_t[name][0]), "pt").get_tensor(name)
+        tensors += 1
+        if a.dtype != b.dtype or a.shape != b.shape or a.contiguous().view(-1).view(__import__("torch").uint8).tolist() != b.contiguous().view(-1).view(__import__("torch").uint8).tolist():
+            diffs.append(f"tensor {name}: {a.dtype}{tuple(a.shape)} vs {b.dtype}{tuple(b.shape)}, bytes differ")
+    files = 0
+    for rel in sorted(lf_files & lg_files):
+        if rel.endswith(".safetensors"):
+            continue
+        files += 1
+        if _without_version(lf / rel) != _without_version(lg / rel):
+            diffs.append(f"{rel} differs")
+    return diffs, tensors, files
+
+
+def main(cli: str, work: Path) -> int:
+    work.mkdir(parents=True, exist_ok=True)
+    fixtures = Fixtures(work / "fixtures")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "RAY_AUTH_MODE": "disabled"}
+    total = {"tensors": 0, "files": 0, "equal_cases": 0}
+    failed = 0
+    for case, (extra, base) in CASES.items():
+        path = EXAMPLES / f"{base or case}.yaml"
+        case_dir = work / case.replace("/", "_")
+        case_dir.mkdir(parents=True, exist_ok=True)
+        extra = dict(extra)
+        kind = extra.pop("kind", None)
+        doc = {**rewrite(path, fixtures, case_dir), **extra}
+        if kind:
+            doc["model_name_or_path"], doc["adapter_name_or_path"] = str(fixtures.model(kind)), str(fixtures.lora(kind))
+        for tool in ("lf", "lg"):
+            spec = dict(doc, export_dir=str(case_dir / tool))
+            (case_dir / f"{tool}.yaml").write_text(yaml.safe_dump(spec))
+        subprocess.run([cli, "export", str(case_dir / "lf.yaml")], check=True, env=env, capture_output=True)
+        proc = subprocess.run([sys.executable, "-m", "loadgraph.cli", "build", str(case_dir / "lg.yaml"), "--executor", "local",
+                               "--cache", str(work / "cache")], env=env, capture_output=True, text=True)
+        if proc.returncode:
+            print(f"{case}: loadgraph build failed: {proc.stderr.strip().splitlines()[-1:]}")
+            failed += 1
+            continue
+        diffs, tensors, files = compare(case_dir / "lf", case_dir / "lg")
+        total["tensors"] += tensors
+        total["files"] += files
+        total["equal_cases"] += not diffs
+        print(f"{case}: {tensors} tensors, {files} other files compared; {'EQUAL' if not diffs else f'{len(diffs)} difference(s)'}")
+        for d in diffs:
+            print(f"  - {d}")
+        failed += bool(diffs)
+    print(f"peer-check: {total['equal_cases']}/{len(CASES)} exports equal; {total['tensors']} tensors and {total['files']} files compared")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1], Path(sys.argv[2])))
