@@ -23,7 +23,7 @@ from benchmarks.bench_merge import MAKE_ADAPTER, PROJECTIONS
 from benchmarks.compare import SHAPE
 from benchmarks.measure import Measurement, make_checkpoint, measure
 
-SHAPES = {"1b": SHAPE, "7b": dict(hidden_size=4096, num_layers=32, intermediate_size=11008, vocab_size=32000, num_heads=32, num_kv_heads=32, dtype="bfloat16")}
+SHAPES = {"tiny": dict(SHAPE, hidden_size=256, num_layers=2, intermediate_size=512, vocab_size=1024, num_heads=4, num_kv_heads=2), "1b": SHAPE, "7b": dict(hidden_size=4096, num_layers=32, intermediate_size=11008, vocab_size=32000, num_heads=32, num_kv_heads=32, dtype="bfloat16")}
 PEFT_MERGE_NF4 = """
 import sys, torch
 from peft import PeftModel
@@ -73,6 +73,32 @@ def _imports_heavy(cmd: list[str]) -> list[str]:
     return sorted(n for n in ("torch", "transformers") if n in names)
 
 
+def _compare(ours: Path, ref: Path) -> dict:
+    """Tensor by tensor, byte for byte: loadgraph's export against the baseline's."""
+    from safetensors import safe_open
+
+    def tensors(root: Path) -> dict[str, Path]:
+        out = {}
+        for f in sorted(root.glob("*.safetensors")):
+            with safe_open(str(f), "pt") as h:
+                out.update({k: f for k in h.keys()})
+        return out
+
+    a, b = tensors(ours), tensors(ref)
+    equal, first = 0, None
+    for name in sorted(b):
+        if name not in a:
+            first = first or f"{name} missing"
+            continue
+        with safe_open(str(a[name]), "pt") as ha, safe_open(str(b[name]), "pt") as hb:
+            x, y = ha.get_tensor(name), hb.get_tensor(name)
+        if x.dtype == y.dtype and x.shape == y.shape and x.contiguous().view(-1).view(__import__("torch").uint8).equal(y.contiguous().view(-1).view(__import__("torch").uint8)):
+            equal += 1
+        else:
+            first = first or name
+    return {"tensors": len(b), "equal": equal, "extra": sorted(set(a) - set(b))[:5], "first_difference": first}
+
+
 def _stages(report: dict) -> list[dict]:
     return [{"stage": n["stage"], "status": n["status"], "units": n["units_total"], "seconds": round(n["seconds"], 2), "read": n["bytes"],
              "written": n["bytes_written"], "hashed": n.get("bytes_hashed", 0), "timings": n.get("timings", {})}
@@ -99,7 +125,9 @@ def run_job(work: Path, job: str, backend: str, verify: bool, baseline: bool) ->
         if m.returncode != 0:
             raise SystemExit(f"{job}: a benchmark command failed: {m}")
     stages = _stages(built)
+    compared = _compare(work / "lg-out", work / "ref-out") if base else None
     return {
+        "identical": compared,
         "job": job, "backend": backend, "verify": verify, "model_bytes": model_bytes,
         "baseline": base.__dict__ if base else None, "loadgraph_cold": cold.__dict__, "loadgraph_cached": warm.__dict__,
         "plan_first": plan_first.seconds, "plan_again": plan_again.seconds, "cached_imports": _imports_heavy(lg),
@@ -109,15 +137,15 @@ def run_job(work: Path, job: str, backend: str, verify: bool, baseline: bool) ->
 
 
 def _table(rows: list[dict], title: str) -> str:
-    lines = [title, "", "| job | baseline s | loadgraph s | ratio | baseline RSS GiB | loadgraph RSS GiB (all processes) | cached s (imports) | plan s first / again | read x | written x |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [title, "", "| job | baseline s | loadgraph s | ratio | baseline RSS GiB | loadgraph RSS GiB (all processes) | cached s (imports) | plan s first / again | read x | written x | tensors equal to the baseline's |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         b, c, w = r["baseline"], r["loadgraph_cold"], r["loadgraph_cached"]
         ratio = f"{c['seconds'] / b['seconds']:.2f}" if b else "-"
         lines.append(f"| {r['job']} ({r['backend']}) | {b['seconds']:.1f} | {c['seconds']:.1f} | {ratio} | {b['peak_rss_gib']:.2f} | {c['peak_rss_gib']:.2f} | "
                      f"{w['seconds']:.2f} ({', '.join(r['cached_imports']) or 'no torch/transformers'}) | {r['plan_first']:.2f} / {r['plan_again']:.2f} | "
-                     f"{r['read_x']:.2f} | {r['written_x']:.2f} |" if b else f"| {r['job']} | - | {c['seconds']:.1f} | - | - | {c['peak_rss_gib']:.2f} | {w['seconds']:.2f} | "
-                     f"{r['plan_first']:.2f} / {r['plan_again']:.2f} | {r['read_x']:.2f} | {r['written_x']:.2f} |")
+                     f"{r['read_x']:.2f} | {r['written_x']:.2f} | {r['identical']['equal']}/{r['identical']['tensors']} |" if b else f"| {r['job']} | - | {c['seconds']:.1f} | - | - | {c['peak_rss_gib']:.2f} | {w['seconds']:.2f} | "
+                     f"{r['plan_first']:.2f} / {r['plan_again']:.2f} | {r['read_x']:.2f} | {r['written_x']:.2f} | - |")
     lines += ["", "Per stage (cold build; seconds summed over units: wall / read / hash of inputs / hash of outputs / write; GB read / hashed / written):", ""]
     lines += ["| job | stage | units | node s | unit wall | read s | hash s | hash-out s | write s | GB read | GB hashed | GB written |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:

@@ -8,6 +8,7 @@ Layout under the cache root:
   used/<key>            mtime = last use, for least-recently-used eviction
   pins/<name>.json      roots gc keeps (exports, user pins)
   statcache.json        (path, size, mtime, inode) -> digest of source files, so plans don't rehash
+  checks/<digest>       preflight checks passed (node key + library versions), so plans don't redo them
 """
 
 from __future__ import annotations

@@ -52,12 +52,40 @@ class Graph:
     # (node key, check). They import torch/transformers (seconds): `build` shows the plan first.
     checks: list[tuple[str, Callable[[], None]]] = field(default_factory=list)
 
+    # Where passed checks are remembered: a check is a pure function of its node's key (content
+    # addressed) and the versions of the libraries that judge it, so a later plan skips it.
+    memo_dir: Path | None = None
+
     def run_checks(self, keys: set[str] | None = None) -> None:
         """Run (and drop) the pending checks of `keys` (all when None); raises InputError."""
         pending, self.checks = self.checks, []
         for key, check in pending:
             if keys is None or key in keys:
+                memo = self._memo(key, check)
+                if memo is not None and memo.exists():
+                    continue
                 check()
+                if memo is not None:
+                    try:
+                        memo.parent.mkdir(parents=True, exist_ok=True)
+                        memo.touch()
+                    except OSError:
+                        pass  # a read-only cache: the next plan checks again
+
+    def _memo(self, key: str, check: Callable[[], None]) -> Path | None:
+        if self.memo_dir is None:
+            return None
+        import hashlib
+        from importlib.metadata import PackageNotFoundError, version
+
+        versions = []
+        for pkg in ("loadgraph", "transformers", "peft", "bitsandbytes", "safetensors"):
+            try:
+                versions.append(f"{pkg}={version(pkg)}")
+            except PackageNotFoundError:
+                versions.append(f"{pkg}=-")
+        name = getattr(check, "func", check).__name__
+        return self.memo_dir / hashlib.sha256(f"{key}:{name}:{','.join(versions)}".encode()).hexdigest()
 
     def add(self, stage: str, params: dict, inputs: dict[str, str], label: str, runtime: dict | None = None) -> Node:
         key = node_key(stage, stage_version(stage), params, inputs)
@@ -71,7 +99,7 @@ class Graph:
 
 def compile_specs(specs: list[BuildSpec], cache: Cache, defer_checks: bool = False) -> Graph:
     """With `defer_checks` the slow preflight checks stay in `graph.checks` for the runner."""
-    graph = Graph()
+    graph = Graph(memo_dir=cache.root / "checks")
     for spec in specs:
         graph.targets.append(_compile_target(graph, spec, cache))
     if not defer_checks:

@@ -85,7 +85,7 @@ class ExportStage(Stage):
             shared = {"shared": True} if linked and meta.get("shared") else {}
             record = {k: v for k, v in meta.items() if k not in ("shared", "mtime_ns")}
             digests = {n: t["blake3"] for n, t in src.tensors.items() if t["file"] == whole and "blake3" in t}
-            return {"files": {rel: {**record, **shared}}, "tensors": shard_table(out / rel, rel, digests), "bytes": 0}
+            return {"files": {rel: {**record, **shared}}, "tensors": shard_table(out / rel, rel, digests), "bytes": 0, "written": 0 if linked else meta["size"]}
         layout = self._layout(ctx)
         reader = ArtifactReader(src, trusted="model" in ctx.trusted)
         writer = PlacedWriter(ctx.staging, layout, ctx.progress, unit.nbytes)

@@ -177,7 +177,8 @@ class FetchStage(Stage):
             _check_unchanged(src, value, expected)
         # "shared": the cache file is the user's own inode; nothing may chmod it or link it into an export.
         meta.update({"shared": True} if linked else {})
-        return {"files": {rel: meta}, "bytes": meta["size"], "tensor_digests": {rel: tensors} if tensors else {}}
+        moved = 0 if linked else meta["size"]  # a hardlink reads and writes nothing
+        return {"files": {rel: meta}, "bytes": moved, "written": moved, "tensor_digests": {rel: tensors} if tensors else {}}
 
     def finalize(self, ctx: NodeContext, results: dict[str, dict], out: Path) -> dict:
         if PICKLE_INDEX in ctx.params["files"]:

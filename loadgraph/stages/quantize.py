@@ -68,12 +68,18 @@ def resolve_backend(requested: str) -> str:
     import glob
 
     # No GPU device node (NVIDIA, or ROCm's kfd), no CUDA for torch either: answer without
-    # importing torch (a second on a small machine), so that the plan shows at once.
+    # importing torch (seconds), so that the plan shows at once.
     if not glob.glob("/dev/nvidia[0-9]*") and not glob.glob("/dev/kfd"):
         return "cpu"
-    import torch
+    # A device node and a torch built with its GPU runtime: answered from torch's files, still
+    # without importing it (a cached build must not pay for torch).
+    from importlib.util import find_spec
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    spec = find_spec("torch")
+    if spec is None or not spec.origin:
+        return "cpu"
+    lib = Path(spec.origin).parent / "lib"
+    return "cuda" if any(lib.glob("libtorch_cuda*.so")) or any(lib.glob("libtorch_hip*.so")) else "cpu"
 
 
 class QuantizeStage(Stage):
