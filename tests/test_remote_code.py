@@ -52,7 +52,7 @@ def test_local_custom_code_is_pinned_by_digest(models, tmp_path):
     assert build.returncode == 0, build.stderr
     manifest = json.loads((tmp_path / "cache" / "objects" / key / "manifest.json").read_text())
     assert set(manifest["params"]["code"]) == {"modeling_acme.py"}
-    assert manifest["files"]["modeling_acme.py"]["sha256"] == manifest["params"]["code"]["modeling_acme.py"]
+    assert manifest["files"]["modeling_acme.py"]["blake3"] == manifest["params"]["code"]["modeling_acme.py"]
     (src / "modeling_acme.py").write_text(CODE + "\nEVIL = True\n")
     assert json.loads(_plan(tmp_path, source).stdout)["nodes"][0]["key"] != key  # other code, other key
     # Without trust the same directory is a plain llama (model_type known): no code in the key.
