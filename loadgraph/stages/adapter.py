@@ -27,7 +27,7 @@ from loadgraph.stages.export import set_config_dtype
 from loadgraph.stages.fetch import locate
 from loadgraph.stages.inspect import link_or_copy
 from loadgraph.stages.placed import output_layout, placed_result, placed_units, shard_bytes, write_index
-from loadgraph.stages.tensor_io import ArtifactReader
+from loadgraph.stages.tensor_io import PINNED, ArtifactReader, grow_pinned
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
 
@@ -188,18 +188,22 @@ class MergeStage(Stage):
                 if name not in touched and p.dtype == t["dtype"]:
                     writer.copy(name, reader.chunks(name, writer.buffer()))
                     continue
+                out_dtype = getattr(torch, DTYPES[p.dtype][1])
+                merged = any(name in plan.ops for _, plan in plans)
+                # The QLoRA round trip stays on the CPU (bitsandbytes' CUDA bytes differ from its CPU
+                # ones), and so does DoRA (its norm reduces in another order on the GPU).
+                roundtrip = ctx.params.get("base_roundtrip") == "nf4" and any(_lora_target(plan, name) for _, plan in plans)
+                if merged and device == "cuda" and not roundtrip and not any(_uses_dora(plan, name) for _, plan in plans):
+                    _merge_on_gpu(name, t, p.nbytes, out_dtype, plans, reader, writer)
+                    continue
                 # PEFT merges into a base already loaded in the spec's dtype: cast first.
-                tensor = reader.read(name).to(getattr(torch, DTYPES[p.dtype][1]))
-                if any(name in plan.ops for _, plan in plans):
-                    # The QLoRA round trip stays on the CPU: bitsandbytes' CUDA bytes differ from its CPU ones.
-                    if ctx.params.get("base_roundtrip") == "nf4" and any(_lora_target(plan, name) for _, plan in plans):
+                tensor = reader.read(name).to(out_dtype)
+                if merged:
+                    if roundtrip:
                         tensor = nf4_roundtrip(tensor)
-                    dev = "cpu" if any(_uses_dora(plan, name) for _, plan in plans) else device
-                    tensor = tensor.to(dev, non_blocking=True)
                     for adapter, plan in plans:
                         if name in plan.ops:
-                            tensor = merge_shard(plan, {name: tensor}, adapter_tensors(adapter, dev))[name]
-                    tensor = tensor.cpu()
+                            tensor = merge_shard(plan, {name: tensor}, adapter_tensors(adapter, "cpu"))[name]
                 writer.write_tensor(name, tensor)
             writer.close()
         except BaseException:
@@ -211,6 +215,26 @@ class MergeStage(Stage):
         copy_aux(ctx.input(), out, ctx.params["dtype"])
         write_index(out, results)
         return {"merged_adapters": [str(p) for p in self._adapter_dirs(ctx)]}
+
+
+def _merge_on_gpu(name: str, t: dict, out_bytes: int, out_dtype, plans, reader: ArtifactReader, writer: PlacedWriter) -> None:
+    """Read into pinned memory, merge on the GPU (the same float32 arithmetic as PEFT's CPU merge,
+    bit-identical: tests/device), copy back into pinned memory and write it before the pair is
+    handed to the next tensor."""
+
+    from loadgraph.formats.lora import merge_shard
+
+    with PINNED.pair() as bufs:
+        bufs[0] = grow_pinned(bufs[0], t["end"] - t["begin"])
+        bufs[1] = grow_pinned(bufs[1], out_bytes)
+        tensor = reader.read(name, into=bufs[0]).to("cuda").to(out_dtype)
+        for adapter, plan in plans:
+            if name in plan.ops:
+                tensor = merge_shard(plan, {name: tensor}, adapter_tensors(adapter, "cuda"))[name]
+        host = bufs[1][:out_bytes].view(out_dtype).view(tensor.shape)
+        host.copy_(tensor)  # synchronous: the pinned pair is reused as soon as the write is done
+        writer.write_tensor(name, host)
+        writer.drain()
 
 
 def _uses_dora(plan, name: str) -> bool:

@@ -20,16 +20,7 @@ from loadgraph.pipeline.stage import NodeContext, Stage, Unit
 from loadgraph.spec import QuantizeSpec
 from loadgraph.stages.export import ST_METADATA, shard_table
 from loadgraph.stages.placed import unit_bytes
-from loadgraph.stages.tensor_io import ArtifactReader
-
-
-def _pinned(buf, nbytes: int):
-    """A page-locked staging buffer of at least `nbytes`, grown (never shrunk) as tensors need."""
-    import torch
-
-    if buf is None or buf.numel() < nbytes:
-        buf = torch.empty(max(nbytes, 1), dtype=torch.uint8, pin_memory=True)
-    return buf
+from loadgraph.stages.tensor_io import ArtifactReader, grow_pinned
 
 
 def settings_params(q: QuantizeSpec, dtype: str) -> dict:
@@ -134,7 +125,7 @@ class QuantizeStage(Stage):
                 kept[tp.rename[tp.memory_name]] = (name, t, st_dtype(torch.empty(0, dtype=tp.dtype)))
                 continue
             if backend == "cuda":  # pinned staging: the host-to-device copy runs at full speed
-                staging = _pinned(staging, t["end"] - t["begin"])
+                staging = grow_pinned(staging, t["end"] - t["begin"])
             tensor = reader.read(name, into=staging)
             quantized.update(plan.convert(name, tensor, device=backend))
         planned = [PlannedTensor(n, st_dtype(v), tuple(v.shape)) for n, v in quantized.items()]

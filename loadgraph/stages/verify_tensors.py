@@ -21,7 +21,7 @@ import torch
 from loadgraph.errors import BuildError
 from loadgraph.formats.safetensors import DTYPES, FLOAT_DTYPES
 from loadgraph.pipeline.cache import Artifact
-from loadgraph.stages.tensor_io import ArtifactReader
+from loadgraph.stages.tensor_io import ArtifactReader, grow_pinned
 from loadgraph.stages.verify_numerics import bitwise_equal
 
 QUANT_LABEL = {"bnb-nf4": "nf4", "bnb-fp4": "fp4", "bnb-int8": "int8", "fp8": "fp8"}
@@ -48,10 +48,8 @@ _staging = threading.local()
 
 def _pinned(nbytes: int) -> torch.Tensor:
     """This thread's pinned buffer, grown to the largest tensor read so far."""
-    buf = getattr(_staging, "buf", None)
-    if buf is None or buf.numel() < nbytes:
-        buf = _staging.buf = torch.empty(max(nbytes, 64 * 2**20), dtype=torch.uint8, pin_memory=True)
-    return buf
+    _staging.buf = grow_pinned(getattr(_staging, "buf", None), nbytes, least=64 * 2**20)
+    return _staging.buf
 
 
 def check_finite(name: str, tensor: torch.Tensor) -> int:
