@@ -221,7 +221,6 @@ def _merge_on_gpu(name: str, t: dict, out_bytes: int, out_dtype, plans, reader: 
     """Read into pinned memory, merge on the GPU (the same float32 arithmetic as PEFT's CPU merge,
     bit-identical: tests/device), copy back into pinned memory and write it before the pair is
     handed to the next tensor."""
-
     from loadgraph.formats.lora import merge_shard
 
     with PINNED.pair() as bufs:
