@@ -126,12 +126,9 @@ def _compile_target(graph: Graph, spec: BuildSpec, cache: Cache) -> Target:
     stages: dict[str, Node] = {}  # the transforming nodes verify checks: merge, quantize, export
     if merged:
         params = {"scales": [a.scale for a, _ in merged], "dtype": spec.dtype, "allow_pickle": spec.source.allow_pickle,
-                  "base_roundtrip": spec.merge.base_roundtrip}
+                  "base_roundtrip": spec.merge.base_roundtrip, **({"backend": "cuda"} if spec.merge.backend == "cuda" else {})}
         inputs = {"model": current.key, **{f"adapter{i}": n.key for i, (_, n) in enumerate(merged)}}
-        from loadgraph.stages.quantize import resolve_backend
-
-        current = stages["merge"] = graph.add("merge", params, inputs, f"{spec.name}: merge {len(merged)} adapter(s)",
-                                              {"merge_device": resolve_backend("auto")})
+        current = stages["merge"] = graph.add("merge", params, inputs, f"{spec.name}: merge {len(merged)} adapter(s)")
         cast_done = True
         if cache.get(current.key) is None and checked_dir:
             graph.checks.append((current.key, partial(_preflight_adapters, checked_dir, [n for _, n in merged], [a.scale for a, _ in merged], spec.source.allow_pickle)))

@@ -131,13 +131,8 @@ def cast_target(src_dtype: str, dtype: str) -> str:
 
 
 def merge_device(ctx: NodeContext) -> str:
-    """Where the arithmetic runs: the GPU when the compile found one (runtime, not key: the GPU
-    merge is bit-identical to PEFT's CPU merge, proven by tests/device), except DoRA's norm."""
-    if ctx.runtime.get("merge_device") != "cuda":
-        return "cpu"
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    """`merge.backend` (in the key: the GPU's products round differently from PEFT's CPU ones)."""
+    return ctx.params.get("backend", "cpu")
 
 
 _ADAPTER_TENSORS: dict[tuple[str, str], dict] = {}
@@ -167,7 +162,7 @@ class MergeStage(Stage):
         return _layout(str(ctx.input().path), dtype, shard_bytes(ctx), planned)
 
     def units(self, ctx: NodeContext) -> list[Unit]:
-        return placed_units(self.layout(ctx), gpu=ctx.runtime.get("merge_device") == "cuda")
+        return placed_units(self.layout(ctx), gpu=merge_device(ctx) == "cuda")
 
     def run_unit(self, ctx: NodeContext, unit: Unit, out: Path) -> dict:
         import torch
@@ -218,9 +213,9 @@ class MergeStage(Stage):
 
 
 def _merge_on_gpu(name: str, t: dict, out_bytes: int, out_dtype, plans, reader: ArtifactReader, writer: PlacedWriter) -> None:
-    """Read into pinned memory, merge on the GPU (the same float32 arithmetic as PEFT's CPU merge,
-    bit-identical: tests/device), copy back into pinned memory and write it before the pair is
-    handed to the next tensor."""
+    """Read into pinned memory, merge on the GPU (PEFT's float32 arithmetic; cuBLAS rounds its
+    products differently, hence the backend in the key), copy back into pinned memory and write
+    it before the pair is handed to the next tensor."""
     from loadgraph.formats.lora import merge_shard
 
     with PINNED.pair() as bufs:
