@@ -19,6 +19,11 @@ from pathlib import Path
 
 import yaml
 
+# Chaos runs on tiny models: units of ~30 KB of tensors give builds of many units, so kill points
+# land in every stage; one unit at a time in-process, so a kill point names the same unit every run.
+os.environ.setdefault("LOADGRAPH_UNIT_BYTES", "30000")
+os.environ.setdefault("LOADGRAPH_LOCAL_WORKERS", "1")
+
 SEED = 20261123
 PRELOAD = [
     "torch",
