@@ -58,17 +58,24 @@ class Layout:
     order: tuple[str, ...] = ()  # the planned (checkpoint) order: the manifest keeps it, exports pack by it
 
 
-def pack(tensors: Iterable[PlannedTensor], max_bytes: int) -> list[list[PlannedTensor]]:
-    """Greedy packing in checkpoint order, as huggingface_hub's splitter does."""
-    shards: list[list[PlannedTensor]] = [[]]
+def group_by_bytes(items: Iterable, nbytes: Callable, limit: int) -> list[list]:
+    """Consecutive items in groups of at most `limit` bytes (an item bigger than that is a group
+    alone): huggingface_hub's greedy shard splitter, and the unit sizing."""
+    groups: list[list] = [[]]
     size = 0
-    for t in tensors:
-        if shards[-1] and size + t.nbytes > max_bytes:
-            shards.append([])
+    for item in items:
+        n = nbytes(item)
+        if groups[-1] and size + n > limit:
+            groups.append([])
             size = 0
-        shards[-1].append(t)
-        size += t.nbytes
-    return shards
+        groups[-1].append(item)
+        size += n
+    return [g for g in groups if g] or [[]]
+
+
+def pack(tensors: Iterable[PlannedTensor], max_bytes: int) -> list[list[PlannedTensor]]:
+    """Shards in checkpoint order, as huggingface_hub's splitter packs them."""
+    return group_by_bytes(tensors, lambda t: t.nbytes, max_bytes)
 
 
 def plan_layout(groups: list[list[PlannedTensor]], names: list[str], metadata: Mapping[str, str] | None) -> Layout:
@@ -89,15 +96,7 @@ def plan_layout(groups: list[list[PlannedTensor]], names: list[str], metadata: M
 
 def unit_groups(layout: Layout, unit_bytes: int) -> list[list[str]]:
     """Consecutive tensors (file order) in groups of about `unit_bytes`; a big tensor is a group alone."""
-    groups: list[list[str]] = [[]]
-    size = 0
-    for name, t in layout.tensors.items():
-        if groups[-1] and size + t.nbytes > unit_bytes:
-            groups.append([])
-            size = 0
-        groups[-1].append(name)
-        size += t.nbytes
-    return [g for g in groups if g]
+    return [g for g in group_by_bytes(layout.tensors, lambda n: layout.tensors[n].nbytes, unit_bytes) if g]
 
 
 def prepare_files(root: Path, layout: Layout) -> dict[str, str]:

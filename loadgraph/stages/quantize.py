@@ -15,6 +15,7 @@ from pathlib import Path
 
 from loadgraph.formats.checkpoint import INDEX_NAME
 from loadgraph.formats.digest import tree_record
+from loadgraph.formats.layout import group_by_bytes
 from loadgraph.formats.safetensors import PlannedTensor, ShardWriter, st_dtype
 from loadgraph.pipeline.stage import NodeContext, Stage, Unit
 from loadgraph.spec import QuantizeSpec
@@ -81,17 +82,9 @@ class QuantizeStage(Stage):
         """Tensor groups of about UNIT_BYTES (checkpoint order), each written as its own part file:
         bitsandbytes' quant-state tensors hold data-dependent JSON, so the final offsets are not
         known before the weights are quantized."""
-        groups: list[list[str]] = [[]]
-        size, limit = 0, unit_bytes()
-        for name, t in ctx.input().tensors.items():
-            nbytes = t["end"] - t["begin"]
-            if groups[-1] and size + nbytes > limit:
-                groups.append([])
-                size = 0
-            groups[-1].append(name)
-            size += nbytes
-        gpu = ctx.params["backend"] == "cuda"
         tensors = ctx.input().tensors
+        groups = group_by_bytes(tensors, lambda name: tensors[name]["end"] - tensors[name]["begin"], unit_bytes())
+        gpu = ctx.params["backend"] == "cuda"
         n = len(groups)
         return [Unit(id=f"part-{i:05d}", payload={"file": f"part-{i:05d}-of-{n:05d}.safetensors", "tensors": names},
                      nbytes=sum(tensors[x]["end"] - tensors[x]["begin"] for x in names), gpu=gpu)
