@@ -110,7 +110,12 @@ def prepare_files(root: Path, layout: Layout) -> dict[str, str]:
         try:
             if os.fstat(fd).st_size != layout.sizes[rel] or os.pread(fd, len(header), 0) != header:
                 os.ftruncate(fd, 0)
-                os.ftruncate(fd, layout.sizes[rel])  # sparse until the units fill it
+                try:
+                    # Allocated up front: pwrite into a sparse file's holes ran at ~150 MB/s on ext4
+                    # here, into allocated (unwritten) extents at ~5 GB/s.
+                    os.posix_fallocate(fd, 0, layout.sizes[rel])
+                except OSError:
+                    os.ftruncate(fd, layout.sizes[rel])  # a filesystem without fallocate: sparse
                 os.pwrite(fd, header, 0)
         finally:
             os.close(fd)

@@ -46,13 +46,13 @@ class LocalExecutor:
             return
         # The first unit runs alone: it does the node's imports (transformers' lazy modules and
         # PEFT's import are not thread-safe) and fills the per-process plan caches the others reuse.
-        first, units = units[0], units[1:]
-        on_result(first, run(first))
         torch = sys.modules.get("torch")
-        threads = torch.get_num_threads() if torch else None
+        threads = torch.get_num_threads() if torch else cores  # torch's own default, if a unit imports it
         pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="unit")
         pending: dict[Future, Unit] = {}
         try:
+            first, units = units[0], units[1:]
+            on_result(first, run(first))
             queue = list(units)
             while queue or pending:
                 while queue and len(pending) < workers:
@@ -66,7 +66,10 @@ class LocalExecutor:
             for future in pending:
                 future.cancel()
             pool.shutdown(wait=True)  # running units finish (or fail) before the error surfaces
-            if torch and threads:
+            # Back to the thread count the next node's kernels expect: bitsandbytes' CPU bytes
+            # depend on it (its reductions), and transformers runs with torch's default.
+            torch = sys.modules.get("torch")
+            if getattr(torch, "set_num_threads", None) is not None:
                 torch.set_num_threads(threads)
 
     def close(self) -> None:
