@@ -159,7 +159,7 @@ class MergeStage(Stage):
     def layout(self, ctx: NodeContext):
         tensors, dtype = ctx.input().tensors, ctx.params["dtype"]
         planned = [PlannedTensor(n, cast_target(t["dtype"], dtype), tuple(t["shape"])) for n, t in tensors.items()]
-        return _layout(str(ctx.input().path), dtype, shard_bytes(ctx), planned)
+        return _layout(shard_bytes(ctx), tuple(planned))
 
     def units(self, ctx: NodeContext) -> list[Unit]:
         return placed_units(self.layout(ctx), gpu=merge_device(ctx) == "cuda")
@@ -237,13 +237,9 @@ def _uses_dora(plan, name: str) -> bool:
 
 
 @functools.lru_cache(maxsize=8)
-def _layout_cached(artifact: str, dtype: str, shard: int, planned: tuple):
+def _layout(shard: int, planned: tuple[PlannedTensor, ...]):
+    """Once per process and output plan, so a unit does not re-plan a 70B's headers."""
     return output_layout(list(planned), shard)
-
-
-def _layout(artifact: str, dtype: str, shard: int, planned: list[PlannedTensor]):
-    """Once per process and artifact (immutable), so units do not re-plan a 70B's headers."""
-    return _layout_cached(artifact, dtype, shard, tuple(planned))
 
 
 def copy_aux(src, out: Path, dtype: str) -> None:
