@@ -29,7 +29,7 @@ from loadgraph.pipeline.runner import NullReporter, build
 from loadgraph.pipeline.stage import get_stage
 from loadgraph.pipeline.units import node_context
 from loadgraph.progress import RichReporter
-from loadgraph.spec import parse_spec
+from loadgraph.spec import load_spec_file, parse_spec
 
 
 @pytest.fixture(autouse=True)
@@ -359,3 +359,27 @@ def test_a_request_no_node_type_can_hold_fails_in_seconds_naming_it_fixed_or_aut
     finally:
         _internal_kv_del(key, namespace=namespace)
     assert ray.is_initialized()
+
+
+def test_independent_nodes_of_a_matrix_run_at_the_same_time(ray_cluster, models, tmp_path, monkeypatch):
+    from loadgraph.testing import make_lora_adapter
+
+    monkeypatch.setenv("LOADGRAPH_UNIT_BYTES", str(2**29))  # one unit per node: the nodes, not the units, must overlap
+    base = models("llama")
+    adapters = [make_lora_adapter(base, tmp_path / f"lora-{i}", r=4, seed=i) for i in range(2)]
+    spec = write_spec(tmp_path / "m.yaml", {"targets": [
+        {"name": f"t{i}", "source": {"model": str(base)}, "adapters": [{"path": str(a)}], "verify": False, "export": {"path": str(tmp_path / f"out{i}")}}
+        for i, a in enumerate(adapters)]})
+    cache = Cache(tmp_path / "cache")
+    fault = {"env_vars": {"LOADGRAPH_FAULT": "slow-units:1"}}
+    graph = compile_specs(load_spec_file(spec), cache)
+    report = build(graph, cache, lambda: RayExecutor(runtime_env=fault))
+    merges = [n for n in report.nodes if n.stage == "merge"]
+    exports = [n for n in report.nodes if n.stage == "export"]
+    assert report.ok and len(merges) == 2 and len(exports) == 2
+    (a, b) = merges
+    assert a.started < b.ended and b.started < a.ended, "the two targets' merges ran one after the other"
+    ran = {n.key: n for n in report.nodes}
+    for node in graph.nodes.values():  # and still every node after the nodes it reads
+        for key in node.inputs.values():
+            assert ran[key].status == "built" and ran[key].ended <= ran[node.key].started

@@ -23,8 +23,9 @@ from loadgraph.pipeline.executors.base import Executor
 from loadgraph.pipeline.graph import Graph, Node
 from loadgraph.pipeline.integrity import Verifier, damaged_files, record_files
 from loadgraph.pipeline.leases import BuildLease, claim_exports
-from loadgraph.pipeline.publish import check_destination, is_remote, publish_export
 from loadgraph.pipeline.plan import NOT_NEEDED, PlanRow, cached_keys, needed_keys, node_status, plan_rows  # noqa: F401 - node_status: public here too
+from loadgraph.pipeline.publish import check_destination, is_remote, publish_export
+from loadgraph.pipeline.schedule import SerialReporter, run_when_ready
 from loadgraph.pipeline.stage import Unit, get_stage, stage_version
 from loadgraph.pipeline.units import node_context
 
@@ -44,6 +45,8 @@ class NodeReport:
     timings: dict = field(default_factory=dict)  # seconds summed over its units: wall, read, hash, hash_out, write
     details: dict = field(default_factory=dict)  # e.g. verify's figures, from the manifest
     units: list[dict] = field(default_factory=list)  # per unit: id, reused, and where it ran (node id, ip, host)
+    started: float = 0.0  # wall clock (epoch s) when the node began building: nodes may overlap
+    ended: float = 0.0
 
 
 @dataclass
@@ -158,25 +161,42 @@ def _build_graph(graph: Graph, cache: Cache, executor_factory, reporter: Reporte
         report.executor = holder[0].name
     cached = cached_keys(graph, cache)
     needed = needed_keys(graph, cached)
-    built: set[str] = set()  # nodes this build produced: their digests were computed as they were written
+    reports: dict[str, NodeReport] = {}
+    todo: list[Node] = []
     for node in graph.nodes.values():
         art = cache.get(node.key) if node.key in cached else None
-        if art is not None or node.key not in needed:
-            if art is not None:
-                try:
-                    cache.touch(node.key)
-                except OSError:
-                    pass  # a read-only cache serves its entries without recording their use
-            nr = NodeReport(node.key, node.stage, node.labels, "cached" if art is not None else NOT_NEEDED)
-            reporter.node_finished(node, nr)
-        else:
-            if not holder:
-                reporter.phase(f"starting {getattr(executor_factory, 'label', 'the executor')}")
-                holder.append(executor_factory())
-                report.executor = holder[0].name
-            nr = _build_node(node, cache, holder[0], reporter, verifier, lease, built_for(graph, node), built)
+        if art is None and node.key in needed:
+            todo.append(node)
+            continue
+        if art is not None:
+            try:
+                cache.touch(node.key)
+            except OSError:
+                pass  # a read-only cache serves its entries without recording their use
+        reports[node.key] = NodeReport(node.key, node.stage, node.labels, "cached" if art is not None else NOT_NEEDED)
+        reporter.node_finished(node, reports[node.key])
+    if todo and not holder:
+        reporter.phase(f"starting {getattr(executor_factory, 'label', 'the executor')}")
+        holder.append(executor_factory())
+        report.executor = holder[0].name
+    if todo:
+        executor = holder[0]
+        concurrency = getattr(executor, "node_concurrency", 1)
+        shown = SerialReporter(reporter) if concurrency > 1 else reporter
+        built: set[str] = set()  # nodes this build produced: their digests were computed as they were written
+
+        def build_one(node: Node) -> NodeReport:
+            nr = _build_node(node, cache, executor, shown, verifier, lease, built_for(graph, node), frozenset(built))
             built.add(node.key)
-        final = art if art is not None else cache.get(node.key)
+            return nr
+
+        try:
+            reports.update(run_when_ready(todo, build_one, concurrency, getattr(executor, "abort", lambda: None)))
+        finally:
+            getattr(executor, "resume", lambda: None)()  # a restart after a corrupt input runs again
+    for node in graph.nodes.values():
+        nr = reports[node.key]
+        final = cache.get(node.key)
         if final is not None:
             nr.details = {k: v for k, v in final.manifest.items() if k in ("verify", "quantization")}
         report.nodes.append(nr)
@@ -224,7 +244,7 @@ def built_for(graph: Graph, node: Node) -> dict:
 
 def _build_node(node: Node, cache: Cache, executor: Executor, reporter: Reporter, verifier: Verifier, lease: BuildLease,
                 origin: dict | None = None, built: set[str] | frozenset = frozenset()) -> NodeReport:
-    t0 = time.perf_counter()
+    t0, began = time.perf_counter(), time.time()
     with cache.lock(node.key):
         art = cache.get(node.key)
         if art is not None:  # another builder finished it while we waited for the lock
@@ -288,6 +308,8 @@ def _build_node(node: Node, cache: Cache, executor: Executor, reporter: Reporter
         bytes_hashed=sum(r.get("hashed", 0) for r in fresh),
         timings=_sum_timings(fresh),
         units=[{"id": u.id, "reused": bool(results[u.id].get("reused")), "ran_on": results[u.id].get("ran_on")} for u in units],
+        started=began,
+        ended=time.time(),
     )
     reporter.node_finished(node, nr)
     return nr

@@ -53,6 +53,8 @@ CANCEL_GRACE_S = 10.0
 # the autoscaler may add) can hold any more fails the build instead of waiting forever.
 FEASIBILITY_CHECK_S = 3.0
 NODE_LABEL = "ray.io/node-id"
+# Nodes of one build in flight at once (driver threads that wait on Ray; the tasks do the work).
+NODE_CONCURRENCY_ENV = "LOADGRAPH_RAY_NODES"
 
 
 def _inject_fault(unit_id: str) -> None:
@@ -193,7 +195,12 @@ class RayExecutor:
         self.has_gpus = any(n.gpus for n in self.nodes)
         self.driver_node = this_node_id()
         cpus = int(sum(n.resources.get("CPU", 0) for n in self.nodes))
-        self._cpus_per_unit = {False: 1, True: 1}  # by "wants a GPU", set per node in run_units
+        self._cpus_per_unit = {False: 1, True: 1}  # by "wants a GPU": the last node's sizing
+        self.node_concurrency = max(1, int(os.environ.get(NODE_CONCURRENCY_ENV, 0)) or 16)
+        # Units of all the nodes now running, by "wants a GPU": concurrent nodes share the CPUs.
+        self._demand = {False: 0, True: 0}
+        self._demand_lock = threading.Lock()
+        self._stop = threading.Event()  # set when another node of the build failed
         self.max_in_flight = max_in_flight or max(2, 2 * (cpus + int(sum(n.gpus for n in self.nodes))))
         self.runtime_env = runtime_env
         self._task = ray.remote(max_retries=MAX_RETRIES, retry_exceptions=[OSError])(_remote_execute)
@@ -212,23 +219,41 @@ class RayExecutor:
         """The shapes a unit can land on: alive nodes that see the cache, and autoscaler groups."""
         return alive_types(self.usable_nodes()) + autoscaler_types()
 
-    def _size_units(self, units: list[Unit]) -> None:
+    def _size_units(self, units: list[Unit]) -> dict[bool, int]:
         """Few big units (5 GB shards) would each get one core of a many-core node: give each a
-        fair share of the CPUs of the nodes that can run it, so torch's kernels run multi-threaded."""
+        fair share of the CPUs of the nodes that can run it, so torch's kernels run multi-threaded.
+        The share counts the units of every node now running, so concurrent nodes do not each
+        ask for the whole cluster and then run one after the other."""
         types = self.node_types()
+        sizes = {}
         for gpu in (False, True):
-            mine = [u for u in units if self._wants_gpu(u) == gpu]
+            mine = sum(1 for u in units if self._wants_gpu(u) == gpu) + self._demand[gpu]
             cpus = sum(n.resources.get("CPU", 0) for n in self.usable_nodes() if n.gpus >= 1 or not gpu)
-            self._cpus_per_unit[gpu] = cpu_share(types, cpus, len(mine), gpu)
+            sizes[gpu] = cpu_share(types, cpus, mine, gpu)
+        self._cpus_per_unit = sizes
+        return sizes
 
-    def options_for(self, desc: dict, unit: Unit, cache_root: str, types: list[NodeType] | None = None) -> dict:
+    def _add_demand(self, units: list[Unit], sign: int) -> None:
+        with self._demand_lock:
+            for unit in units:
+                self._demand[self._wants_gpu(unit)] += sign
+
+    def abort(self) -> None:
+        """Another node failed: running nodes cancel their units and raise."""
+        self._stop.set()
+
+    def resume(self) -> None:
+        self._stop.clear()
+
+    def options_for(self, desc: dict, unit: Unit, cache_root: str, types: list[NodeType] | None = None,
+                    sizes: dict[bool, int] | None = None) -> dict:
         if len(self.nodes) > 1 and self.driver_node and reads_driver_paths(desc, cache_root):
             # I/O only, and it must run where the files are. Zero CPUs: a Kubernetes head
             # usually has num-cpus=0, and a unit asking for one there would never start.
             opts: dict[str, Any] = {"num_cpus": 0, "scheduling_strategy": pinned_to(self.driver_node)}
         else:
             gpu = self._wants_gpu(unit)
-            cpus = self._cpus_per_unit[gpu]
+            cpus = (sizes or self._cpus_per_unit)[gpu]
             want = max(MIN_MEMORY, int(unit.nbytes * MEMORY_PER_INPUT_BYTE))
             opts = {"num_cpus": cpus, "memory": memory_for(self.node_types() if types is None else types, want, cpus, gpu)}
             if gpu:
@@ -275,16 +300,20 @@ class RayExecutor:
     def run_units(self, cache_root: str, desc: dict, units: list[Unit], on_result: OnResult, on_progress: OnProgress | None = None) -> None:
         ray = self.ray
         identity = self._check_cache(cache_root)
-        self._size_units(units)
+        sizes = self._size_units(units)
         queue = sorted(units, key=lambda u: -u.nbytes)  # biggest first: the slowest unit does not start last
         pending: dict[Any, tuple[Unit, dict]] = {}
         next_check = time.monotonic() + FEASIBILITY_CHECK_S
+        self._add_demand(units, +1)
+        unfinished = list(units)  # their demand is returned as they finish, the rest at the end
         try:
             while queue or pending:
+                if self._stop.is_set():
+                    raise BuildError(f"{desc['stage']} {desc['key'][:12]}: stopped, another node of this build failed")
                 types = self.node_types() if queue else []
                 while queue and len(pending) < self.max_in_flight:
                     unit = queue.pop(0)
-                    opts = self.options_for(desc, unit, cache_root, types)
+                    opts = self.options_for(desc, unit, cache_root, types, sizes)
                     self.check_feasible(f"{desc['stage']} unit {unit.id} ({desc['key'][:12]})", opts, types)
                     ref = self._task.options(**opts).remote(cache_root, identity, desc, unit_dict(unit))
                     pending[ref] = (unit, opts)
@@ -307,11 +336,14 @@ class RayExecutor:
                     if "error" in result:
                         cls = getattr(errors, result["error_class"], BuildError)
                         raise cls(result["error"], result["error_key"]) if "error_key" in result else cls(result["error"])
+                    self._add_demand([unit], -1)
+                    unfinished.remove(unit)
                     on_result(unit, result)
                 if not ready and pending and time.monotonic() > next_check:
                     self._check_waiting(desc, pending)
                     next_check = time.monotonic() + FEASIBILITY_CHECK_S
         finally:
+            self._add_demand(unfinished, -1)
             self._cancel(list(pending))
 
     def run_io(self, fn, items: list) -> list:
