@@ -47,6 +47,7 @@ class NodeReport:
     units: list[dict] = field(default_factory=list)  # per unit: id, reused, and where it ran (node id, ip, host)
     started: float = 0.0  # wall clock (epoch s) when the node began building: nodes may overlap
     ended: float = 0.0
+    inputs: list[str] = field(default_factory=list)  # keys of the nodes it reads: the DAG's edges
 
 
 @dataclass
@@ -196,6 +197,7 @@ def _build_graph(graph: Graph, cache: Cache, executor_factory, reporter: Reporte
             getattr(executor, "resume", lambda: None)()  # a restart after a corrupt input runs again
     for node in graph.nodes.values():
         nr = reports[node.key]
+        nr.inputs = list(node.inputs.values())
         final = cache.get(node.key)
         if final is not None:
             nr.details = {k: v for k, v in final.manifest.items() if k in ("verify", "quantization")}
