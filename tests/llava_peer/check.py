@@ -35,11 +35,61 @@ def ours_name(name: str) -> str:
     return "model.language_model." + name[len("model."):] if name.startswith("model.") else name
 
 
-def ulps(a: torch.Tensor, b: torch.Tensor) -> int:
-    """Largest distance in representable float16 steps (same-sign ordering of the bit patterns)."""
-    ia, ib = (x.to(torch.float16).view(torch.int16).to(torch.int32) for x in (a, b))
+def ulp_steps(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Elementwise distance in representable steps of a's 16-bit dtype (fp16 or bf16): the number
+    of values of that dtype between them, i.e. ulps at the values themselves."""
+    ia, ib = (x.to(a.dtype).view(torch.int16).to(torch.int32) for x in (a, b))
     ia, ib = (torch.where(x < 0, -32768 - x, x) for x in (ia, ib))
-    return int((ia - ib).abs().max()) if ia.numel() else 0
+    return (ia - ib).abs()
+
+
+def ulps(a: torch.Tensor, b: torch.Tensor) -> int:
+    return int(ulp_steps(a, b).max()) if a.numel() else 0
+
+
+def spacing(x: torch.Tensor) -> torch.Tensor:
+    """ulp of x's 16-bit dtype at |x| (the gap to the next representable value), as float64."""
+    a = x.abs()
+    up = (a.view(torch.int16) + 1).view(x.dtype)
+    return (up.double() - a.double())
+
+
+def lora_tensor_report(fx: dict, mine: dict, theirs: dict) -> dict:
+    """Per LoRA-merged tensor: how far our merge is from LLaVA's, in ulps of the stored dtype, and why.
+
+    PEFT 0.10 (LLaVA's) merges `W + fp16(B @ A * s)`: the delta is rounded to the weight dtype before
+    the add, so the sum is rounded twice. loadgraph (and PEFT >= 0.12, whose adapter weights stay
+    float32) rounds `W + B @ A * s` once. Both are recomputed here from the fixture's own files to
+    show that each side equals its formula bit for bit; the distance to the exact (float64) merge
+    then says which is nearer.
+    """
+    base = load_file(str(Path(fx["model_base"]) / "model.safetensors"))
+    adapter = load_file(str(Path(fx["model_path"]) / "adapter_model.safetensors"))
+    cfg = json.loads((Path(fx["model_path"]) / "adapter_config.json").read_text())
+    scale = cfg["lora_alpha"] / cfg["r"]
+    rows, merged = [], 0
+    for name, t in theirs.items():
+        a_key = "base_model.model." + name.removesuffix(".weight") + ".lora_A.weight"
+        if a_key not in adapter:
+            continue
+        merged += 1
+        w, a, b, m = base[name], adapter[a_key], adapter[a_key.replace("lora_A", "lora_B")], mine[ours_name(name)]
+        d32 = (b.float() @ a.float()) * scale
+        once, twice = (w.float() + d32).to(w.dtype), w + d32.to(w.dtype)
+        exact = w.double() + (b.double() @ a.double()) * scale
+        steps = ulp_steps(m, t)
+        # the same difference in ulps at the scale of the sum's terms (max of |W|, |delta|, |result|): where
+        # W and delta cancel, the result is small and its own ulps count the delta's rounding many times over
+        terms = torch.stack([w.abs(), d32.to(w.dtype).abs(), m.abs(), t.abs()]).amax(0)
+        operand = ((m.double() - t.double()).abs() / spacing(terms)).max()
+        rows.append({
+            "tensor": name, "elements": t.numel(), "differ": int((steps > 0).sum()), "over_1ulp": int((steps > 1).sum()),
+            "max_ulps": int(steps.max()), "max_ulps_at_terms_scale": round(float(operand), 3),
+            "ours_is_round_once": torch.equal(m, once), "llava_is_round_twice": torch.equal(t, twice),
+            "ours_err_vs_exact_ulps": round(float(((m.double() - exact).abs() / spacing(m)).max()), 3),
+            "llava_err_vs_exact_ulps": round(float(((t.double() - exact).abs() / spacing(t)).max()), 3),
+        })
+    return {"merged_tensors": merged, "scale": scale, "dtype": str(next(iter(base.values())).dtype), "per_tensor": rows}
 
 
 def run_case(root: Path, family: str, lora: bool, projector: str) -> dict:
@@ -58,9 +108,10 @@ def run_case(root: Path, family: str, lora: bool, projector: str) -> dict:
     tokenizer, model, image_processor, context_len = load_pretrained_model(
         fx["model_path"], fx["model_base"], fx["model_name"], device_map="cpu", device="cpu", cache=root / "cache")
     mine = model.state_dict()
-    identical, worst, missing = 0, (0, None), []
+    identical, worst, missing, skipped = 0, (0, None), [], 0
     for name, t in theirs.items():
         if name.endswith("rotary_emb.inv_freq"):
+            skipped += 1
             continue
         m = mine.get(ours_name(name))
         if m is None:
@@ -77,25 +128,41 @@ def run_case(root: Path, family: str, lora: bool, projector: str) -> dict:
         logits = model(ids, images=image).logits.float()
     their_logits = load_file(str(out / "llava_logits.safetensors"))["logits"]
     our_ids = tokenizer("hello world").input_ids
+    lora_report = lora_tensor_report(fx, mine, theirs) if lora else None
     return {
         "case": fx["model_name"], "classes": [theirs_doc["class"], type(model).__name__],
-        "tensors": len(theirs), "bit_identical": identical, "max_ulps": worst[0], "worst_tensor": worst[1], "missing": missing[:3],
+        "tensors": len(theirs), "bit_identical": identical, "max_ulps": worst[0], "worst_tensor": worst[1], "missing": missing[:3], "skipped": skipped,
         "greedy_equal": generated.tolist() == theirs_doc["generated"], "generated": [theirs_doc["generated"], generated.tolist()],
         "logits_shape": [list(their_logits.shape), list(logits.shape)],
         "logits_max_abs_diff": float((logits - their_logits).abs().max()) if logits.shape == their_logits.shape else None,
         "context_len": [theirs_doc["context_len"], context_len], "tokenizer_len": [theirs_doc["vocab"], len(tokenizer)],
         "text_ids_equal": theirs_doc["ids"][0][-len(our_ids) + 1:] == our_ids[1:],
+        "lora": lora_report,
     }
+
+
+def explained(r: dict) -> bool:
+    """Every tensor bit-identical, or (LoRA) each differing tensor is exactly the two roundings above:
+    ours PEFT's single rounding, LLaVA's PEFT 0.10 double rounding, recomputed from the files."""
+    if r["max_ulps"] == 0:
+        return True
+    lora = r.get("lora") or {}
+    rows = [row for row in lora.get("per_tensor", []) if row["differ"]]
+    covered = r["bit_identical"] + len(rows) == r["tensors"] - r.get("skipped", 0)
+    return bool(rows) and covered and all(row["ours_is_round_once"] and row["llava_is_round_twice"] for row in rows)
 
 
 def main() -> int:
     results = []
     with tempfile.TemporaryDirectory() as tmp:
+        only = sys.argv[1:]  # optional substrings of case names ("llama-mlp2x_gelu-lora"), to rerun a few
         for family, lora, projector in CASES:
+            if only and not any(o in f"llava-{family}-{projector}-{'lora' if lora else 'full'}" for o in only):
+                continue
             r = run_case(Path(tmp), family, lora, projector)
             results.append(r)
             print(json.dumps(r), flush=True)
-    bad = [r for r in results if "error" in r or not r["greedy_equal"] or r["missing"] or r["max_ulps"] > 1]
+    bad = [r for r in results if "error" in r or not r["greedy_equal"] or r["missing"] or not explained(r)]
     print(f"llava-check: {len(results) - len(bad)} passed, {len(bad)} failed")
     return 1 if bad else 0
 
