@@ -30,6 +30,8 @@ MPT_REASON = (
 )
 # LLaVA's config keys -> transformers' Llava config keys (overwrite_config / customized_config use LLaVA's).
 CONFIG_KEYS = {"mm_vision_select_layer": "vision_feature_layer", "mm_vision_select_feature": "vision_feature_select_strategy"}
+# LLaVA keys that would change the module tree the weights were saved for: an override cannot hold.
+ARCHITECTURE_KEYS = ("mm_projector_type", "mm_hidden_size", "mm_vision_tower")
 PROJECTOR_PREFIX = "model.mm_projector."
 TOWER_PREFIX = "model.vision_tower."  # only present when a finetune saved an unfrozen tower
 RESIZE_MULTIPLE = 64  # the conversion script pads the vocabulary to a multiple of 64
@@ -105,6 +107,23 @@ def parse_original(config: dict, origin: str, layout: str = "hf") -> OriginalLla
         use_im_start_end=bool(config.get("mm_use_im_start_end", False)),
         use_im_patch_token=bool(config.get("mm_use_im_patch_token", True)),
     )
+
+
+def translated_overrides(overrides: dict, origin: str = "overwrite_config") -> dict:
+    """LLaVA-vocabulary config overrides plus their transformers names (the LLaVA key stays too:
+    LLaVA's own helpers, e.g. process_images, read `model.config.image_aspect_ratio` and kin)."""
+    out = dict(overrides)
+    for key in ARCHITECTURE_KEYS:
+        if key in overrides:
+            raise InputError(f"{origin}: {key} changes the model's modules, not a setting; these weights were saved for the checkpoint's own")
+    if "mm_vision_select_layer" in overrides:
+        out["vision_feature_layer"] = int(overrides["mm_vision_select_layer"])
+    if "mm_vision_select_feature" in overrides:
+        feature = overrides["mm_vision_select_feature"]
+        if feature not in _SELECT_STRATEGY:
+            raise InputError(f"{origin}: mm_vision_select_feature {feature!r} is not one of {sorted(_SELECT_STRATEGY)}")
+        out["vision_feature_select_strategy"] = _SELECT_STRATEGY[feature]
+    return out
 
 
 def original_name(name: str) -> str:

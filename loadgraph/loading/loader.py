@@ -20,7 +20,7 @@ from loadgraph.loading.builder import BuiltArtifact, build_artifact
 from loadgraph.loading.dispatch import Architecture, LoadingError, model_name_from_path, read_config, resolve_architecture
 from loadgraph.loading.modeling import attach_adapters, llava_class, load_exact, resize_for_tokenizer
 from loadgraph.loading.multimodal import add_image_tokens, load_image_processor, overlay_projector, projector_file
-from loadgraph.loading.options import apply_overrides, attention_arg, context_length, device_map_arg, spec_dtype, torch_dtype_of
+from loadgraph.loading.options import ROPE_KEYS, apply_overrides, attention_arg, context_length, device_map_arg, spec_dtype, torch_dtype_of
 from loadgraph.spec import AdapterSpec, BuildSpec, QuantizeSpec, Source, VerifySpec
 
 # from_pretrained kwargs that describe the *source*: they shape the build, not the final load.
@@ -35,6 +35,7 @@ class LoadPlan:
     arch: Architecture
     projector: Path | None  # LLaVA projector weights to place on the built model
     llava: bool = False  # an original LLaVA checkpoint: the model is one of LLaVA's classes (llava_api)
+    llava_config: dict | None = None  # its config.json as LLaVA wrote it (what customized_config is compared to)
 
 
 def _is_adapter_dir(path: Path) -> bool:
@@ -155,7 +156,8 @@ def _plan_original_llava(model_path: str, path: Path, model_base: str | None, mo
     from loadgraph.formats.llava_original import parse_original
     from loadgraph.spec import ConvertSpec
 
-    info = parse_original(_original_llava_config(path) or {}, f"{path}/config.json", "llava")
+    original = _original_llava_config(path) or {}
+    info = parse_original(original, f"{path}/config.json", "llava")
     lora = _is_adapter_dir(path)
     if lora and model_base is None:
         raise LoadingError(f"model_path: {path} is a LLaVA LoRA output (adapter_config.json); pass the language model it was trained on as model_base")
@@ -174,7 +176,7 @@ def _plan_original_llava(model_path: str, path: Path, model_base: str | None, mo
         # are not the ones the verify stage loads.
         verify=None,
     )
-    return LoadPlan(spec, arch, None, llava=True)
+    return LoadPlan(spec, arch, None, llava=True, llava_config=original)
 
 
 def load_pretrained_model(
@@ -240,6 +242,24 @@ def load_pretrained_model(
     return tokenizer, model, image_processor, context_length(model.config)
 
 
+# Bookkeeping keys of a config, not settings: never taken from a customized_config.
+_CONFIG_META = ("architectures", "model_type", "transformers_version", "_name_or_path", "torch_dtype", "dtype", "auto_map")
+
+
+def _llava_vocabulary(config: Any) -> bool:
+    """A config in LLaVA's own shape (a language-model config with mm_* keys, or its dict), not transformers' Llava."""
+    doc = config if isinstance(config, dict) else getattr(config, "__dict__", {})
+    return "text_config" not in doc
+
+
+def _changed_keys(customized: Any, original: dict) -> dict:
+    """LLaVA builds its model from customized_config; its settings that differ from the checkpoint's
+    own config.json are what it changes, applied here as overrides in LLaVA's vocabulary."""
+    doc = dict(customized) if isinstance(customized, dict) else customized.to_dict()
+    return {k: v for k, v in doc.items() if k not in _CONFIG_META and not k.startswith("_") and original.get(k, object()) != v
+            and (k in original or k.startswith("mm_") or k in ROPE_KEYS)}
+
+
 def _load_built(built: BuiltArtifact, plan: LoadPlan, dtype: str, device_map, attn, customized_config, overwrite_config, kwargs, source_kwargs):
     from transformers import AutoConfig, AutoTokenizer
 
@@ -249,10 +269,12 @@ def _load_built(built: BuiltArtifact, plan: LoadPlan, dtype: str, device_map, at
         # Only then is a config object passed: with one, from_pretrained hands the remaining
         # kwargs to the model's __init__ instead of the config (output_hidden_states=... and
         # friends would fail), so plain calls keep transformers' usual kwargs semantics.
-        if customized_config is not None:
+        if customized_config is not None and not (plan.llava and _llava_vocabulary(customized_config)):
             config = copy.deepcopy(customized_config)  # LLaVA mutates the caller's object; do not
         else:
             config = AutoConfig.from_pretrained(str(built.path), trust_remote_code=trust)
+            if customized_config is not None:
+                config = apply_overrides(config, _changed_keys(customized_config, plan.llava_config or {}), "customized_config")
         load_kwargs["config"] = apply_overrides(config, overwrite_config)
     if device_map is not None:
         load_kwargs["device_map"] = device_map

@@ -26,6 +26,14 @@ LLAVA_PY = os.environ.get("LLAVA_PY", "/work/venvs/llava/bin/python")
 # llava-torch (LLaVA 1.2.2) holds Llama, Mistral and MPT; its LoRA branch builds LlavaLlamaForCausalLM only.
 CASES = [("llama", False, "mlp2x_gelu"), ("llama", True, "mlp2x_gelu"), ("llama", False, "linear"), ("llama", False, "mlp3x_gelu"),
          ("mistral", False, "mlp2x_gelu"), ("llama", True, "linear")]
+# LLaVA-vocabulary config overrides: ours through overwrite_config, LLaVA's through its builder's
+# **kwargs (llava-torch 1.2.2 has no overwrite_config; from_pretrained sets config keys it is given).
+OVERRIDES = {"mm_vision_select_layer": -1, "mm_vision_select_feature": "cls_patch", "rope_scaling": {"type": "linear", "factor": 2.0}}
+OVERRIDE_CASES = [("llama", False, "mlp2x_gelu", OVERRIDES)]
+
+
+def case_name(family: str, lora: bool, projector: str, overrides: dict | None = None) -> str:
+    return f"llava-{family}-{projector}-{'lora' if lora else 'full'}" + ("-overrides" if overrides else "")
 
 
 def ours_name(name: str) -> str:
@@ -92,21 +100,22 @@ def lora_tensor_report(fx: dict, mine: dict, theirs: dict) -> dict:
     return {"merged_tensors": merged, "scale": scale, "dtype": str(next(iter(base.values())).dtype), "per_tensor": rows}
 
 
-def run_case(root: Path, family: str, lora: bool, projector: str) -> dict:
+def run_case(root: Path, family: str, lora: bool, projector: str, overrides: dict | None = None) -> dict:
     fx = make_fixture(root, family, lora=lora, projector=projector)
-    out = root / f"out-{Path(fx['model_path']).name}"
+    case_id = case_name(family, lora, projector, overrides)
+    out = root / f"out-{case_id}"
     out.mkdir()
     side = json.loads((root / "clip-tiny" / "config.json").read_text())["image_size"]
     image = torch.randn(1, 3, side, side, generator=torch.Generator().manual_seed(1)).half()
     save_file({"image": image}, str(out / "image.safetensors"))
     proc = subprocess.run([LLAVA_PY, str(Path(__file__).with_name("run_llava.py")), fx["model_path"], fx["model_base"] or "-",
-                           fx["model_name"], str(out), str(out / "image.safetensors")], capture_output=True, text=True, cwd=root)
+                           fx["model_name"], str(out), str(out / "image.safetensors"), json.dumps(overrides or {})], capture_output=True, text=True, cwd=root)
     if proc.returncode:
-        return {"case": fx["model_name"], "error": proc.stderr.strip().splitlines()[-1]}
+        return {"case": case_id, "error": proc.stderr.strip().splitlines()[-1]}
     theirs_doc = json.loads((out / "llava.json").read_text())
     theirs = load_file(str(out / "llava_state.safetensors"))
     tokenizer, model, image_processor, context_len = load_pretrained_model(
-        fx["model_path"], fx["model_base"], fx["model_name"], device_map="cpu", device="cpu", cache=root / "cache")
+        fx["model_path"], fx["model_base"], fx["model_name"], device_map="cpu", device="cpu", cache=root / "cache", overwrite_config=overrides)
     mine = model.state_dict()
     identical, worst, missing, skipped = 0, (0, None), [], 0
     for name, t in theirs.items():
@@ -129,13 +138,18 @@ def run_case(root: Path, family: str, lora: bool, projector: str) -> dict:
     their_logits = load_file(str(out / "llava_logits.safetensors"))["logits"]
     our_ids = tokenizer("hello world").input_ids
     lora_report = lora_tensor_report(fx, mine, theirs) if lora else None
+    changed = None
+    if overrides:  # the overrides must change the output, or matching LLaVA would prove nothing
+        plain = load_pretrained_model(fx["model_path"], fx["model_base"], fx["model_name"], device="cpu", cache=root / "cache")[1]
+        with torch.inference_mode():
+            changed = float((plain(ids, images=image).logits[:, -1].float() - logits[:, -1]).abs().max())
     return {
-        "case": fx["model_name"], "classes": [theirs_doc["class"], type(model).__name__],
+        "case": case_id, "overrides": overrides, "logits_change_from_overrides": changed, "classes": [theirs_doc["class"], type(model).__name__],
         "tensors": len(theirs), "bit_identical": identical, "max_ulps": worst[0], "worst_tensor": worst[1], "missing": missing[:3], "skipped": skipped,
         "greedy_equal": generated.tolist() == theirs_doc["generated"], "generated": [theirs_doc["generated"], generated.tolist()],
         "logits_shape": [list(their_logits.shape), list(logits.shape)],
         "logits_max_abs_diff": float((logits - their_logits).abs().max()) if logits.shape == their_logits.shape else None,
-        "context_len": [theirs_doc["context_len"], context_len], "tokenizer_len": [theirs_doc["vocab"], len(tokenizer)],
+        "context_len": [theirs_doc["context_len"], context_len], "tokenizer_len": [theirs_doc["vocab"], len(tokenizer)], "llava_applied": theirs_doc.get("applied"),
         "text_ids_equal": theirs_doc["ids"][0][-len(our_ids) + 1:] == our_ids[1:],
         "lora": lora_report,
     }
@@ -156,13 +170,14 @@ def main() -> int:
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         only = sys.argv[1:]  # optional substrings of case names ("llama-mlp2x_gelu-lora"), to rerun a few
-        for family, lora, projector in CASES:
-            if only and not any(o in f"llava-{family}-{projector}-{'lora' if lora else 'full'}" for o in only):
+        for case in CASES + OVERRIDE_CASES:
+            if only and not any(o in case_name(*case) for o in only):
                 continue
-            r = run_case(Path(tmp), family, lora, projector)
+            r = run_case(Path(tmp), *case)
             results.append(r)
             print(json.dumps(r), flush=True)
-    bad = [r for r in results if "error" in r or not r["greedy_equal"] or r["missing"] or not explained(r)]
+    bad = [r for r in results if "error" in r or not r["greedy_equal"] or r["missing"] or not explained(r)
+           or r["logits_change_from_overrides"] == 0.0]
     print(f"llava-check: {len(results) - len(bad)} passed, {len(bad)} failed")
     return 1 if bad else 0
 

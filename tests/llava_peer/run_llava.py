@@ -1,7 +1,7 @@
 """Runs in LLaVA's own venv (make llava-check): LLaVA's real builder on one fixture.
 
 Writes the language-model and projector tensors it loaded and its greedy output, for check.py.
-argv: model_path model_base|- model_name out_dir image.safetensors
+argv: model_path model_base|- model_name out_dir image.safetensors [config overrides as JSON, passed as **kwargs]
 """
 
 import json
@@ -15,8 +15,13 @@ from llava.mm_utils import tokenizer_image_token
 from llava.model.builder import load_pretrained_model
 
 model_path, model_base, model_name, out, image_file = sys.argv[1:6]
+overrides = json.loads(sys.argv[6]) if len(sys.argv) > 6 else {}
 tokenizer, model, image_processor, context_len = load_pretrained_model(
-    model_path, None if model_base == "-" else model_base, model_name, device_map="cpu", device="cpu")
+    model_path, None if model_base == "-" else model_base, model_name, device_map="cpu", device="cpu", **overrides)
+# what the overrides made of LLaVA's config (its vision tower reads select_layer / select_feature from it)
+tower = model.get_vision_tower()
+applied = {k: getattr(model.config, k, None) for k in overrides}
+applied["tower"] = [tower.select_layer, tower.select_feature]
 state = {k: v.contiguous() for k, v in model.state_dict().items() if "vision_tower" not in k}
 save_file(state, f"{out}/llava_state.safetensors")
 ids = tokenizer_image_token("<image>\nhello world", tokenizer, IMAGE_TOKEN_INDEX, return_tensors="pt").unsqueeze(0)
@@ -26,4 +31,4 @@ with torch.inference_mode():
     logits = model(ids, images=image).logits
 save_file({"logits": logits.float().contiguous()}, f"{out}/llava_logits.safetensors")
 json.dump({"class": type(model).__name__, "ids": ids.tolist(), "generated": generated.tolist(), "context_len": context_len,
-           "vocab": len(tokenizer), "image_processor": type(image_processor).__name__}, open(f"{out}/llava.json", "w"))
+           "vocab": len(tokenizer), "image_processor": type(image_processor).__name__, "applied": applied}, open(f"{out}/llava.json", "w"))
