@@ -106,3 +106,33 @@ def test_refusals(root, tmp_path):
         load_pretrained_model(str(pickled), None, "vicuna-7b", cache=tmp_path / "c")
     with pytest.raises(ValueError, match="prefetch"):
         load_pretrained_model("nobody-org/llava-none", None, "llava-none", cache=tmp_path / "c")
+
+
+def test_overrides_in_llava_vocabulary(root):
+    """overwrite_config / customized_config keys as LLaVA spells them reach transformers' names."""
+    from loadgraph.loading.dispatch import LoadingError
+
+    fx = make_fixture(root / "overrides", "llama", lora=False)
+    legacy = {"type": "linear", "factor": 2.0}
+    (tokenizer, model, _, _), _ = _load(fx, root / "cache", overwrite_config={"mm_vision_select_layer": -1, "mm_vision_select_feature": "cls_patch",
+                                                                       "rope_scaling": legacy})
+    text = model.config.text_config
+    assert (model.config.vision_feature_layer, model.config.vision_feature_select_strategy) == (-1, "full")
+    assert text.rope_parameters["rope_type"] == "linear" and text.rope_parameters["factor"] == 2.0 and text.rope_parameters["rope_theta"] > 0
+    rotary = model.model.language_model.rotary_emb
+    assert rotary.rope_type == "linear" and rotary.attention_scaling == 1.0
+    side = model.config.vision_config.image_size
+    ids = prompt_ids(tokenizer)
+    logits = model(ids, images=image_tensor(side).half()).logits
+    assert logits.shape[1] == ids.shape[1] - 1 + (side // model.config.vision_config.patch_size) ** 2 + 1  # cls_patch keeps CLS
+    # customized_config as LLaVA's config.json dict: only what differs from the checkpoint's applies
+    custom = {**json.loads((Path(fx["model_path"]) / "config.json").read_text()), "mm_vision_select_layer": -3}
+    (_, model, _, _), _ = _load(fx, root / "cache", customized_config=custom, overwrite_config={"rope_scaling": None})
+    assert model.config.vision_feature_layer == -3 and model.config.text_config.rope_parameters["rope_type"] == "default"
+    with pytest.raises(LoadingError, match="rope_scaling"):
+        _load(fx, root / "cache", overwrite_config={"rope_scaling": {"type": "linear"}})
+    from loadgraph.errors import InputError
+
+    with pytest.raises(InputError, match="mm_projector_type"):
+        _load(fx, root / "cache", overwrite_config={"mm_projector_type": "linear"})
+
