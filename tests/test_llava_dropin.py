@@ -136,3 +136,28 @@ def test_overrides_in_llava_vocabulary(root):
     with pytest.raises(InputError, match="mm_projector_type"):
         _load(fx, root / "cache", overwrite_config={"mm_projector_type": "linear"})
 
+
+
+def test_slow_tokenizer_where_llava_asks_use_fast_false(root):
+    """A tokenizer.model-only checkpoint (Vicuna, llava-v1.5): LLaVA's builder gets transformers 4's slow
+    LlamaTokenizer; here LlamaSlowTokenizer (sentencepiece), whose ids are sentencepiece's own."""
+    import sentencepiece as spm
+
+    from loadgraph.loading.slow_tokenizer import LlamaSlowTokenizer
+
+    fx = make_fixture(root / "spm", "llama", lora=False, sentencepiece=True)
+    (tokenizer, model, _, _), _ = _load(fx, root / "cache")
+    assert isinstance(tokenizer, LlamaSlowTokenizer) and not tokenizer.is_fast
+    sp = spm.SentencePieceProcessor(model_file=str(Path(fx["model_path"]) / "tokenizer.model"))
+    # BOS, no EOS, sentencepiece's dummy prefix; a leading space stays a piece (transformers 5's LlamaTokenizer drops it)
+    for text in ("The cat sat on 12 mats.\nWhat next?", " leading space"):
+        assert tokenizer(text).input_ids == [sp.bos_id(), *sp.encode(text)], text
+        assert tokenizer.decode(tokenizer(text).input_ids, skip_special_tokens=True) == text
+    ids = prompt_ids(tokenizer)
+    side = model.config.vision_config.image_size
+    assert model.generate(ids, images=image_tensor(side).half(), do_sample=False, max_new_tokens=2).shape == (1, 3)
+    from loadgraph.loading.loader import wants_slow_tokenizer
+
+    # LLaVA's builder: use_fast=False but for MPT and a full LLaVA-Mistral (name, model_base given, multimodal)
+    assert [wants_slow_tokenizer(*a) for a in (("llava-mistral-7b", False, True), ("llava-mistral-7b-lora", True, True),
+                                               ("llava-mpt-7b", False, True), ("vicuna-7b", False, False))] == [False, True, False, True]

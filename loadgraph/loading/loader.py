@@ -20,6 +20,7 @@ from loadgraph.loading.builder import BuiltArtifact, build_artifact
 from loadgraph.loading.dispatch import Architecture, LoadingError, model_name_from_path, read_config, resolve_architecture
 from loadgraph.loading.modeling import attach_adapters, llava_class, load_exact, resize_for_tokenizer
 from loadgraph.loading.multimodal import add_image_tokens, load_image_processor, overlay_projector, projector_file
+from loadgraph.loading.slow_tokenizer import slow_tokenizer
 from loadgraph.loading.options import ROPE_KEYS, apply_overrides, attention_arg, context_length, device_map_arg, spec_dtype, torch_dtype_of
 from loadgraph.spec import AdapterSpec, BuildSpec, QuantizeSpec, Source, VerifySpec
 
@@ -227,7 +228,8 @@ def load_pretrained_model(
         source_kwargs=source_kwargs, verify=verify,
     )
     built = build_artifact(plan.spec, cache, executor)
-    tokenizer, model = _load_built(built, plan, dtype, device_map, attn, customized_config, overwrite_config, kwargs, source_kwargs)
+    slow = wants_slow_tokenizer(model_name, model_base is not None, plan.arch.multimodal)
+    tokenizer, model = _load_built(built, plan, dtype, device_map, attn, customized_config, overwrite_config, kwargs, source_kwargs, slow)
     if plan.projector is not None:
         overlay_projector(model, plan.projector, allow_pickle)
 
@@ -260,7 +262,14 @@ def _changed_keys(customized: Any, original: dict) -> dict:
             and (k in original or k.startswith("mm_") or k in ROPE_KEYS)}
 
 
-def _load_built(built: BuiltArtifact, plan: LoadPlan, dtype: str, device_map, attn, customized_config, overwrite_config, kwargs, source_kwargs):
+def wants_slow_tokenizer(model_name: str, has_base: bool, multimodal: bool) -> bool:
+    """LLaVA's builder asks `use_fast=False` everywhere but MPT and a full LLaVA-Mistral (by name)."""
+    name = model_name.lower()
+    return "mpt" not in name and not (multimodal and not has_base and "mistral" in name)
+
+
+def _load_built(built: BuiltArtifact, plan: LoadPlan, dtype: str, device_map, attn, customized_config, overwrite_config, kwargs, source_kwargs,
+                slow: bool = False):
     from transformers import AutoConfig, AutoTokenizer
 
     trust = bool(source_kwargs.get("trust_remote_code", False))
@@ -282,6 +291,6 @@ def _load_built(built: BuiltArtifact, plan: LoadPlan, dtype: str, device_map, at
         load_kwargs["attn_implementation"] = attn
     model = load_exact(built.path, plan.arch, cls=llava_class(plan.arch.family) if plan.llava else None, **load_kwargs)
     model = attach_adapters(model, built.attached_adapters, trainable=False)
-    tokenizer = AutoTokenizer.from_pretrained(str(built.path), trust_remote_code=trust)
+    tokenizer = (slow and slow_tokenizer(built.path)) or AutoTokenizer.from_pretrained(str(built.path), trust_remote_code=trust)
     model.loadgraph_artifact = built  # key, path and build report, for callers and tests
     return tokenizer, model

@@ -22,18 +22,22 @@ from safetensors.torch import load_file, save_file
 from loadgraph import load_pretrained_model
 from loadgraph.testing_llava import make_fixture
 
+sys.path.insert(0, str(Path(__file__).parent))
+from prompts import image_token_ids, token_report  # noqa: E402
+
 LLAVA_PY = os.environ.get("LLAVA_PY", "/work/venvs/llava/bin/python")
 # llava-torch (LLaVA 1.2.2) holds Llama, Mistral and MPT; its LoRA branch builds LlavaLlamaForCausalLM only.
-CASES = [("llama", False, "mlp2x_gelu"), ("llama", True, "mlp2x_gelu"), ("llama", False, "linear"), ("llama", False, "mlp3x_gelu"),
-         ("mistral", False, "mlp2x_gelu"), ("llama", True, "linear")]
 # LLaVA-vocabulary config overrides: ours through overwrite_config, LLaVA's through its builder's
 # **kwargs (llava-torch 1.2.2 has no overwrite_config; from_pretrained sets config keys it is given).
 OVERRIDES = {"mm_vision_select_layer": -1, "mm_vision_select_feature": "cls_patch", "rope_scaling": {"type": "linear", "factor": 2.0}}
-OVERRIDE_CASES = [("llama", False, "mlp2x_gelu", OVERRIDES)]
+# (family, lora, projector, overrides, sentencepiece tokenizer.model only)
+CASES = [("llama", False, "mlp2x_gelu", None, False), ("llama", True, "mlp2x_gelu", None, False), ("llama", False, "linear", None, False),
+         ("llama", False, "mlp3x_gelu", None, False), ("mistral", False, "mlp2x_gelu", None, False), ("llama", True, "linear", None, False),
+         ("llama", False, "mlp2x_gelu", OVERRIDES, False), ("llama", False, "mlp2x_gelu", None, True), ("llama", True, "mlp2x_gelu", None, True)]
 
 
-def case_name(family: str, lora: bool, projector: str, overrides: dict | None = None) -> str:
-    return f"llava-{family}-{projector}-{'lora' if lora else 'full'}" + ("-overrides" if overrides else "")
+def case_name(family: str, lora: bool, projector: str, overrides: dict | None = None, spm: bool = False) -> str:
+    return f"llava-{family}-{projector}-{'lora' if lora else 'full'}" + ("-overrides" if overrides else "") + ("-spm" if spm else "")
 
 
 def ours_name(name: str) -> str:
@@ -100,9 +104,9 @@ def lora_tensor_report(fx: dict, mine: dict, theirs: dict) -> dict:
     return {"merged_tensors": merged, "scale": scale, "dtype": str(next(iter(base.values())).dtype), "per_tensor": rows}
 
 
-def run_case(root: Path, family: str, lora: bool, projector: str, overrides: dict | None = None) -> dict:
-    fx = make_fixture(root, family, lora=lora, projector=projector)
-    case_id = case_name(family, lora, projector, overrides)
+def run_case(root: Path, family: str, lora: bool, projector: str, overrides: dict | None = None, spm: bool = False) -> dict:
+    fx = make_fixture(root, family, lora=lora, projector=projector, sentencepiece=spm)
+    case_id = case_name(family, lora, projector, overrides, spm)
     out = root / f"out-{case_id}"
     out.mkdir()
     side = json.loads((root / "clip-tiny" / "config.json").read_text())["image_size"]
@@ -136,7 +140,18 @@ def run_case(root: Path, family: str, lora: bool, projector: str, overrides: dic
         generated = model.generate(ids, images=image, image_sizes=[tuple(image.shape[-2:])], do_sample=False, max_new_tokens=8, use_cache=True)
         logits = model(ids, images=image).logits.float()
     their_logits = load_file(str(out / "llava_logits.safetensors"))["logits"]
-    our_ids = tokenizer("hello world").input_ids
+    texts = list(theirs_doc["tokens"])
+    ours_tokens = token_report(tokenizer, texts, lambda t: image_token_ids(tokenizer, t))
+    token_diffs = [t for t in texts if ours_tokens[t] != theirs_doc["tokens"][t]]
+    answer = tokenizer.batch_decode(generated, skip_special_tokens=True)[0].strip()
+    # what transformers 5's own tokenizer (use_fast ignored) would have given, for the record
+    from transformers import AutoTokenizer
+
+    auto = AutoTokenizer.from_pretrained(str(model.loadgraph_artifact.path))
+    for token in set(tokenizer.get_vocab()) - set(auto.get_vocab()):
+        auto.add_tokens([token], special_tokens=True)
+    auto_tokens = token_report(auto, texts, lambda t: image_token_ids(auto, t))
+    auto_equal = sum(auto_tokens[t] == theirs_doc["tokens"][t] for t in texts)
     lora_report = lora_tensor_report(fx, mine, theirs) if lora else None
     changed = None
     if overrides:  # the overrides must change the output, or matching LLaVA would prove nothing
@@ -150,7 +165,9 @@ def run_case(root: Path, family: str, lora: bool, projector: str, overrides: dic
         "logits_shape": [list(their_logits.shape), list(logits.shape)],
         "logits_max_abs_diff": float((logits - their_logits).abs().max()) if logits.shape == their_logits.shape else None,
         "context_len": [theirs_doc["context_len"], context_len], "tokenizer_len": [theirs_doc["vocab"], len(tokenizer)], "llava_applied": theirs_doc.get("applied"),
-        "text_ids_equal": theirs_doc["ids"][0][-len(our_ids) + 1:] == our_ids[1:],
+        "tokenizer_class": [theirs_doc["tokenizer_class"], type(tokenizer).__name__], "tokenizer_is_fast": [theirs_doc["tokenizer_is_fast"], tokenizer.is_fast],
+        "texts_equal": f"{len(texts) - len(token_diffs)}/{len(texts)}", "texts_differing": {t: [theirs_doc["tokens"][t], ours_tokens[t]] for t in token_diffs[:4]},
+        "answer_equal": answer == theirs_doc["answer"], "texts_equal_with_transformers5_tokenizer": f"{auto_equal}/{len(texts)}",
         "lora": lora_report,
     }
 
@@ -170,14 +187,14 @@ def main() -> int:
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         only = sys.argv[1:]  # optional substrings of case names ("llama-mlp2x_gelu-lora"), to rerun a few
-        for case in CASES + OVERRIDE_CASES:
+        for case in CASES:
             if only and not any(o in case_name(*case) for o in only):
                 continue
             r = run_case(Path(tmp), *case)
             results.append(r)
             print(json.dumps(r), flush=True)
     bad = [r for r in results if "error" in r or not r["greedy_equal"] or r["missing"] or not explained(r)
-           or r["logits_change_from_overrides"] == 0.0]
+           or r["logits_change_from_overrides"] == 0.0 or r["texts_differing"] or not r["answer_equal"]]
     print(f"llava-check: {len(results) - len(bad)} passed, {len(bad)} failed")
     return 1 if bad else 0
 

@@ -11,6 +11,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from llava.constants import IMAGE_TOKEN_INDEX
+from llava.conversation import conv_templates
+from prompts import EDGE_TEXTS, QUESTION, TEMPLATES, token_report
 from llava.mm_utils import tokenizer_image_token
 from llava.model.builder import load_pretrained_model
 
@@ -30,5 +32,14 @@ with torch.inference_mode():
     generated = model.generate(ids, images=image, image_sizes=[tuple(image.shape[-2:])], do_sample=False, max_new_tokens=8, use_cache=True)
     logits = model(ids, images=image).logits
 save_file({"logits": logits.float().contiguous()}, f"{out}/llava_logits.safetensors")
-json.dump({"class": type(model).__name__, "ids": ids.tolist(), "generated": generated.tolist(), "context_len": context_len,
+prompts = []
+for name in TEMPLATES:
+    conv = conv_templates[name].copy()
+    conv.append_message(conv.roles[0], QUESTION)
+    conv.append_message(conv.roles[1], None)
+    prompts.append(conv.get_prompt())
+tokens = token_report(tokenizer, prompts + list(EDGE_TEXTS), lambda t: tokenizer_image_token(t, tokenizer, IMAGE_TOKEN_INDEX))
+answer = tokenizer.batch_decode(generated, skip_special_tokens=True)[0].strip()  # LLaVA's run_llava.py
+json.dump({"tokenizer_class": type(tokenizer).__name__, "tokenizer_is_fast": tokenizer.is_fast, "tokens": tokens, "answer": answer,
+           "class": type(model).__name__, "ids": ids.tolist(), "generated": generated.tolist(), "context_len": context_len,
            "vocab": len(tokenizer), "image_processor": type(image_processor).__name__, "applied": applied}, open(f"{out}/llava.json", "w"))
