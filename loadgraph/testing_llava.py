@@ -64,6 +64,11 @@ def projector_state(projector: str, hidden: int, seed: int, prefix: str = "model
     return out
 
 
+# LLaVA-1.6's anyres settings at the tiny tower's 32-pixel crops; [width, height] pairs, not symmetric,
+# so that a (width, height) / (height, width) mix-up shows.
+ANYRES = {"image_aspect_ratio": "anyres", "mm_patch_merge_type": "spatial_unpad", "image_grid_pinpoints": [[32, 64], [96, 32], [64, 64]]}
+
+
 def llava_config(family: str, lm_config: dict, projector: str, tower: Path) -> dict:
     _, model_type, cls = FAMILIES[family]
     config = dict(lm_config)
@@ -80,14 +85,15 @@ def llava_config(family: str, lm_config: dict, projector: str, tower: Path) -> d
 
 
 def make_fixture(root: Path, family: str, *, lora: bool, projector: str = "mlp2x_gelu", adapter_dtype: torch.dtype = torch.float16,
-                 sentencepiece: bool = False) -> dict:
+                 sentencepiece: bool = False, anyres: bool = False) -> dict:
     """One LLaVA checkpoint; returns {"model_path", "model_base", "model_name"} as LLaVA's scripts pass them.
 
     `sentencepiece`: the tokenizer is a tokenizer.model only, as Vicuna and llava-v1.5 ship it.
+    `anyres`: LLaVA-1.6 (anyres grid, spatial_unpad merge, a trained `model.image_newline`).
     """
     kind = FAMILIES[family][0]
     tower = make_tower(root / "clip-tiny")
-    name = f"llava-{family}-{projector}-{'lora' if lora else 'full'}" + ("-spm" if sentencepiece else "")
+    name = f"llava-{family}-{projector}-{'lora' if lora else 'full'}" + ("-spm" if sentencepiece else "") + ("-anyres" if anyres else "")
     out = root / name
     if out.exists():
         import shutil
@@ -98,8 +104,10 @@ def make_fixture(root: Path, family: str, *, lora: bool, projector: str = "mlp2x
     lm_config = json.loads(lm.config.to_json_string())
     hidden = lm.config.hidden_size
     out.mkdir(parents=True)
-    (out / "config.json").write_text(json.dumps(llava_config(family, lm_config, projector, tower), indent=2))
+    (out / "config.json").write_text(json.dumps({**llava_config(family, lm_config, projector, tower), **(ANYRES if anyres else {})}, indent=2))
     proj = {k: v.to(torch.float16) for k, v in projector_state(projector, hidden, seed=11).items()}
+    if anyres:
+        proj["model.image_newline"] = (torch.randn(hidden, generator=torch.Generator().manual_seed(13)) * 0.1).to(torch.float16)
     if not lora:
         state = {**{k: v.contiguous() for k, v in lm.state_dict().items()}, **proj}
         if lm.config.tie_word_embeddings:

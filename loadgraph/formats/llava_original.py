@@ -63,6 +63,13 @@ class OriginalLlava:
     aspect_ratio: str
     use_im_start_end: bool
     use_im_patch_token: bool
+    patch_merge_type: str = "flat"  # flat | spatial | spatial_unpad (LLaVA-1.6)
+    grid_pinpoints: tuple[tuple[int, int], ...] = ()  # anyres resolutions, LLaVA's (width, height)
+
+    @property
+    def next(self) -> bool:
+        """LLaVA-1.6's unpadded merge: a learnt `image_newline`, which transformers' LlavaNext holds."""
+        return "unpad" in self.patch_merge_type
 
     @property
     def projector_act(self) -> str:
@@ -92,7 +99,13 @@ def parse_original(config: dict, origin: str, layout: str = "hf") -> OriginalLla
     if feature not in _SELECT_STRATEGY:
         raise InputError(f"{origin}: mm_vision_select_feature {feature!r} is not one of {sorted(_SELECT_STRATEGY)}")
     aspect = config.get("image_aspect_ratio", "square") or "square"
-    if str(aspect).startswith("anyres") or config.get("mm_patch_merge_type", "flat") != "flat":
+    merge = config.get("mm_patch_merge_type", "flat") or "flat"
+    if layout == "llava" and merge not in ("flat", "spatial", "spatial_unpad"):
+        raise InputError(f"{origin}: mm_patch_merge_type {merge!r} is not one of LLaVA's flat, spatial, spatial_unpad")
+    pinpoints = grid_pinpoints(config.get("image_grid_pinpoints"), origin) if str(aspect).startswith("anyres") else ()
+    if layout == "llava" and str(aspect).startswith("anyres") and (aspect != "anyres" or not pinpoints):
+        raise InputError(f"{origin}: image_aspect_ratio {aspect!r} needs image_grid_pinpoints (LLaVA-1.6's plain 'anyres' is what loads)")
+    if layout == "hf" and (str(aspect).startswith("anyres") or merge != "flat"):
         raise InputError(
             f"{origin}: image_aspect_ratio {aspect!r} / mm_patch_merge_type {config.get('mm_patch_merge_type')!r} is LLaVA-NeXT "
             "(anyres); converting it needs LlavaNextForConditionalGeneration, which this stage does not produce"
@@ -106,7 +119,20 @@ def parse_original(config: dict, origin: str, layout: str = "hf") -> OriginalLla
         aspect_ratio=str(aspect),
         use_im_start_end=bool(config.get("mm_use_im_start_end", False)),
         use_im_patch_token=bool(config.get("mm_use_im_patch_token", True)),
+        patch_merge_type=merge,
+        grid_pinpoints=pinpoints,
     )
+
+
+def grid_pinpoints(value, origin: str) -> tuple[tuple[int, int], ...]:
+    """LLaVA's image_grid_pinpoints: a list of [width, height], or its string form (LLaVA literal_evals it)."""
+    import ast
+
+    try:
+        points = ast.literal_eval(value) if isinstance(value, str) else value
+        return tuple((int(w), int(h)) for w, h in points)
+    except (ValueError, TypeError, SyntaxError):
+        raise InputError(f"{origin}: image_grid_pinpoints {value!r} is not a list of [width, height] pairs") from None
 
 
 def translated_overrides(overrides: dict, origin: str = "overwrite_config") -> dict:
@@ -138,7 +164,9 @@ def legacy_name(original: str, projector_type: str, layout: str = "hf") -> str |
 
     None for tensors the converted model does not have (rotary caches, LLaVA-NeXT's image_newline).
     """
-    if original.endswith(".inv_freq") or original == "model.image_newline" or ".vision_resampler" in original:
+    if original == "model.image_newline":  # LLaVA-1.6's newline embedding: LlavaNext's own parameter
+        return "model.image_newline" if layout == "llava" else None
+    if original.endswith(".inv_freq") or ".vision_resampler" in original:
         return None
     if original.startswith(PROJECTOR_PREFIX):
         rest = original[len(PROJECTOR_PREFIX):]

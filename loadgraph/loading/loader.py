@@ -289,7 +289,7 @@ def _load_built(built: BuiltArtifact, plan: LoadPlan, dtype: str, device_map, at
         load_kwargs["device_map"] = device_map
     if attn is not None:
         load_kwargs["attn_implementation"] = attn
-    model = load_exact(built.path, plan.arch, cls=llava_class(plan.arch.family) if plan.llava else None, **load_kwargs)
+    model = load_exact(built.path, plan.arch, cls=llava_class(plan.arch.family, built.path) if plan.llava else None, **load_kwargs)
     model = attach_adapters(model, built.attached_adapters, trainable=False)
     tokenizer = (slow and slow_tokenizer(built.path)) or AutoTokenizer.from_pretrained(str(built.path), trust_remote_code=trust)
     model.loadgraph_artifact = built  # key, path and build report, for callers and tests

@@ -30,17 +30,22 @@ LLAVA_PY = os.environ.get("LLAVA_PY", "/work/venvs/llava/bin/python")
 # LLaVA-vocabulary config overrides: ours through overwrite_config, LLaVA's through its builder's
 # **kwargs (llava-torch 1.2.2 has no overwrite_config; from_pretrained sets config keys it is given).
 OVERRIDES = {"mm_vision_select_layer": -1, "mm_vision_select_feature": "cls_patch", "rope_scaling": {"type": "linear", "factor": 2.0}}
-# (family, lora, projector, overrides, sentencepiece tokenizer.model only)
+# (family, lora, projector, overrides, sentencepiece tokenizer.model only, LLaVA-1.6 anyres)
 CASES = [("llama", False, "mlp2x_gelu", None, False), ("llama", True, "mlp2x_gelu", None, False), ("llama", False, "linear", None, False),
          ("llama", False, "mlp3x_gelu", None, False), ("mistral", False, "mlp2x_gelu", None, False), ("llama", True, "linear", None, False),
-         ("llama", False, "mlp2x_gelu", OVERRIDES, False), ("llama", False, "mlp2x_gelu", None, True), ("llama", True, "mlp2x_gelu", None, True)]
+         ("llama", False, "mlp2x_gelu", OVERRIDES, False), ("llama", False, "mlp2x_gelu", None, True), ("llama", True, "mlp2x_gelu", None, True),
+         ("llama", False, "mlp2x_gelu", None, False, True), ("llama", True, "mlp2x_gelu", None, False, True),
+         ("mistral", False, "mlp2x_gelu", None, False, True)]
 
 
-def case_name(family: str, lora: bool, projector: str, overrides: dict | None = None, spm: bool = False) -> str:
-    return f"llava-{family}-{projector}-{'lora' if lora else 'full'}" + ("-overrides" if overrides else "") + ("-spm" if spm else "")
+def case_name(family: str, lora: bool, projector: str, overrides: dict | None = None, spm: bool = False, anyres: bool = False) -> str:
+    return (f"llava-{family}-{projector}-{'lora' if lora else 'full'}" + ("-overrides" if overrides else "") + ("-spm" if spm else "")
+            + ("-anyres" if anyres else ""))
 
 
 def ours_name(name: str) -> str:
+    if name == "model.image_newline":
+        return name
     m = re.match(r"model\.mm_projector\.(?:(\d+)\.)?(weight|bias)$", name)
     if m:
         return f"model.multi_modal_projector.linear_{int(m.group(1) or 0) // 2 + 1}.{m.group(2)}"
@@ -104,9 +109,9 @@ def lora_tensor_report(fx: dict, mine: dict, theirs: dict) -> dict:
     return {"merged_tensors": merged, "scale": scale, "dtype": str(next(iter(base.values())).dtype), "per_tensor": rows}
 
 
-def run_case(root: Path, family: str, lora: bool, projector: str, overrides: dict | None = None, spm: bool = False) -> dict:
-    fx = make_fixture(root, family, lora=lora, projector=projector, sentencepiece=spm)
-    case_id = case_name(family, lora, projector, overrides, spm)
+def run_case(root: Path, family: str, lora: bool, projector: str, overrides: dict | None = None, spm: bool = False, anyres: bool = False) -> dict:
+    fx = make_fixture(root, family, lora=lora, projector=projector, sentencepiece=spm, anyres=anyres)
+    case_id = case_name(family, lora, projector, overrides, spm, anyres)
     out = root / f"out-{case_id}"
     out.mkdir()
     side = json.loads((root / "clip-tiny" / "config.json").read_text())["image_size"]
@@ -118,6 +123,9 @@ def run_case(root: Path, family: str, lora: bool, projector: str, overrides: dic
         return {"case": case_id, "error": proc.stderr.strip().splitlines()[-1]}
     theirs_doc = json.loads((out / "llava.json").read_text())
     theirs = load_file(str(out / "llava_state.safetensors"))
+    sizes = [tuple(image.shape[-2:])]
+    if (out / "llava_image.safetensors").is_file():  # anyres: LLaVA's process_images output, fed to both
+        image, sizes = load_file(str(out / "llava_image.safetensors"))["image"], [tuple(s) for s in theirs_doc["image_sizes"]]
     tokenizer, model, image_processor, context_len = load_pretrained_model(
         fx["model_path"], fx["model_base"], fx["model_name"], device_map="cpu", device="cpu", cache=root / "cache", overwrite_config=overrides)
     mine = model.state_dict()
@@ -137,8 +145,8 @@ def run_case(root: Path, family: str, lora: bool, projector: str, overrides: dic
             worst = max(worst, (d, name), key=lambda x: x[0])
     ids = torch.tensor(theirs_doc["ids"])
     with torch.inference_mode():
-        generated = model.generate(ids, images=image, image_sizes=[tuple(image.shape[-2:])], do_sample=False, max_new_tokens=8, use_cache=True)
-        logits = model(ids, images=image).logits.float()
+        generated = model.generate(ids, images=image, image_sizes=sizes, do_sample=False, max_new_tokens=8, use_cache=True)
+        logits = model(ids, images=image, image_sizes=sizes).logits.float()
     their_logits = load_file(str(out / "llava_logits.safetensors"))["logits"]
     texts = list(theirs_doc["tokens"])
     ours_tokens = token_report(tokenizer, texts, lambda t: image_token_ids(tokenizer, t))
@@ -157,7 +165,7 @@ def run_case(root: Path, family: str, lora: bool, projector: str, overrides: dic
     if overrides:  # the overrides must change the output, or matching LLaVA would prove nothing
         plain = load_pretrained_model(fx["model_path"], fx["model_base"], fx["model_name"], device="cpu", cache=root / "cache")[1]
         with torch.inference_mode():
-            changed = float((plain(ids, images=image).logits[:, -1].float() - logits[:, -1]).abs().max())
+            changed = float((plain(ids, images=image, image_sizes=sizes).logits[:, -1].float() - logits[:, -1]).abs().max())
     return {
         "case": case_id, "overrides": overrides, "logits_change_from_overrides": changed, "classes": [theirs_doc["class"], type(model).__name__],
         "tensors": len(theirs), "bit_identical": identical, "max_ulps": worst[0], "worst_tensor": worst[1], "missing": missing[:3], "skipped": skipped,

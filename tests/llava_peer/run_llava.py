@@ -28,9 +28,21 @@ state = {k: v.contiguous() for k, v in model.state_dict().items() if "vision_tow
 save_file(state, f"{out}/llava_state.safetensors")
 ids = tokenizer_image_token("<image>\nhello world", tokenizer, IMAGE_TOKEN_INDEX, return_tensors="pt").unsqueeze(0)
 image = load_file(image_file)["image"].to(torch.float16)
+sizes = [tuple(image.shape[-2:])]
+if getattr(model.config, "image_aspect_ratio", None) == "anyres":
+    # LLaVA-1.6's own preprocessing of a wide picture: the base image plus its grid of crops
+    import numpy as np
+    from PIL import Image
+
+    from llava.mm_utils import process_images
+
+    picture = Image.fromarray(np.random.default_rng(3).integers(0, 256, (22, 50, 3), dtype=np.uint8))
+    image = process_images([picture], image_processor, model.config).to(torch.float16)
+    sizes = [picture.size]
+    save_file({"image": image.contiguous()}, f"{out}/llava_image.safetensors")
 with torch.inference_mode():
-    generated = model.generate(ids, images=image, image_sizes=[tuple(image.shape[-2:])], do_sample=False, max_new_tokens=8, use_cache=True)
-    logits = model(ids, images=image).logits
+    generated = model.generate(ids, images=image, image_sizes=sizes, do_sample=False, max_new_tokens=8, use_cache=True)
+    logits = model(ids, images=image, image_sizes=sizes).logits
 save_file({"logits": logits.float().contiguous()}, f"{out}/llava_logits.safetensors")
 prompts = []
 for name in TEMPLATES:
@@ -42,4 +54,4 @@ tokens = token_report(tokenizer, prompts + list(EDGE_TEXTS), lambda t: tokenizer
 answer = tokenizer.batch_decode(generated, skip_special_tokens=True)[0].strip()  # LLaVA's run_llava.py
 json.dump({"tokenizer_class": type(tokenizer).__name__, "tokenizer_is_fast": tokenizer.is_fast, "tokens": tokens, "answer": answer,
            "class": type(model).__name__, "ids": ids.tolist(), "generated": generated.tolist(), "context_len": context_len,
-           "vocab": len(tokenizer), "image_processor": type(image_processor).__name__, "applied": applied}, open(f"{out}/llava.json", "w"))
+           "vocab": len(tokenizer), "image_processor": type(image_processor).__name__, "applied": applied, "image_sizes": sizes}, open(f"{out}/llava.json", "w"))
