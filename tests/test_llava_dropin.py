@@ -161,3 +161,27 @@ def test_slow_tokenizer_where_llava_asks_use_fast_false(root):
     # LLaVA's builder: use_fast=False but for MPT and a full LLaVA-Mistral (name, model_base given, multimodal)
     assert [wants_slow_tokenizer(*a) for a in (("llava-mistral-7b", False, True), ("llava-mistral-7b-lora", True, True),
                                                ("llava-mpt-7b", False, True), ("vicuna-7b", False, False))] == [False, True, False, True]
+
+
+def test_anyres_llava_next(root):
+    """LLaVA-1.6: image_newline on transformers' LlavaNext; a crop grid chosen from LLaVA's [width, height]
+    pinpoints, each grid row closed by image_newline. (The LoRA form, newline from non_lora_trainables: llava-check.)"""
+    from transformers import LlavaNextForConditionalGeneration
+
+    fx = make_fixture(root / "anyres", "llama", lora=False, anyres=True)
+    (tokenizer, model, _, _), _ = _load(fx, root / "cache")
+    assert isinstance(model, LlavaNextForConditionalGeneration) and type(model).__name__ == "LlavaLlamaForCausalLM"
+    assert torch.equal(model.model.image_newline, load_file(str(Path(fx["model_path"]) / "model.safetensors"))["model.image_newline"])
+    side = model.config.vision_config.image_size
+    wide, tall = (3 * side + 2, side - 10), (side - 10, 3 * side + 2)  # PIL sizes (width, height)
+    # the [96, 32] pinpoint fits the wide picture: a base image + 3 crops side by side; the tall one [32, 64]: 2 crops stacked
+    crops = {wide: 4, tall: 3}
+    for size, n in crops.items():
+        images = image_tensor(side).half().expand(n, -1, -1, -1).unsqueeze(0).contiguous()
+        features = model._image_features(images, [size])[0]
+        newline_rows = int((features == model.model.image_newline.to(features)).all(-1).sum())
+        per_side = side // model.config.vision_config.patch_size
+        grid_rows = per_side * (1 if size == wide else 2)
+        assert 0 < newline_rows <= grid_rows  # one per remaining grid row after unpadding
+    out = model.generate(prompt_ids(tokenizer), images=images, image_sizes=[tall], do_sample=False, max_new_tokens=3)
+    assert out.shape == (1, 4)
