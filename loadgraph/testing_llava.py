@@ -109,9 +109,7 @@ def make_fixture(root: Path, family: str, *, lora: bool, projector: str = "mlp2x
     if anyres:
         proj["model.image_newline"] = (torch.randn(hidden, generator=torch.Generator().manual_seed(13)) * 0.1).to(torch.float16)
     if not lora:
-        state = {**{k: v.contiguous() for k, v in lm.state_dict().items()}, **proj}
-        if lm.config.tie_word_embeddings:
-            state.pop("lm_head.weight", None)
+        state = {**_on_disk_state(lm, root / f".{name}-lm"), **proj}
         save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
         (sentencepiece_tokenizer if sentencepiece else _tokenizer)(out)
         return {"model_path": str(out), "model_base": None, "model_name": name}
@@ -122,6 +120,20 @@ def make_fixture(root: Path, family: str, *, lora: bool, projector: str = "mlp2x
     _lora_adapter(lm, out, adapter_dtype)
     torch.save({"base_model.model." + k: v for k, v in proj.items()}, out / "non_lora_trainables.bin")
     return {"model_path": str(out), "model_base": str(base), "model_name": name}
+
+
+def _on_disk_state(lm, scratch: Path) -> dict[str, torch.Tensor]:
+    """The language model's tensors under the names a checkpoint holds them (transformers' save
+    reverts its in-memory fusions: Mixtral's experts go back to per-expert w1/w2/w3, as LLaVA saved them)."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    lm.save_pretrained(scratch)
+    try:
+        return {k: v for f in sorted(scratch.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+    finally:
+        shutil.rmtree(scratch)
 
 
 def _tokenizer(out: Path) -> None:

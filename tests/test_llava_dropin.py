@@ -31,8 +31,7 @@ def _load(fx: dict, cache: Path, **kw):
 
 
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
-@pytest.mark.parametrize("family", [f if f != "mixtral" else pytest.param(f, marks=pytest.mark.xfail(
-    strict=True, reason="not done: Mixtral's per-expert tensors need transformers' fused-expert conversion in the llava layout")) for f in sorted(FAMILIES)])
+@pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_family_loads_with_llava_api(family, lora, root):
     fx = make_fixture(root / family, family, lora=lora)
     (tokenizer, model, image_processor, context_len), notes = _load(fx, root / "cache")

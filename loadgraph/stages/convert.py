@@ -199,16 +199,20 @@ def _disk_names(config, legacy: list[str], layout: str) -> tuple[dict[str, str],
         cls = llava_class("llama", next=config.model_type == "llava_next")
     with torch.device("meta"):
         model = cls(config)
-    to_model, _, unexpected = _rename_like_from_pretrained(model, legacy)
+    to_model, converted, unexpected = _rename_like_from_pretrained(model, legacy)
     if unexpected:
         raise InputError(f"LLaVA checkpoint tensors with no place in LlavaForConditionalGeneration: {', '.join(sorted(unexpected)[:5])}")
-    placeholders = {mem: torch.empty(0, device="meta") for mem in model.state_dict()}
+    # Parameters transformers builds from several checkpoint tensors as it loads (Mixtral's fused
+    # experts from per-expert w1/w2/w3): their tensors keep the checkpoint's names and are fused by
+    # from_pretrained, so the stage stays a byte copy. Only the others are reverted to disk names.
+    fused = {to_model[k] for k in converted}
+    placeholders = {mem: torch.empty(0, device="meta") for mem in model.state_dict() if mem not in fused}
     owner = {id(t): mem for mem, t in placeholders.items()}
     reverted = revert_weight_conversion(model, placeholders)
     mem_to_disk = {owner[id(t)]: disk for disk, t in reverted.items()}
     covered = set(to_model.values())
     missing = [mem for mem in model.state_dict() if mem not in covered]
-    return {old: mem_to_disk[mem] for old, mem in to_model.items()}, [mem_to_disk[m] for m in missing]
+    return {old: old if mem in fused else mem_to_disk[mem] for old, mem in to_model.items()}, [mem_to_disk[m] for m in missing]
 
 
 def _seed(seed: int, what: str) -> int:
