@@ -35,12 +35,31 @@ CASES = [("llama", False, "mlp2x_gelu", None, False), ("llama", True, "mlp2x_gel
          ("llama", False, "mlp3x_gelu", None, False), ("mistral", False, "mlp2x_gelu", None, False), ("llama", True, "linear", None, False),
          ("llama", False, "mlp2x_gelu", OVERRIDES, False), ("llama", False, "mlp2x_gelu", None, True), ("llama", True, "mlp2x_gelu", None, True),
          ("llama", False, "mlp2x_gelu", None, False, True), ("llama", True, "mlp2x_gelu", None, False, True),
-         ("mistral", False, "mlp2x_gelu", None, False, True)]
+         ("mistral", False, "mlp2x_gelu", None, False, True), ("mixtral", False, "mlp2x_gelu", None, False, False),
+         ("mixtral", True, "mlp2x_gelu", None, False, False)]
 
 
 def case_name(family: str, lora: bool, projector: str, overrides: dict | None = None, spm: bool = False, anyres: bool = False) -> str:
     return (f"llava-{family}-{projector}-{'lora' if lora else 'full'}" + ("-overrides" if overrides else "") + ("-spm" if spm else "")
             + ("-anyres" if anyres else ""))
+
+
+EXPERT = re.compile(r"model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.(w[123])\.weight$")
+
+
+def ours_tensor(mine: dict, name: str):
+    """Our tensor for one of LLaVA's: by name, or (Mixtral) the slice of transformers 5's fused experts
+    that holds expert E's w1 (gate) / w3 (up) in gate_up_proj[E] = [w1; w3], w2 in down_proj[E]."""
+    m = EXPERT.match(name)
+    if not m:
+        return mine.get(ours_name(name.replace(".block_sparse_moe.gate.", ".mlp.gate.")))
+    layer, expert, w = int(m.group(1)), int(m.group(2)), m.group(3)
+    prefix = f"model.language_model.layers.{layer}.mlp.experts."
+    if w == "w2":
+        return mine[prefix + "down_proj"][expert]
+    fused = mine[prefix + "gate_up_proj"][expert]
+    half = fused.shape[0] // 2
+    return fused[:half] if w == "w1" else fused[half:]
 
 
 def ours_name(name: str) -> str:
@@ -90,7 +109,7 @@ def lora_tensor_report(fx: dict, mine: dict, theirs: dict) -> dict:
         if a_key not in adapter:
             continue
         merged += 1
-        w, a, b, m = base[name], adapter[a_key], adapter[a_key.replace("lora_A", "lora_B")], mine[ours_name(name)]
+        w, a, b, m = base[name], adapter[a_key], adapter[a_key.replace("lora_A", "lora_B")], ours_tensor(mine, name)
         d32 = (b.float() @ a.float()) * scale
         once, twice = (w.float() + d32).to(w.dtype), w + d32.to(w.dtype)
         exact = w.double() + (b.double() @ a.double()) * scale
@@ -134,7 +153,7 @@ def run_case(root: Path, family: str, lora: bool, projector: str, overrides: dic
         if name.endswith("rotary_emb.inv_freq"):
             skipped += 1
             continue
-        m = mine.get(ours_name(name))
+        m = ours_tensor(mine, name)
         if m is None:
             missing.append(name)
             continue
@@ -167,7 +186,7 @@ def run_case(root: Path, family: str, lora: bool, projector: str, overrides: dic
         with torch.inference_mode():
             changed = float((plain(ids, images=image, image_sizes=sizes).logits[:, -1].float() - logits[:, -1]).abs().max())
     return {
-        "case": case_id, "overrides": overrides, "logits_change_from_overrides": changed, "classes": [theirs_doc["class"], type(model).__name__],
+        "case": case_id, "peer_note": theirs_doc.get("peer_note"), "overrides": overrides, "logits_change_from_overrides": changed, "classes": [theirs_doc["class"], type(model).__name__],
         "tensors": len(theirs), "bit_identical": identical, "max_ulps": worst[0], "worst_tensor": worst[1], "missing": missing[:3], "skipped": skipped,
         "greedy_equal": generated.tolist() == theirs_doc["generated"], "generated": [theirs_doc["generated"], generated.tolist()],
         "logits_shape": [list(their_logits.shape), list(logits.shape)],

@@ -16,7 +16,26 @@ from prompts import EDGE_TEXTS, QUESTION, TEMPLATES, token_report
 from llava.mm_utils import tokenizer_image_token
 from llava.model.builder import load_pretrained_model
 
+
+def use_mixtral_class() -> str:
+    """llava-torch 1.2.2 has no llava_mixtral (LLaVA-NeXT, not on PyPI, added it as its llava_mistral.py
+    with Mixtral's classes). The same here, from LLaVA's own llava_mistral.py source, and LLaVA's
+    builder is pointed at it where it builds LlavaLlamaForCausalLM (every non-Mistral, non-MPT branch)."""
+    import importlib.util
+
+    import llava.model.builder as builder
+
+    spec = importlib.util.find_spec("llava.model.language_model.llava_mistral")
+    source = open(spec.origin).read().replace("Mistral", "Mixtral").replace("mistral", "mixtral")
+    module = type(sys)("llava.model.language_model.llava_mixtral")
+    module.__package__ = "llava.model.language_model"
+    exec(compile(source, "llava_mixtral.py", "exec"), module.__dict__)
+    builder.LlavaLlamaForCausalLM = module.LlavaMixtralForCausalLM
+    return "llava_mistral.py with Mistral -> Mixtral"
+
+
 model_path, model_base, model_name, out, image_file = sys.argv[1:6]
+peer_note = use_mixtral_class() if "mixtral" in model_name.lower() else None
 overrides = json.loads(sys.argv[6]) if len(sys.argv) > 6 else {}
 tokenizer, model, image_processor, context_len = load_pretrained_model(
     model_path, None if model_base == "-" else model_base, model_name, device_map="cpu", device="cpu", **overrides)
@@ -54,4 +73,4 @@ tokens = token_report(tokenizer, prompts + list(EDGE_TEXTS), lambda t: tokenizer
 answer = tokenizer.batch_decode(generated, skip_special_tokens=True)[0].strip()  # LLaVA's run_llava.py
 json.dump({"tokenizer_class": type(tokenizer).__name__, "tokenizer_is_fast": tokenizer.is_fast, "tokens": tokens, "answer": answer,
            "class": type(model).__name__, "ids": ids.tolist(), "generated": generated.tolist(), "context_len": context_len,
-           "vocab": len(tokenizer), "image_processor": type(image_processor).__name__, "applied": applied, "image_sizes": sizes}, open(f"{out}/llava.json", "w"))
+           "vocab": len(tokenizer), "image_processor": type(image_processor).__name__, "applied": applied, "image_sizes": sizes, "peer_note": peer_note}, open(f"{out}/llava.json", "w"))
