@@ -139,16 +139,15 @@ def translated_overrides(overrides: dict, origin: str = "overwrite_config") -> d
     """LLaVA-vocabulary config overrides plus their transformers names (the LLaVA key stays too:
     LLaVA's own helpers, e.g. process_images, read `model.config.image_aspect_ratio` and kin)."""
     out = dict(overrides)
-    for key in ARCHITECTURE_KEYS:
-        if key in overrides:
-            raise InputError(f"{origin}: {key} changes the model's modules, not a setting; these weights were saved for the checkpoint's own")
-    if "mm_vision_select_layer" in overrides:
-        out["vision_feature_layer"] = int(overrides["mm_vision_select_layer"])
-    if "mm_vision_select_feature" in overrides:
-        feature = overrides["mm_vision_select_feature"]
-        if feature not in _SELECT_STRATEGY:
-            raise InputError(f"{origin}: mm_vision_select_feature {feature!r} is not one of {sorted(_SELECT_STRATEGY)}")
-        out["vision_feature_select_strategy"] = _SELECT_STRATEGY[feature]
+    for key, name in CONFIG_KEYS.items():
+        if key not in overrides:
+            continue
+        value = overrides[key]
+        if key == "mm_vision_select_feature":  # LLaVA's values differ too: patch -> default, cls_patch -> full
+            if value not in _SELECT_STRATEGY:
+                raise InputError(f"{origin}: mm_vision_select_feature {value!r} is not one of {sorted(_SELECT_STRATEGY)}")
+            value = _SELECT_STRATEGY[value]
+        out[name] = value
     return out
 
 

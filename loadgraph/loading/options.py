@@ -102,8 +102,12 @@ def apply_overrides(config: Any, overrides: dict[str, Any] | None, origin: str =
         return config
     if not isinstance(overrides, dict):
         raise LoadingError(f"{origin}: expected a mapping of config keys to values, got {type(overrides).__name__}")
-    from loadgraph.formats.llava_original import translated_overrides
+    from loadgraph.errors import InputError
+    from loadgraph.formats.llava_original import ARCHITECTURE_KEYS, translated_overrides
 
+    for key in ARCHITECTURE_KEYS:
+        if key in overrides and getattr(config, key, overrides[key]) != overrides[key]:
+            raise InputError(f"{origin}: {key} changes the model's modules, not a setting; these weights were saved for {getattr(config, key)!r}")
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     for key, value in translated_overrides(overrides, origin).items():
         if key in ROPE_KEYS:
