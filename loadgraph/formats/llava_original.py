@@ -108,7 +108,7 @@ def parse_original(config: dict, origin: str, layout: str = "hf") -> OriginalLla
     if layout == "hf" and (str(aspect).startswith("anyres") or merge != "flat"):
         raise InputError(
             f"{origin}: image_aspect_ratio {aspect!r} / mm_patch_merge_type {config.get('mm_patch_merge_type')!r} is LLaVA-NeXT "
-            "(anyres); converting it needs LlavaNextForConditionalGeneration, which this stage does not produce"
+            "(anyres); this stage converts to LlavaForConditionalGeneration only (load_pretrained_model loads it on LlavaNext)"
         )
     return OriginalLlava(
         text_type=text_type,

@@ -118,6 +118,10 @@ def slow_tokenizer(path: Path, **kwargs: Any) -> LlamaSlowTokenizer | None:
     config = path / "tokenizer_config.json"
     if not (path / "tokenizer.model").is_file() or not config.is_file():
         return None
-    if json.loads(config.read_text()).get("tokenizer_class") not in LLAMA_CLASSES:
+    doc = json.loads(config.read_text())
+    if doc.get("tokenizer_class") not in LLAMA_CLASSES:
         return None
-    return LlamaSlowTokenizer.from_pretrained(str(path), **kwargs)
+    # transformers 5 drops add_bos/eos_token from the saved config when a tokenizer.json is present
+    # (its fast tokenizer's post-processor holds them); the slow tokenizer needs them as arguments
+    flags = {k: bool(doc[k]) for k in ("add_bos_token", "add_eos_token") if k in doc}
+    return LlamaSlowTokenizer.from_pretrained(str(path), **{**flags, **kwargs})
