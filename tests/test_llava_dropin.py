@@ -184,3 +184,10 @@ def test_anyres_llava_next(root):
         assert 0 < newline_rows <= grid_rows  # one per remaining grid row after unpadding
     out = model.generate(prompt_ids(tokenizer), images=images, image_sizes=[tall], do_sample=False, max_new_tokens=3)
     assert out.shape == (1, 4)
+    # LLaVA's unpad truncates 47 * 12 / 188 = 2.9999999999999996 to 2 rows kept; transformers' rounds it to 3
+    from transformers.models.llava_next.modeling_llava_next import unpad_image
+
+    from loadgraph.loading.llava_api import unpad_features
+
+    grid = torch.zeros(1, 4, 12)
+    assert unpad_features(grid, 188, 47).shape == (1, 2, 12) and unpad_image(grid, (47, 188)).shape == (1, 4, 12)

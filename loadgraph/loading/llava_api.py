@@ -54,6 +54,21 @@ class LlavaProjector(nn.Module):
         return features
 
 
+def unpad_features(features: torch.Tensor, width: int, height: int) -> torch.Tensor:
+    """Crop a (C, H, W) feature grid to the picture's aspect ratio, with LLaVA's arithmetic.
+
+    transformers' LlavaNext `unpad_image` rounds the scaled side to 7 digits before `int()`;
+    LLaVA truncates, so a side like 11.999999999999998 is 11 there: for 19 of ~1.1M picture sizes
+    on LLaVA-1.6's grids (e.g. 328x205) the padding, hence the image's token count, differs.
+    """
+    rows, cols = features.shape[1:]
+    if width / height > cols / rows:
+        pad = (rows - int(height * (cols / width))) // 2
+        return features[:, pad:rows - pad, :]
+    pad = (cols - int(width * (rows / height))) // 2
+    return features[:, :, pad:cols - pad]
+
+
 class VisionTower:
     """What LLaVA's CLIPVisionTower offers its callers, over transformers' loaded tower."""
 
@@ -175,10 +190,10 @@ class LlavaApiMixin:
         """LLaVA-1.6's merge of one image: the base image's patches, then the crops laid out as the
         grid they were cut from (unpadded, an image_newline closing every row when `unpad`).
 
-        transformers' LlavaNext helpers do the geometry in (height, width); LLaVA's image sizes
+        transformers' LlavaNext helper picks the grid in (height, width); LLaVA's image sizes
         (PIL's `image.size`) and image_grid_pinpoints are (width, height), so both are turned here.
         """
-        from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
+        from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
 
         from loadgraph.formats.llava_original import grid_pinpoints
 
@@ -195,7 +210,7 @@ class LlavaApiMixin:
         crops = crops.view(rows, cols, side, side, -1)
         if unpad:
             crops = crops.permute(4, 0, 2, 1, 3).contiguous().flatten(1, 2).flatten(2, 3)
-            crops = unpad_image(crops, (height, width))
+            crops = unpad_features(crops, width, height)
             newline = self.model.image_newline[:, None, None].expand(*crops.shape[:-1], 1).to(crops)
             crops = torch.cat((crops, newline), dim=-1).flatten(1, 2).transpose(0, 1)
         else:

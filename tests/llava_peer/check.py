@@ -30,18 +30,20 @@ LLAVA_PY = os.environ.get("LLAVA_PY", "/work/venvs/llava/bin/python")
 # LLaVA-vocabulary config overrides: ours through overwrite_config, LLaVA's through its builder's
 # **kwargs (llava-torch 1.2.2 has no overwrite_config; from_pretrained sets config keys it is given).
 OVERRIDES = {"mm_vision_select_layer": -1, "mm_vision_select_feature": "cls_patch", "rope_scaling": {"type": "linear", "factor": 2.0}}
-# (family, lora, projector, overrides, sentencepiece tokenizer.model only, LLaVA-1.6 anyres)
+# (family, lora, projector, overrides, sentencepiece tokenizer.model only, LLaVA-1.6 anyres picture (width, height))
 CASES = [("llama", False, "mlp2x_gelu", None, False), ("llama", True, "mlp2x_gelu", None, False), ("llama", False, "linear", None, False),
          ("llama", False, "mlp3x_gelu", None, False), ("mistral", False, "mlp2x_gelu", None, False), ("llama", True, "linear", None, False),
          ("llama", False, "mlp2x_gelu", OVERRIDES, False), ("llama", False, "mlp2x_gelu", None, True), ("llama", True, "mlp2x_gelu", None, True),
-         ("llama", False, "mlp2x_gelu", None, False, True), ("llama", True, "mlp2x_gelu", None, False, True),
-         ("mistral", False, "mlp2x_gelu", None, False, True), ("mixtral", False, "mlp2x_gelu", None, False, False),
+         ("llama", False, "mlp2x_gelu", None, False, (50, 22)), ("llama", True, "mlp2x_gelu", None, False, (50, 22)),
+         ("mistral", False, "mlp2x_gelu", None, False, (50, 22)),
+         # 188x47 on the 96x32 grid: LLaVA's truncating unpad keeps 1 row less each side than transformers' rounding one
+         ("llama", False, "mlp2x_gelu", None, False, (188, 47)), ("mixtral", False, "mlp2x_gelu", None, False, False),
          ("mixtral", True, "mlp2x_gelu", None, False, False)]
 
 
-def case_name(family: str, lora: bool, projector: str, overrides: dict | None = None, spm: bool = False, anyres: bool = False) -> str:
+def case_name(family: str, lora: bool, projector: str, overrides: dict | None = None, spm: bool = False, anyres: tuple | None = None) -> str:
     return (f"llava-{family}-{projector}-{'lora' if lora else 'full'}" + ("-overrides" if overrides else "") + ("-spm" if spm else "")
-            + ("-anyres" if anyres else ""))
+            + (f"-anyres{anyres[0]}x{anyres[1]}" if anyres else ""))
 
 
 EXPERT = re.compile(r"model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.(w[123])\.weight$")
@@ -128,8 +130,8 @@ def lora_tensor_report(fx: dict, mine: dict, theirs: dict) -> dict:
     return {"merged_tensors": merged, "scale": scale, "dtype": str(next(iter(base.values())).dtype), "per_tensor": rows}
 
 
-def run_case(root: Path, family: str, lora: bool, projector: str, overrides: dict | None = None, spm: bool = False, anyres: bool = False) -> dict:
-    fx = make_fixture(root, family, lora=lora, projector=projector, sentencepiece=spm, anyres=anyres)
+def run_case(root: Path, family: str, lora: bool, projector: str, overrides: dict | None = None, spm: bool = False, anyres: tuple | None = None) -> dict:
+    fx = make_fixture(root, family, lora=lora, projector=projector, sentencepiece=spm, anyres=bool(anyres))
     case_id = case_name(family, lora, projector, overrides, spm, anyres)
     out = root / f"out-{case_id}"
     out.mkdir()
@@ -137,7 +139,7 @@ def run_case(root: Path, family: str, lora: bool, projector: str, overrides: dic
     image = torch.randn(1, 3, side, side, generator=torch.Generator().manual_seed(1)).half()
     save_file({"image": image}, str(out / "image.safetensors"))
     proc = subprocess.run([LLAVA_PY, str(Path(__file__).with_name("run_llava.py")), fx["model_path"], fx["model_base"] or "-",
-                           fx["model_name"], str(out), str(out / "image.safetensors"), json.dumps(overrides or {})], capture_output=True, text=True, cwd=root)
+                           fx["model_name"], str(out), str(out / "image.safetensors"), json.dumps(overrides or {}), "x".join(map(str, anyres or (50, 22)))], capture_output=True, text=True, cwd=root)
     if proc.returncode:
         return {"case": case_id, "error": proc.stderr.strip().splitlines()[-1]}
     theirs_doc = json.loads((out / "llava.json").read_text())

@@ -37,6 +37,7 @@ def use_mixtral_class() -> str:
 model_path, model_base, model_name, out, image_file = sys.argv[1:6]
 peer_note = use_mixtral_class() if "mixtral" in model_name.lower() else None
 overrides = json.loads(sys.argv[6]) if len(sys.argv) > 6 else {}
+picture_size = tuple(int(v) for v in sys.argv[7].split("x")) if len(sys.argv) > 7 else (50, 22)  # anyres: PIL (width, height)
 tokenizer, model, image_processor, context_len = load_pretrained_model(
     model_path, None if model_base == "-" else model_base, model_name, device_map="cpu", device="cpu", **overrides)
 # what the overrides made of LLaVA's config (its vision tower reads select_layer / select_feature from it)
@@ -55,7 +56,7 @@ if getattr(model.config, "image_aspect_ratio", None) == "anyres":
 
     from llava.mm_utils import process_images
 
-    picture = Image.fromarray(np.random.default_rng(3).integers(0, 256, (22, 50, 3), dtype=np.uint8))
+    picture = Image.fromarray(np.random.default_rng(3).integers(0, 256, (picture_size[1], picture_size[0], 3), dtype=np.uint8))
     image = process_images([picture], image_processor, model.config).to(torch.float16)
     sizes = [picture.size]
     save_file({"image": image.contiguous()}, f"{out}/llava_image.safetensors")
