@@ -2,8 +2,11 @@
 
 Writes fixtures in LLaVA's on-disk format, runs LLaVA's builder (llava-torch, transformers
 4.37.2, peft 0.10.0) in its own venv on each, and compares every language-model and projector
-tensor (bit-identical, else the largest difference in ulps of float16) and the greedy output for
-the same input_ids (LLaVA's tokenizer_image_token ids, IMAGE_TOKEN_INDEX included) and image.
+tensor (bit-identical; LoRA-merged ones per tensor in ulps of the stored dtype, each side
+recomputed from the files), the greedy output for the same input_ids (LLaVA's
+tokenizer_image_token ids, IMAGE_TOKEN_INDEX included) and image (for anyres, LLaVA's own
+process_images crops), the decoded answer, and the ids/decodes of LLaVA's conversation
+templates and edge texts. `check.py [case-substring ...]` runs a subset.
 """
 
 from __future__ import annotations
