@@ -22,7 +22,7 @@ from loadgraph.loading.modeling import attach_adapters, llava_class, load_exact,
 from loadgraph.loading.multimodal import add_image_tokens, load_image_processor, overlay_projector, projector_file
 from loadgraph.loading.slow_tokenizer import slow_tokenizer
 from loadgraph.loading.options import ROPE_KEYS, apply_overrides, attention_arg, context_length, device_map_arg, spec_dtype, torch_dtype_of
-from loadgraph.spec import AdapterSpec, BuildSpec, QuantizeSpec, Source, VerifySpec
+from loadgraph.spec import AdapterSpec, BuildSpec, MergeOptions, QuantizeSpec, Source, VerifySpec
 
 # from_pretrained kwargs that describe the *source*: they shape the build, not the final load.
 _SOURCE_KWARGS = ("revision", "trust_remote_code", "allow_pickle")
@@ -114,12 +114,19 @@ def plan_load(
         source=Source(model=str(source), **{k: v for k, v in source_kwargs.items() if v is not None}),
         dtype=dtype,
         adapters=adapters,
+        merge=llava_merge(dtype),
         quantize=quantize,
         # A plain load's artifact holds the source's own bytes: the strict load below is the check.
         # Verify where the build computed new weights (a merge, a quantization).
         verify=VerifySpec() if verify and (adapters or quantize) else None,
     )
     return LoadPlan(spec, arch, projector)
+
+
+def llava_merge(dtype: str) -> MergeOptions:
+    """LLaVA's builder merges with PEFT 0.10, which rounds an fp16 delta before adding it: the same
+    bytes need the same rounding (bf16 and fp32 merges are PEFT's current ones)."""
+    return MergeOptions(delta_rounding="twice" if dtype == "float16" else "once")
 
 
 # LLaVA quantizes its language model only: its tower is loaded apart (unquantized) and kept so here,
@@ -171,6 +178,7 @@ def _plan_original_llava(model_path: str, path: Path, model_base: str | None, mo
         name=model_name,
         source=Source(model=_source_name(model_path, path), **{k: v for k, v in source_kwargs.items() if v is not None}),
         dtype=dtype,
+        merge=llava_merge(dtype),
         quantize=quantize,
         convert=convert,
         # The llava layout copies bytes (the strict load below checks every name); its classes
