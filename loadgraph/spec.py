@@ -44,6 +44,10 @@ class MergeOptions(_Strict):
     # GPU's float32 products round differently (measured: 8 of 9 cases of the adapter matrix differ
     # in some elements), so `cuda` enters the merge's key and is opt-in. DoRA always runs on the CPU.
     backend: Literal["cpu", "cuda"] = "cpu"
+    # once: W + delta in float32, rounded once (PEFT's merge_and_unload today). twice: the delta is
+    # rounded to the weight's dtype before the add, as PEFT 0.10 merges fp16 weights on the CPU
+    # (LLaVA's builder pins it): where W and the delta nearly cancel the two differ by many ulps.
+    delta_rounding: Literal["once", "twice"] = "once"
 
 
 class QuantizeSpec(_Strict):

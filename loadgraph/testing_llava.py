@@ -64,6 +64,11 @@ def projector_state(projector: str, hidden: int, seed: int, prefix: str = "model
     return out
 
 
+# LLaVA-1.6's anyres settings at the tiny tower's 32-pixel crops; [width, height] pairs, not symmetric,
+# so that a (width, height) / (height, width) mix-up shows.
+ANYRES = {"image_aspect_ratio": "anyres", "mm_patch_merge_type": "spatial_unpad", "image_grid_pinpoints": [[32, 64], [96, 32], [64, 64]]}
+
+
 def llava_config(family: str, lm_config: dict, projector: str, tower: Path) -> dict:
     _, model_type, cls = FAMILIES[family]
     config = dict(lm_config)
@@ -79,11 +84,16 @@ def llava_config(family: str, lm_config: dict, projector: str, tower: Path) -> d
     return config
 
 
-def make_fixture(root: Path, family: str, *, lora: bool, projector: str = "mlp2x_gelu", adapter_dtype: torch.dtype = torch.float16) -> dict:
-    """One LLaVA checkpoint; returns {"model_path", "model_base", "model_name"} as LLaVA's scripts pass them."""
+def make_fixture(root: Path, family: str, *, lora: bool, projector: str = "mlp2x_gelu", adapter_dtype: torch.dtype = torch.float16,
+                 sentencepiece: bool = False, anyres: bool = False) -> dict:
+    """One LLaVA checkpoint; returns {"model_path", "model_base", "model_name"} as LLaVA's scripts pass them.
+
+    `sentencepiece`: the tokenizer is a tokenizer.model only, as Vicuna and llava-v1.5 ship it.
+    `anyres`: LLaVA-1.6 (anyres grid, spatial_unpad merge, a trained `model.image_newline`).
+    """
     kind = FAMILIES[family][0]
     tower = make_tower(root / "clip-tiny")
-    name = f"llava-{family}-{projector}-{'lora' if lora else 'full'}"
+    name = f"llava-{family}-{projector}-{'lora' if lora else 'full'}" + ("-spm" if sentencepiece else "") + ("-anyres" if anyres else "")
     out = root / name
     if out.exists():
         import shutil
@@ -94,22 +104,36 @@ def make_fixture(root: Path, family: str, *, lora: bool, projector: str = "mlp2x
     lm_config = json.loads(lm.config.to_json_string())
     hidden = lm.config.hidden_size
     out.mkdir(parents=True)
-    (out / "config.json").write_text(json.dumps(llava_config(family, lm_config, projector, tower), indent=2))
+    (out / "config.json").write_text(json.dumps({**llava_config(family, lm_config, projector, tower), **(ANYRES if anyres else {})}, indent=2))
     proj = {k: v.to(torch.float16) for k, v in projector_state(projector, hidden, seed=11).items()}
+    if anyres:
+        proj["model.image_newline"] = (torch.randn(hidden, generator=torch.Generator().manual_seed(13)) * 0.1).to(torch.float16)
     if not lora:
-        state = {**{k: v.contiguous() for k, v in lm.state_dict().items()}, **proj}
-        if lm.config.tie_word_embeddings:
-            state.pop("lm_head.weight", None)
+        state = {**_on_disk_state(lm, root / f".{name}-lm"), **proj}
         save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
-        _tokenizer(out)
+        (sentencepiece_tokenizer if sentencepiece else _tokenizer)(out)
         return {"model_path": str(out), "model_base": None, "model_name": name}
-    base = root / f"{family}-base"
+    base = root / (f"{family}-base" + ("-spm" if sentencepiece else ""))
     if not base.exists():
         lm.save_pretrained(base)
-        _tokenizer(base)
+        (sentencepiece_tokenizer if sentencepiece else _tokenizer)(base)
     _lora_adapter(lm, out, adapter_dtype)
     torch.save({"base_model.model." + k: v for k, v in proj.items()}, out / "non_lora_trainables.bin")
     return {"model_path": str(out), "model_base": str(base), "model_name": name}
+
+
+def _on_disk_state(lm, scratch: Path) -> dict[str, torch.Tensor]:
+    """The language model's tensors under the names a checkpoint holds them (transformers' save
+    reverts its in-memory fusions: Mixtral's experts go back to per-expert w1/w2/w3, as LLaVA saved them)."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    lm.save_pretrained(scratch)
+    try:
+        return {k: v for f in sorted(scratch.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+    finally:
+        shutil.rmtree(scratch)
 
 
 def _tokenizer(out: Path) -> None:
@@ -127,6 +151,27 @@ def _tokenizer(out: Path) -> None:
         model["merges"] = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
         model.pop("ignore_merges", None)
     tok_path.write_text(json.dumps(tok, ensure_ascii=False))
+
+
+def sentencepiece_tokenizer(out: Path, vocab: int = VOCAB) -> None:
+    """A Llama-style sentencepiece BPE (byte fallback, identity normalizer, dummy prefix, split digits)
+    trained on loadgraph.testing's corpus: tokenizer.model + tokenizer_config.json, no tokenizer.json."""
+    import io
+
+    import sentencepiece as spm
+
+    from loadgraph.testing import _corpus
+
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(_corpus()), model_writer=buf, vocab_size=vocab, model_type="bpe", byte_fallback=True, character_coverage=1.0,
+        num_threads=1, unk_id=0, bos_id=1, eos_id=2, pad_id=3, add_dummy_prefix=True, normalization_rule_name="identity",
+        remove_extra_whitespaces=False, split_digits=True, allow_whitespace_only_pieces=True, minloglevel=2)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "tokenizer.model").write_bytes(buf.getvalue())
+    doc = {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": None,
+           "add_bos_token": True, "add_eos_token": False, "legacy": False, "clean_up_tokenization_spaces": False, "model_max_length": 2048}
+    (out / "tokenizer_config.json").write_text(json.dumps(doc, indent=2))
 
 
 def _lora_adapter(lm, out: Path, dtype: torch.dtype) -> None:

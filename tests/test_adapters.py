@@ -101,6 +101,36 @@ def test_scale_multiplies_the_delta(models, tmp_path, cache_dir):
     assert all(torch.equal(t, tensors_of(base)[k]) for k, t in tensors_of(tmp_path / "out").items())
 
 
+def test_delta_rounding_twice_rounds_the_delta_first_and_verifies(models, tmp_path, cache_dir):
+    """PEFT 0.10's fp16 merge (LLaVA's builder): `W += delta.to(fp16)`; its own key; verify's bound holds."""
+    from loadgraph.formats.lora import LoraAdapter, lora_delta, plan_merge
+    from loadgraph.formats.names import inspect_checkpoint_names
+
+    base = models("llama")
+    adapter = make_lora_adapter(base, tmp_path / "a", r=8, seed=4, lora_alpha=64)
+    once = spec_for(tmp_path, base, [{"path": str(adapter)}], "float16", "once.yaml", export={"path": str(tmp_path / "once")})
+    twice = spec_for(tmp_path, base, [{"path": str(adapter)}], "float16", "twice.yaml", merge={"delta_rounding": "twice"},
+                     export={"path": str(tmp_path / "twice")})
+    build(once, cache_dir)
+    build(twice, cache_dir)  # verify on (the default): the per-tensor bound includes the delta's rounding
+    a, b, w = tensors_of(tmp_path / "once"), tensors_of(tmp_path / "twice"), tensors_of(base)
+    names = inspect_checkpoint_names(base, keys=list(w))
+    lora = LoraAdapter.load(adapter)
+    plan = plan_merge(lora, names, {k: ("F32", tuple(v.shape)) for k, v in w.items()})
+    tensors = lora.load_tensors()
+    differ = 0
+    for name, op in plan.ops.items():
+        (_, target), = op.merges
+        delta = lora_delta(target, tensors)
+        expected = w[name].to(torch.float16).clone()
+        expected += delta.to(torch.float16)
+        assert torch.equal(b[name], expected), name
+        differ += int((a[name] != b[name]).sum())
+    assert differ > 0  # the two roundings are different products, so they are different artifacts
+    keys = [json.loads(run_cli("plan", s, "--cache", cache_dir, "--json").stdout)["nodes"] for s in (once, twice)]
+    assert {n["key"] for n in keys[0] if n["stage"] == "merge"} != {n["key"] for n in keys[1] if n["stage"] == "merge"}
+
+
 def test_plan_reuses_base_when_adapter_changes_and_merge_when_shards_change(models, tmp_path, cache_dir):
     base = models("llama")
     a1 = make_lora_adapter(base, tmp_path / "a1", r=4, seed=1)

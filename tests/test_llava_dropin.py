@@ -31,8 +31,7 @@ def _load(fx: dict, cache: Path, **kw):
 
 
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
-@pytest.mark.parametrize("family", [f if f != "mixtral" else pytest.param(f, marks=pytest.mark.xfail(
-    strict=True, reason="not done: Mixtral's per-expert tensors need transformers' fused-expert conversion in the llava layout")) for f in sorted(FAMILIES)])
+@pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_family_loads_with_llava_api(family, lora, root):
     fx = make_fixture(root / family, family, lora=lora)
     (tokenizer, model, image_processor, context_len), notes = _load(fx, root / "cache")
@@ -106,3 +105,89 @@ def test_refusals(root, tmp_path):
         load_pretrained_model(str(pickled), None, "vicuna-7b", cache=tmp_path / "c")
     with pytest.raises(ValueError, match="prefetch"):
         load_pretrained_model("nobody-org/llava-none", None, "llava-none", cache=tmp_path / "c")
+
+
+def test_overrides_in_llava_vocabulary(root):
+    """overwrite_config / customized_config keys as LLaVA spells them reach transformers' names."""
+    from loadgraph.loading.dispatch import LoadingError
+
+    fx = make_fixture(root / "overrides", "llama", lora=False)
+    legacy = {"type": "linear", "factor": 2.0}
+    (tokenizer, model, _, _), _ = _load(fx, root / "cache", overwrite_config={"mm_vision_select_layer": -1, "mm_vision_select_feature": "cls_patch",
+                                                                       "rope_scaling": legacy})
+    text = model.config.text_config
+    assert (model.config.vision_feature_layer, model.config.vision_feature_select_strategy) == (-1, "full")
+    assert text.rope_parameters["rope_type"] == "linear" and text.rope_parameters["factor"] == 2.0 and text.rope_parameters["rope_theta"] > 0
+    rotary = model.model.language_model.rotary_emb
+    assert rotary.rope_type == "linear" and rotary.attention_scaling == 1.0
+    side = model.config.vision_config.image_size
+    ids = prompt_ids(tokenizer)
+    logits = model(ids, images=image_tensor(side).half()).logits
+    assert logits.shape[1] == ids.shape[1] - 1 + (side // model.config.vision_config.patch_size) ** 2 + 1  # cls_patch keeps CLS
+    # customized_config as LLaVA's config.json dict: only what differs from the checkpoint's applies
+    custom = {**json.loads((Path(fx["model_path"]) / "config.json").read_text()), "mm_vision_select_layer": -3}
+    (_, model, _, _), _ = _load(fx, root / "cache", customized_config=custom, overwrite_config={"rope_scaling": None})
+    assert model.config.vision_feature_layer == -3 and model.config.text_config.rope_parameters["rope_type"] == "default"
+    with pytest.raises(LoadingError, match="rope_scaling"):
+        _load(fx, root / "cache", overwrite_config={"rope_scaling": {"type": "linear"}})
+    from loadgraph.errors import InputError
+
+    with pytest.raises(InputError, match="mm_projector_type"):
+        _load(fx, root / "cache", overwrite_config={"mm_projector_type": "linear"})
+
+
+
+def test_slow_tokenizer_where_llava_asks_use_fast_false(root):
+    """A tokenizer.model-only checkpoint (Vicuna, llava-v1.5): LLaVA's builder gets transformers 4's slow
+    LlamaTokenizer; here LlamaSlowTokenizer (sentencepiece), whose ids are sentencepiece's own."""
+    import sentencepiece as spm
+
+    from loadgraph.loading.slow_tokenizer import LlamaSlowTokenizer
+
+    fx = make_fixture(root / "spm", "llama", lora=False, sentencepiece=True)
+    (tokenizer, model, _, _), _ = _load(fx, root / "cache")
+    assert isinstance(tokenizer, LlamaSlowTokenizer) and not tokenizer.is_fast
+    sp = spm.SentencePieceProcessor(model_file=str(Path(fx["model_path"]) / "tokenizer.model"))
+    # BOS, no EOS, sentencepiece's dummy prefix; a leading space stays a piece (transformers 5's LlamaTokenizer drops it)
+    for text in ("The cat sat on 12 mats.\nWhat next?", " leading space"):
+        assert tokenizer(text).input_ids == [sp.bos_id(), *sp.encode(text)], text
+        assert tokenizer.decode(tokenizer(text).input_ids, skip_special_tokens=True) == text
+    ids = prompt_ids(tokenizer)
+    side = model.config.vision_config.image_size
+    assert model.generate(ids, images=image_tensor(side).half(), do_sample=False, max_new_tokens=2).shape == (1, 3)
+    from loadgraph.loading.loader import wants_slow_tokenizer
+
+    # LLaVA's builder: use_fast=False but for MPT and a full LLaVA-Mistral (name, model_base given, multimodal)
+    assert [wants_slow_tokenizer(*a) for a in (("llava-mistral-7b", False, True), ("llava-mistral-7b-lora", True, True),
+                                               ("llava-mpt-7b", False, True), ("vicuna-7b", False, False))] == [False, True, False, True]
+
+
+def test_anyres_llava_next(root):
+    """LLaVA-1.6: image_newline on transformers' LlavaNext; a crop grid chosen from LLaVA's [width, height]
+    pinpoints, each grid row closed by image_newline. (The LoRA form, newline from non_lora_trainables: llava-check.)"""
+    from transformers import LlavaNextForConditionalGeneration
+
+    fx = make_fixture(root / "anyres", "llama", lora=False, anyres=True)
+    (tokenizer, model, _, _), _ = _load(fx, root / "cache")
+    assert isinstance(model, LlavaNextForConditionalGeneration) and type(model).__name__ == "LlavaLlamaForCausalLM"
+    assert torch.equal(model.model.image_newline, load_file(str(Path(fx["model_path"]) / "model.safetensors"))["model.image_newline"])
+    side = model.config.vision_config.image_size
+    wide, tall = (3 * side + 2, side - 10), (side - 10, 3 * side + 2)  # PIL sizes (width, height)
+    # the [96, 32] pinpoint fits the wide picture: a base image + 3 crops side by side; the tall one [32, 64]: 2 crops stacked
+    crops = {wide: 4, tall: 3}
+    for size, n in crops.items():
+        images = image_tensor(side).half().expand(n, -1, -1, -1).unsqueeze(0).contiguous()
+        features = model._image_features(images, [size])[0]
+        newline_rows = int((features == model.model.image_newline.to(features)).all(-1).sum())
+        per_side = side // model.config.vision_config.patch_size
+        grid_rows = per_side * (1 if size == wide else 2)
+        assert 0 < newline_rows <= grid_rows  # one per remaining grid row after unpadding
+    out = model.generate(prompt_ids(tokenizer), images=images, image_sizes=[tall], do_sample=False, max_new_tokens=3)
+    assert out.shape == (1, 4)
+    # LLaVA's unpad truncates 47 * 12 / 188 = 2.9999999999999996 to 2 rows kept; transformers' rounds it to 3
+    from transformers.models.llava_next.modeling_llava_next import unpad_image
+
+    from loadgraph.loading.llava_api import unpad_features
+
+    grid = torch.zeros(1, 4, 12)
+    assert unpad_features(grid, 188, 47).shape == (1, 2, 12) and unpad_image(grid, (47, 188)).shape == (1, 4, 12)

@@ -30,6 +30,8 @@ MPT_REASON = (
 )
 # LLaVA's config keys -> transformers' Llava config keys (overwrite_config / customized_config use LLaVA's).
 CONFIG_KEYS = {"mm_vision_select_layer": "vision_feature_layer", "mm_vision_select_feature": "vision_feature_select_strategy"}
+# LLaVA keys that would change the module tree the weights were saved for: an override cannot hold.
+ARCHITECTURE_KEYS = ("mm_projector_type", "mm_hidden_size", "mm_vision_tower")
 PROJECTOR_PREFIX = "model.mm_projector."
 TOWER_PREFIX = "model.vision_tower."  # only present when a finetune saved an unfrozen tower
 RESIZE_MULTIPLE = 64  # the conversion script pads the vocabulary to a multiple of 64
@@ -61,6 +63,13 @@ class OriginalLlava:
     aspect_ratio: str
     use_im_start_end: bool
     use_im_patch_token: bool
+    patch_merge_type: str = "flat"  # flat | spatial | spatial_unpad (LLaVA-1.6)
+    grid_pinpoints: tuple[tuple[int, int], ...] = ()  # anyres resolutions, LLaVA's (width, height)
+
+    @property
+    def next(self) -> bool:
+        """LLaVA-1.6's unpadded merge: a learnt `image_newline`, which transformers' LlavaNext holds."""
+        return "unpad" in self.patch_merge_type
 
     @property
     def projector_act(self) -> str:
@@ -90,10 +99,16 @@ def parse_original(config: dict, origin: str, layout: str = "hf") -> OriginalLla
     if feature not in _SELECT_STRATEGY:
         raise InputError(f"{origin}: mm_vision_select_feature {feature!r} is not one of {sorted(_SELECT_STRATEGY)}")
     aspect = config.get("image_aspect_ratio", "square") or "square"
-    if str(aspect).startswith("anyres") or config.get("mm_patch_merge_type", "flat") != "flat":
+    merge = config.get("mm_patch_merge_type", "flat") or "flat"
+    if layout == "llava" and merge not in ("flat", "spatial", "spatial_unpad"):
+        raise InputError(f"{origin}: mm_patch_merge_type {merge!r} is not one of LLaVA's flat, spatial, spatial_unpad")
+    pinpoints = grid_pinpoints(config.get("image_grid_pinpoints"), origin) if str(aspect).startswith("anyres") else ()
+    if layout == "llava" and str(aspect).startswith("anyres") and (aspect != "anyres" or not pinpoints):
+        raise InputError(f"{origin}: image_aspect_ratio {aspect!r} needs image_grid_pinpoints (LLaVA-1.6's plain 'anyres' is what loads)")
+    if layout == "hf" and (str(aspect).startswith("anyres") or merge != "flat"):
         raise InputError(
             f"{origin}: image_aspect_ratio {aspect!r} / mm_patch_merge_type {config.get('mm_patch_merge_type')!r} is LLaVA-NeXT "
-            "(anyres); converting it needs LlavaNextForConditionalGeneration, which this stage does not produce"
+            "(anyres); this stage converts to LlavaForConditionalGeneration only (load_pretrained_model loads it on LlavaNext)"
         )
     return OriginalLlava(
         text_type=text_type,
@@ -104,7 +119,36 @@ def parse_original(config: dict, origin: str, layout: str = "hf") -> OriginalLla
         aspect_ratio=str(aspect),
         use_im_start_end=bool(config.get("mm_use_im_start_end", False)),
         use_im_patch_token=bool(config.get("mm_use_im_patch_token", True)),
+        patch_merge_type=merge,
+        grid_pinpoints=pinpoints,
     )
+
+
+def grid_pinpoints(value, origin: str) -> tuple[tuple[int, int], ...]:
+    """LLaVA's image_grid_pinpoints: a list of [width, height], or its string form (LLaVA literal_evals it)."""
+    import ast
+
+    try:
+        points = ast.literal_eval(value) if isinstance(value, str) else value
+        return tuple((int(w), int(h)) for w, h in points)
+    except (ValueError, TypeError, SyntaxError):
+        raise InputError(f"{origin}: image_grid_pinpoints {value!r} is not a list of [width, height] pairs") from None
+
+
+def translated_overrides(overrides: dict, origin: str = "overwrite_config") -> dict:
+    """LLaVA-vocabulary config overrides plus their transformers names (the LLaVA key stays too:
+    LLaVA's own helpers, e.g. process_images, read `model.config.image_aspect_ratio` and kin)."""
+    out = dict(overrides)
+    for key, name in CONFIG_KEYS.items():
+        if key not in overrides:
+            continue
+        value = overrides[key]
+        if key == "mm_vision_select_feature":  # LLaVA's values differ too: patch -> default, cls_patch -> full
+            if value not in _SELECT_STRATEGY:
+                raise InputError(f"{origin}: mm_vision_select_feature {value!r} is not one of {sorted(_SELECT_STRATEGY)}")
+            value = _SELECT_STRATEGY[value]
+        out[name] = value
+    return out
 
 
 def original_name(name: str) -> str:
@@ -119,7 +163,9 @@ def legacy_name(original: str, projector_type: str, layout: str = "hf") -> str |
 
     None for tensors the converted model does not have (rotary caches, LLaVA-NeXT's image_newline).
     """
-    if original.endswith(".inv_freq") or original == "model.image_newline" or ".vision_resampler" in original:
+    if original == "model.image_newline":  # LLaVA-1.6's newline embedding: LlavaNext's own parameter
+        return "model.image_newline" if layout == "llava" else None
+    if original.endswith(".inv_freq") or ".vision_resampler" in original:
         return None
     if original.startswith(PROJECTOR_PREFIX):
         rest = original[len(PROJECTOR_PREFIX):]

@@ -405,12 +405,14 @@ def merge_weight(
     tensors: Mapping[str, torch.Tensor],
     *,
     scale_multiplier: float = 1.0,
+    round_delta: bool = False,
 ) -> torch.Tensor:
-    """The merged weight, same dtype and shape as `weight`; `weight` itself is left untouched."""
+    """The merged weight, same dtype and shape as `weight`; `weight` itself is left untouched.
+    `round_delta`: PEFT 0.10's Linear.merge of fp16 weights on the CPU, `weight += delta.to(fp16)`."""
     delta = lora_delta(target, tensors, scale_multiplier=scale_multiplier)
     if target.use_dora:
         return _merge_dora(weight, target, delta, tensors)
-    if target.kind == KIND_EMBEDDING:
+    if target.kind == KIND_EMBEDDING or round_delta:
         # Embedding.merge rounds the delta to the weight dtype *before* adding
         # (`weight.data += delta.to(orig_dtype)`), unlike Linear.merge.
         merged = weight.clone()
@@ -717,25 +719,28 @@ def merge_shard(
     plan: MergePlan,
     shard_tensors: Mapping[str, torch.Tensor],
     adapter_tensors: Mapping[str, torch.Tensor],
+    round_delta: bool = False,
 ) -> dict[str, torch.Tensor]:
     """One base shard in, the same names out; untouched tensors are passed through as they are."""
     out: dict[str, torch.Tensor] = {}
     for name, tensor in shard_tensors.items():
         op = plan.ops.get(name)
-        out[name] = tensor if op is None else _apply(plan, name, op, tensor, adapter_tensors)
+        out[name] = tensor if op is None else _apply(plan, name, op, tensor, adapter_tensors, round_delta)
     return out
 
 
 def _apply(
-    plan: MergePlan, name: str, op: TensorOp, tensor: torch.Tensor, adapter_tensors: Mapping[str, torch.Tensor]
+    plan: MergePlan, name: str, op: TensorOp, tensor: torch.Tensor, adapter_tensors: Mapping[str, torch.Tensor], round_delta: bool = False
 ) -> torch.Tensor:
     _require(plan, name, op, adapter_tensors)
     if op.replace_from is not None:
         # PEFT's load_state_dict copies into the existing parameter: a cast to the base dtype.
         tensor = adapter_tensors[op.replace_from].to(dtype=tensor.dtype, copy=True)
     for what, target in op.merges:
-        merge = merge_weight if what == "weight" else merge_bias
-        tensor = merge(tensor, target, adapter_tensors, scale_multiplier=plan.scale_multiplier)
+        if what == "weight":
+            tensor = merge_weight(tensor, target, adapter_tensors, scale_multiplier=plan.scale_multiplier, round_delta=round_delta)
+        else:
+            tensor = merge_bias(tensor, target, adapter_tensors, scale_multiplier=plan.scale_multiplier)
     return tensor
 
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import LlavaForConditionalGeneration
+from transformers import LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
 
 IMAGE_TOKEN_INDEX = -200  # LLaVA's placeholder id in input_ids (llava/constants.py)
 IGNORE_INDEX = -100
@@ -54,6 +54,21 @@ class LlavaProjector(nn.Module):
         return features
 
 
+def unpad_features(features: torch.Tensor, width: int, height: int) -> torch.Tensor:
+    """Crop a (C, H, W) feature grid to the picture's aspect ratio, with LLaVA's arithmetic.
+
+    transformers' LlavaNext `unpad_image` rounds the scaled side to 7 digits before `int()`;
+    LLaVA truncates, so a side like 11.999999999999998 is 11 there: for 19 of ~1.1M picture sizes
+    on LLaVA-1.6's grids (e.g. 328x205) the padding, hence the image's token count, differs.
+    """
+    rows, cols = features.shape[1:]
+    if width / height > cols / rows:
+        pad = (rows - int(height * (cols / width))) // 2
+        return features[:, pad:rows - pad, :]
+    pad = (cols - int(width * (rows / height))) // 2
+    return features[:, :, pad:cols - pad]
+
+
 class VisionTower:
     """What LLaVA's CLIPVisionTower offers its callers, over transformers' loaded tower."""
 
@@ -82,8 +97,12 @@ class VisionTower:
         return self.config.hidden_size
 
     @property
+    def num_patches_per_side(self) -> int:
+        return self.config.image_size // self.config.patch_size
+
+    @property
     def num_patches(self) -> int:
-        return (self.config.image_size // self.config.patch_size) ** 2
+        return self.num_patches_per_side ** 2
 
     @property
     def dtype(self) -> torch.dtype:
@@ -156,11 +175,47 @@ class LlavaApiMixin:
     def _image_features(self, images: Any, image_sizes: Any) -> list[torch.Tensor]:
         """One (patches, hidden) tensor per image, in order."""
         if isinstance(images, list) or images.ndim == 5:
-            # Several crops per image (a list, or batch x crops): LLaVA's "flat" merge concatenates them.
+            # Several crops per image (a list, or batch x crops: anyres's base image + its grid)
             stacks = [s if s.ndim == 4 else s.unsqueeze(0) for s in images]
-            encoded = self.encode_images(torch.cat(stacks))
-            return [f.flatten(0, 1) for f in torch.split(encoded, [s.shape[0] for s in stacks])]
+            encoded = torch.split(self.encode_images(torch.cat(stacks)), [s.shape[0] for s in stacks])
+            merge = getattr(self.config, "mm_patch_merge_type", "flat")
+            if merge == "flat":  # concatenated as they come
+                return [f.flatten(0, 1) for f in encoded]
+            if not merge.startswith("spatial"):
+                raise ValueError(f"Unexpected mm_patch_merge_type: {merge}")
+            return [self._spatial_merge(f, None if image_sizes is None else image_sizes[i], "unpad" in merge) for i, f in enumerate(encoded)]
         return list(self.encode_images(images))
+
+    def _spatial_merge(self, feature: torch.Tensor, size: Any, unpad: bool) -> torch.Tensor:
+        """LLaVA-1.6's merge of one image: the base image's patches, then the crops laid out as the
+        grid they were cut from (unpadded, an image_newline closing every row when `unpad`).
+
+        transformers' LlavaNext helper picks the grid in (height, width); LLaVA's image sizes
+        (PIL's `image.size`) and image_grid_pinpoints are (width, height), so both are turned here.
+        """
+        from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
+
+        from loadgraph.formats.llava_original import grid_pinpoints
+
+        if feature.shape[0] == 1:
+            feature = feature[0]
+            return torch.cat((feature, self.model.image_newline[None].to(feature))) if unpad else feature
+        if getattr(self.config, "image_aspect_ratio", None) != "anyres":
+            raise NotImplementedError  # LLaVA's own answer for crops without anyres
+        base, crops = feature[0], feature[1:]
+        side = self.get_vision_tower().num_patches_per_side
+        width, height = (int(v) for v in size)
+        pinpoints = [[h, w] for w, h in grid_pinpoints(self.config.image_grid_pinpoints, "image_grid_pinpoints")]
+        rows, cols = get_anyres_image_grid_shape((height, width), pinpoints, self.config.vision_config.image_size)
+        crops = crops.view(rows, cols, side, side, -1)
+        if unpad:
+            crops = crops.permute(4, 0, 2, 1, 3).contiguous().flatten(1, 2).flatten(2, 3)
+            crops = unpad_features(crops, width, height)
+            newline = self.model.image_newline[:, None, None].expand(*crops.shape[:-1], 1).to(crops)
+            crops = torch.cat((crops, newline), dim=-1).flatten(1, 2).transpose(0, 1)
+        else:
+            crops = crops.permute(0, 2, 1, 3, 4).contiguous().flatten(0, 3)
+        return torch.cat((base, crops))
 
     def prepare_inputs_labels_for_multimodal(self, input_ids, position_ids, attention_mask, past_key_values, labels, images, image_sizes=None):
         """LLaVA's contract: (input_ids=None, position_ids, attention_mask, past_key_values, inputs_embeds, labels)."""
@@ -279,3 +334,14 @@ CLASSES: dict[str, type] = {
     "qwen": LlavaQwenForCausalLM,
     "gemma": LlavaGemmaForCausalLM,
 }
+# LLaVA-1.6 (anyres, spatial_unpad) checkpoints: the same names (LLaVA has one class per family for
+# both) on transformers' LlavaNext, which holds the image_newline embedding.
+NEXT_CLASSES: dict[str, type] = {
+    family: type(cls.__name__, (LlavaApiMixin, LlavaNextForConditionalGeneration), {"__module__": __name__, "__qualname__": cls.__name__})
+    for family, cls in CLASSES.items()
+}
+
+
+def llava_class(family: str, next: bool = False) -> type:
+    """LLaVA's class for a language family (LlavaLlamaForCausalLM, ...), on transformers' Llava or LlavaNext."""
+    return (NEXT_CLASSES if next else CLASSES)[family]

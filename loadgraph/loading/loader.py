@@ -20,8 +20,9 @@ from loadgraph.loading.builder import BuiltArtifact, build_artifact
 from loadgraph.loading.dispatch import Architecture, LoadingError, model_name_from_path, read_config, resolve_architecture
 from loadgraph.loading.modeling import attach_adapters, llava_class, load_exact, resize_for_tokenizer
 from loadgraph.loading.multimodal import add_image_tokens, load_image_processor, overlay_projector, projector_file
-from loadgraph.loading.options import apply_overrides, attention_arg, context_length, device_map_arg, spec_dtype, torch_dtype_of
-from loadgraph.spec import AdapterSpec, BuildSpec, QuantizeSpec, Source, VerifySpec
+from loadgraph.loading.slow_tokenizer import slow_tokenizer
+from loadgraph.loading.options import ROPE_KEYS, apply_overrides, attention_arg, context_length, device_map_arg, spec_dtype, torch_dtype_of
+from loadgraph.spec import AdapterSpec, BuildSpec, MergeOptions, QuantizeSpec, Source, VerifySpec
 
 # from_pretrained kwargs that describe the *source*: they shape the build, not the final load.
 _SOURCE_KWARGS = ("revision", "trust_remote_code", "allow_pickle")
@@ -35,6 +36,7 @@ class LoadPlan:
     arch: Architecture
     projector: Path | None  # LLaVA projector weights to place on the built model
     llava: bool = False  # an original LLaVA checkpoint: the model is one of LLaVA's classes (llava_api)
+    llava_config: dict | None = None  # its config.json as LLaVA wrote it (what customized_config is compared to)
 
 
 def _is_adapter_dir(path: Path) -> bool:
@@ -112,12 +114,19 @@ def plan_load(
         source=Source(model=str(source), **{k: v for k, v in source_kwargs.items() if v is not None}),
         dtype=dtype,
         adapters=adapters,
+        merge=llava_merge(dtype),
         quantize=quantize,
         # A plain load's artifact holds the source's own bytes: the strict load below is the check.
         # Verify where the build computed new weights (a merge, a quantization).
         verify=VerifySpec() if verify and (adapters or quantize) else None,
     )
     return LoadPlan(spec, arch, projector)
+
+
+def llava_merge(dtype: str) -> MergeOptions:
+    """LLaVA's builder merges with PEFT 0.10, which rounds an fp16 delta before adding it: the same
+    bytes need the same rounding (bf16 and fp32 merges are PEFT's current ones)."""
+    return MergeOptions(delta_rounding="twice" if dtype == "float16" else "once")
 
 
 # LLaVA quantizes its language model only: its tower is loaded apart (unquantized) and kept so here,
@@ -155,7 +164,8 @@ def _plan_original_llava(model_path: str, path: Path, model_base: str | None, mo
     from loadgraph.formats.llava_original import parse_original
     from loadgraph.spec import ConvertSpec
 
-    info = parse_original(_original_llava_config(path) or {}, f"{path}/config.json", "llava")
+    original = _original_llava_config(path) or {}
+    info = parse_original(original, f"{path}/config.json", "llava")
     lora = _is_adapter_dir(path)
     if lora and model_base is None:
         raise LoadingError(f"model_path: {path} is a LLaVA LoRA output (adapter_config.json); pass the language model it was trained on as model_base")
@@ -168,13 +178,14 @@ def _plan_original_llava(model_path: str, path: Path, model_base: str | None, mo
         name=model_name,
         source=Source(model=_source_name(model_path, path), **{k: v for k, v in source_kwargs.items() if v is not None}),
         dtype=dtype,
+        merge=llava_merge(dtype),
         quantize=quantize,
         convert=convert,
         # The llava layout copies bytes (the strict load below checks every name); its classes
         # are not the ones the verify stage loads.
         verify=None,
     )
-    return LoadPlan(spec, arch, None, llava=True)
+    return LoadPlan(spec, arch, None, llava=True, llava_config=original)
 
 
 def load_pretrained_model(
@@ -225,7 +236,8 @@ def load_pretrained_model(
         source_kwargs=source_kwargs, verify=verify,
     )
     built = build_artifact(plan.spec, cache, executor)
-    tokenizer, model = _load_built(built, plan, dtype, device_map, attn, customized_config, overwrite_config, kwargs, source_kwargs)
+    slow = wants_slow_tokenizer(model_name, model_base is not None, plan.arch.multimodal)
+    tokenizer, model = _load_built(built, plan, dtype, device_map, attn, customized_config, overwrite_config, kwargs, source_kwargs, slow)
     if plan.projector is not None:
         overlay_projector(model, plan.projector, allow_pickle)
 
@@ -240,7 +252,32 @@ def load_pretrained_model(
     return tokenizer, model, image_processor, context_length(model.config)
 
 
-def _load_built(built: BuiltArtifact, plan: LoadPlan, dtype: str, device_map, attn, customized_config, overwrite_config, kwargs, source_kwargs):
+# Bookkeeping keys of a config, not settings: never taken from a customized_config.
+_CONFIG_META = ("architectures", "model_type", "transformers_version", "_name_or_path", "torch_dtype", "dtype", "auto_map")
+
+
+def _llava_vocabulary(config: Any) -> bool:
+    """A config in LLaVA's own shape (a language-model config with mm_* keys, or its dict), not transformers' Llava."""
+    doc = config if isinstance(config, dict) else getattr(config, "__dict__", {})
+    return "text_config" not in doc
+
+
+def _changed_keys(customized: Any, original: dict) -> dict:
+    """LLaVA builds its model from customized_config; its settings that differ from the checkpoint's
+    own config.json are what it changes, applied here as overrides in LLaVA's vocabulary."""
+    doc = dict(customized) if isinstance(customized, dict) else customized.to_dict()
+    return {k: v for k, v in doc.items() if k not in _CONFIG_META and not k.startswith("_") and original.get(k, object()) != v
+            and (k in original or k.startswith("mm_") or k in ROPE_KEYS)}
+
+
+def wants_slow_tokenizer(model_name: str, has_base: bool, multimodal: bool) -> bool:
+    """LLaVA's builder asks `use_fast=False` everywhere but MPT and a full LLaVA-Mistral (by name)."""
+    name = model_name.lower()
+    return "mpt" not in name and not (multimodal and not has_base and "mistral" in name)
+
+
+def _load_built(built: BuiltArtifact, plan: LoadPlan, dtype: str, device_map, attn, customized_config, overwrite_config, kwargs, source_kwargs,
+                slow: bool = False):
     from transformers import AutoConfig, AutoTokenizer
 
     trust = bool(source_kwargs.get("trust_remote_code", False))
@@ -249,17 +286,19 @@ def _load_built(built: BuiltArtifact, plan: LoadPlan, dtype: str, device_map, at
         # Only then is a config object passed: with one, from_pretrained hands the remaining
         # kwargs to the model's __init__ instead of the config (output_hidden_states=... and
         # friends would fail), so plain calls keep transformers' usual kwargs semantics.
-        if customized_config is not None:
+        if customized_config is not None and not (plan.llava and _llava_vocabulary(customized_config)):
             config = copy.deepcopy(customized_config)  # LLaVA mutates the caller's object; do not
         else:
             config = AutoConfig.from_pretrained(str(built.path), trust_remote_code=trust)
+            if customized_config is not None:
+                config = apply_overrides(config, _changed_keys(customized_config, plan.llava_config or {}), "customized_config")
         load_kwargs["config"] = apply_overrides(config, overwrite_config)
     if device_map is not None:
         load_kwargs["device_map"] = device_map
     if attn is not None:
         load_kwargs["attn_implementation"] = attn
-    model = load_exact(built.path, plan.arch, cls=llava_class(plan.arch.family) if plan.llava else None, **load_kwargs)
+    model = load_exact(built.path, plan.arch, cls=llava_class(plan.arch.family, built.path) if plan.llava else None, **load_kwargs)
     model = attach_adapters(model, built.attached_adapters, trainable=False)
-    tokenizer = AutoTokenizer.from_pretrained(str(built.path), trust_remote_code=trust)
+    tokenizer = (slow and slow_tokenizer(built.path)) or AutoTokenizer.from_pretrained(str(built.path), trust_remote_code=trust)
     model.loadgraph_artifact = built  # key, path and build report, for callers and tests
     return tokenizer, model

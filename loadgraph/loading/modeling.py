@@ -20,11 +20,14 @@ def auto_class(arch: Architecture):
     return getattr(transformers, arch.auto_class_name)
 
 
-def llava_class(family: str):
-    """LLaVA's class for a language family (LlavaLlamaForCausalLM, ...), on transformers' Llava."""
-    from loadgraph.loading.llava_api import CLASSES
+def llava_class(family: str, path: Path):
+    """LLaVA's class for a language family (LlavaLlamaForCausalLM, ...), on the transformers class
+    the artifact at `path` was converted for (Llava, or LlavaNext for LLaVA-1.6)."""
+    import json
 
-    return CLASSES[family]
+    from loadgraph.loading.llava_api import llava_class as pick
+
+    return pick(family, next=json.loads((path / "config.json").read_text()).get("model_type") == "llava_next")
 
 
 def load_exact(path: Path, arch: Architecture, cls=None, **kwargs: Any):

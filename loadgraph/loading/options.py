@@ -87,18 +87,64 @@ def context_length(config: Any) -> int:
     return 2048
 
 
-def apply_overrides(config: Any, overrides: dict[str, Any] | None) -> Any:
+ROPE_KEYS = ("rope_scaling", "rope_parameters", "rope_theta")
+
+
+def apply_overrides(config: Any, overrides: dict[str, Any] | None, origin: str = "overwrite_config") -> Any:
     """LLaVA's `overwrite_config`: setattr each key on the config before the model is built.
 
-    A key the top-level config lacks but its text config has (rope, norm eps of a LLaVA model) is
-    set there, since transformers' LLaVA reads it from the text config.
+    Keys in LLaVA's vocabulary (`mm_vision_select_layer`, ...) also set transformers' name for
+    them. A key the top-level config lacks but its text config has (norm eps of a LLaVA model) is
+    set there, since transformers' LLaVA reads it from the text config; RoPE keys likewise (see
+    set_rope).
     """
     if not overrides:
         return config
     if not isinstance(overrides, dict):
-        raise LoadingError(f"overwrite_config: expected a mapping of config keys to values, got {type(overrides).__name__}")
+        raise LoadingError(f"{origin}: expected a mapping of config keys to values, got {type(overrides).__name__}")
+    from loadgraph.errors import InputError
+    from loadgraph.formats.llava_original import ARCHITECTURE_KEYS, translated_overrides
+
+    for key in ARCHITECTURE_KEYS:
+        if key in overrides and getattr(config, key, overrides[key]) != overrides[key]:
+            raise InputError(f"{origin}: {key} changes the model's modules, not a setting; these weights were saved for {getattr(config, key)!r}")
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    for key, value in overrides.items():
+    for key, value in translated_overrides(overrides, origin).items():
+        if key in ROPE_KEYS:
+            set_rope(text, key, value, origin)
+            continue
         target = text if text is not config and not hasattr(config, key) and hasattr(text, key) else config
         setattr(target, key, value)
     return config
+
+
+def set_rope(config: Any, key: str, value: Any, origin: str) -> None:
+    """transformers 4's `rope_scaling` ({"type": "linear", "factor": 2.0}, LLaVA's vocabulary) or
+    `rope_theta`, onto transformers 5's `rope_parameters` (which holds rope_type and rope_theta).
+
+    Setting `rope_scaling` on a transformers 5 config replaces rope_parameters whole and loses
+    rope_theta (a TypeError at the first forward); here the theta is kept, "type" becomes
+    "rope_type" the way transformers standardises a config.json, and the result is validated.
+    """
+    current = dict(getattr(config, "rope_parameters", None) or {})
+    theta = current.get("rope_theta", getattr(config, "default_theta", 10000.0))
+    if key == "rope_theta":
+        new = {**current, "rope_theta": value}
+    elif value is None:  # LLaVA's "no scaling"
+        new = {"rope_type": "default", "rope_theta": theta}
+    elif isinstance(value, dict):
+        new = {k: v for k, v in value.items() if k != "type"}
+        new.setdefault("rope_type", value.get("type", "default"))
+        new.setdefault("rope_theta", theta)
+    else:
+        raise LoadingError(f"{origin}: {key} must be a mapping like {{'type': 'linear', 'factor': 2.0}} or None, got {value!r}")
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    if new.get("rope_type") not in ("default", *ROPE_INIT_FUNCTIONS):
+        raise LoadingError(f"{origin}: {key} type {new.get('rope_type')!r} is not one of default, {', '.join(sorted(ROPE_INIT_FUNCTIONS))}")
+    config.rope_parameters = new
+    config.standardize_rope_params()
+    try:
+        config.validate_rope()
+    except (KeyError, ValueError, TypeError) as exc:
+        raise LoadingError(f"{origin}: {key}={value!r} is not a valid RoPE setting: {exc}") from None

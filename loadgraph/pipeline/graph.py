@@ -126,7 +126,7 @@ def _compile_target(graph: Graph, spec: BuildSpec, cache: Cache) -> Target:
     stages: dict[str, Node] = {}  # the transforming nodes verify checks: merge, quantize, export
     if merged:
         params = {"scales": [a.scale for a, _ in merged], "dtype": spec.dtype, "allow_pickle": spec.source.allow_pickle,
-                  "base_roundtrip": spec.merge.base_roundtrip, **({"backend": "cuda"} if spec.merge.backend == "cuda" else {})}
+                  "base_roundtrip": spec.merge.base_roundtrip, **({"backend": "cuda"} if spec.merge.backend == "cuda" else {}), **_rounding(spec)}
         inputs = {"model": current.key, **{f"adapter{i}": n.key for i, (_, n) in enumerate(merged)}}
         current = stages["merge"] = graph.add("merge", params, inputs, f"{spec.name}: merge {len(merged)} adapter(s)")
         cast_done = True
@@ -228,12 +228,17 @@ def _base_merge(graph: Graph, spec: BuildSpec, cache: Cache, options: ConvertSpe
     """convert.base_adapters merged onto model_base: the merge node a plain-LM LoRA gets."""
     adapters = _adapter_nodes(graph, spec.model_copy(update={"adapters": options.base_adapters}), cache, base_dir)
     params = {"scales": [a.scale for a in options.base_adapters], "dtype": spec.dtype, "allow_pickle": spec.source.allow_pickle,
-              "base_roundtrip": spec.merge.base_roundtrip}
+              "base_roundtrip": spec.merge.base_roundtrip, **_rounding(spec)}
     node = graph.add("merge", params, {"model": base, **{f"adapter{i}": n.key for i, n in enumerate(adapters)}},
                      f"{spec.name}: merge {len(adapters)} adapter(s) onto convert.model_base")
     if cache.get(node.key) is None:
         graph.checks.append((node.key, partial(_preflight_adapters, base_dir, adapters, params["scales"], spec.source.allow_pickle)))
     return node
+
+
+def _rounding(spec: BuildSpec) -> dict:
+    """The merge's delta rounding, in its params (and key) only when not the default."""
+    return {"delta_rounding": "twice"} if spec.merge.delta_rounding == "twice" else {}
 
 
 def scan_is_safetensors(path: str) -> bool:
@@ -283,7 +288,7 @@ def _verify_node(graph: Graph, spec: BuildSpec, final: Node, base: Node, stages:
     checks = spec.verify
     params: dict = {"tensors": checks.tensors, "load": checks.load, "finite": checks.finite, "logits": checks.logits, "rtol": checks.rtol,
                     "method": spec.quantize.method.lower() if spec.quantize else None, "scales": [],
-                    "allow_pickle": spec.source.allow_pickle, "base_roundtrip": spec.merge.base_roundtrip}
+                    "allow_pickle": spec.source.allow_pickle, "base_roundtrip": spec.merge.base_roundtrip, **_rounding(spec)}
     inputs = {"model": final.key}
     if "merge" in stages:
         params["scales"] = list(stages["merge"].params["scales"])

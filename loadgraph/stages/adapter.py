@@ -175,6 +175,7 @@ class MergeStage(Stage):
         names = unit.payload["tensors"]
         touched = set().union(*(plan.touched() for _, plan in plans))
         device = merge_device(ctx)
+        round_delta = ctx.params.get("delta_rounding") == "twice"
         reader = ArtifactReader(base, trusted="model" in ctx.trusted)
         writer = PlacedWriter(ctx.staging, layout, ctx.progress, unit.nbytes)
         try:
@@ -189,7 +190,7 @@ class MergeStage(Stage):
                 # ones), and so does DoRA (its norm reduces in another order on the GPU).
                 roundtrip = ctx.params.get("base_roundtrip") == "nf4" and any(_lora_target(plan, name) for _, plan in plans)
                 if merged and device == "cuda" and not roundtrip and not any(_uses_dora(plan, name) for _, plan in plans):
-                    _merge_on_gpu(name, t, p.nbytes, out_dtype, plans, reader, writer)
+                    _merge_on_gpu(name, t, p.nbytes, out_dtype, plans, reader, writer, round_delta)
                     continue
                 # PEFT merges into a base already loaded in the spec's dtype: cast first.
                 tensor = reader.read(name).to(out_dtype)
@@ -198,7 +199,7 @@ class MergeStage(Stage):
                         tensor = nf4_roundtrip(tensor)
                     for adapter, plan in plans:
                         if name in plan.ops:
-                            tensor = merge_shard(plan, {name: tensor}, adapter_tensors(adapter, "cpu"))[name]
+                            tensor = merge_shard(plan, {name: tensor}, adapter_tensors(adapter, "cpu"), round_delta)[name]
                 writer.write_tensor(name, tensor)
             writer.close()
         except BaseException:
@@ -212,7 +213,8 @@ class MergeStage(Stage):
         return {"merged_adapters": [str(p) for p in self._adapter_dirs(ctx)]}
 
 
-def _merge_on_gpu(name: str, t: dict, out_bytes: int, out_dtype, plans, reader: ArtifactReader, writer: PlacedWriter) -> None:
+def _merge_on_gpu(name: str, t: dict, out_bytes: int, out_dtype, plans, reader: ArtifactReader, writer: PlacedWriter,
+                  round_delta: bool = False) -> None:
     """Read into pinned memory, merge on the GPU (PEFT's float32 arithmetic; cuBLAS rounds its
     products differently, hence the backend in the key), copy back into pinned memory and write
     it before the pair is handed to the next tensor."""
@@ -224,7 +226,7 @@ def _merge_on_gpu(name: str, t: dict, out_bytes: int, out_dtype, plans, reader: 
         tensor = reader.read(name, into=bufs[0]).to("cuda").to(out_dtype)
         for adapter, plan in plans:
             if name in plan.ops:
-                tensor = merge_shard(plan, {name: tensor}, adapter_tensors(adapter, "cuda"))[name]
+                tensor = merge_shard(plan, {name: tensor}, adapter_tensors(adapter, "cuda"), round_delta)[name]
         host = bufs[1][:out_bytes].view(out_dtype).view(tensor.shape)
         host.copy_(tensor)  # synchronous: the pinned pair is reused as soon as the write is done
         writer.write_tensor(name, host)

@@ -54,6 +54,7 @@ IMAGE_TOKEN_INDEX = -200
 _SET_KEYS = ("mm_use_im_start_end", "mm_use_im_patch_token", "image_aspect_ratio", "image_token_index", "image_seq_length")
 PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json", "image_processor_config.json", "video_preprocessor_config.json")
 EMBED = "model.embed_tokens.weight"  # original (and plain Llama/Mistral) names
+NEWLINE = "model.image_newline"
 LM_HEAD = "lm_head.weight"
 
 
@@ -103,7 +104,15 @@ def converted_config(ctx: NodeContext, tokenizer):
     patches = (vision["image_size"] // vision["patch_size"]) ** 2
     dtype = original.get("dtype") or original.get("torch_dtype")
     extra = {k: v for k, v in original.items() if k.startswith(LLAVA_KEY_PREFIXES) and k not in _SET_KEYS} if layout == "llava" else {}
-    config = LlavaConfig(
+    cls, more = LlavaConfig, {}
+    if layout == "llava" and info.next:
+        # LLaVA-1.6 (spatial_unpad): LlavaNext holds its image_newline. The pinpoints stay LLaVA's
+        # [width, height] list, which LLaVA's process_images reads from model.config.
+        from transformers import LlavaNextConfig as cls
+
+        more = {"image_grid_pinpoints": [list(p) for p in info.grid_pinpoints]}
+        extra.pop("image_grid_pinpoints", None)
+    config = cls(
         text_config=text,
         vision_config=vision,
         # LLaVA's IMAGE_TOKEN_INDEX: never embedded, the model splices image features there
@@ -119,9 +128,10 @@ def converted_config(ctx: NodeContext, tokenizer):
         mm_use_im_start_end=info.use_im_start_end,
         mm_use_im_patch_token=info.use_im_patch_token,
         image_aspect_ratio=info.aspect_ratio,
+        **more,
         **extra,
     )
-    config.architectures = ["LlavaForConditionalGeneration"]
+    config.architectures = ["LlavaNextForConditionalGeneration" if cls is not LlavaConfig else "LlavaForConditionalGeneration"]
     if layout == "llava":
         config.mm_projector_type = original.get("mm_projector_type", "linear")
     if dtype:
@@ -144,8 +154,9 @@ def _sources(ctx: NodeContext, projector_type: str) -> list[tuple[str, str, str]
         new = legacy_name(original_name(name), projector_type, layout)
         if new is not None:
             out.append((lm_input, name, new))
-    projector = [n for n in named if n.startswith(PROJECTOR_PREFIX)]
-    if not projector:
+    # LLaVA-1.6 trains its image_newline with the projector (non_lora_trainables / mm_projector files)
+    projector = [n for n in named if n.startswith(PROJECTOR_PREFIX) or (n == NEWLINE and layout == "llava" and "base" in ctx.inputs)]
+    if not any(n.startswith(PROJECTOR_PREFIX) for n in projector):
         raise InputError(f"{model.manifest.get('source', {}).get('origin_path', 'source.model')}: no model.mm_projector.* tensors; not a LLaVA checkpoint")
     out += [("model", named[n], legacy_name(n, projector_type, layout)) for n in projector]
     if "base" in ctx.inputs and len(projector) + len(stored_tower) != len(model.tensors):
@@ -183,19 +194,25 @@ def _disk_names(config, legacy: list[str], layout: str) -> tuple[dict[str, str],
 
     cls = LlavaForConditionalGeneration
     if layout == "llava":
-        from loadgraph.loading.llava_api import LlavaLlamaForCausalLM as cls  # the family does not change names
+        from loadgraph.loading.llava_api import llava_class  # the family does not change names
+
+        cls = llava_class("llama", next=config.model_type == "llava_next")
     with torch.device("meta"):
         model = cls(config)
-    to_model, _, unexpected = _rename_like_from_pretrained(model, legacy)
+    to_model, converted, unexpected = _rename_like_from_pretrained(model, legacy)
     if unexpected:
         raise InputError(f"LLaVA checkpoint tensors with no place in LlavaForConditionalGeneration: {', '.join(sorted(unexpected)[:5])}")
-    placeholders = {mem: torch.empty(0, device="meta") for mem in model.state_dict()}
+    # Parameters transformers builds from several checkpoint tensors as it loads (Mixtral's fused
+    # experts from per-expert w1/w2/w3): their tensors keep the checkpoint's names and are fused by
+    # from_pretrained, so the stage stays a byte copy. Only the others are reverted to disk names.
+    fused = {to_model[k] for k in converted}
+    placeholders = {mem: torch.empty(0, device="meta") for mem in model.state_dict() if mem not in fused}
     owner = {id(t): mem for mem, t in placeholders.items()}
     reverted = revert_weight_conversion(model, placeholders)
     mem_to_disk = {owner[id(t)]: disk for disk, t in reverted.items()}
     covered = set(to_model.values())
     missing = [mem for mem in model.state_dict() if mem not in covered]
-    return {old: mem_to_disk[mem] for old, mem in to_model.items()}, [mem_to_disk[m] for m in missing]
+    return {old: old if mem in fused else mem_to_disk[mem] for old, mem in to_model.items()}, [mem_to_disk[m] for m in missing]
 
 
 def _seed(seed: int, what: str) -> int:

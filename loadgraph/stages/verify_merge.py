@@ -35,6 +35,7 @@ class MergeStep:
     target: LoraTarget | None = None
     replace_from: str | None = None
     multiplier: float = 1.0
+    round_delta: bool = False  # merge.delta_rounding: twice (the delta rounded to the weight's dtype first)
 
 
 def merge_steps(name: str, plans: list, adapter_tensors: list[Mapping[str, torch.Tensor]]) -> list[MergeStep]:
@@ -131,8 +132,8 @@ def _apply_step(step: MergeStep, index: int, x, bound, rows: slice, dtype: torch
     if target.use_dora:
         return _dora_step(step, x, bound, delta, delta_err, rows, dtype, device)
     new = x + delta
-    if target.kind == KIND_EMBEDDING:
-        # Embedding.merge rounds the delta to the weight dtype before adding.
+    if target.kind == KIND_EMBEDDING or step.round_delta:
+        # Embedding.merge (and delta_rounding: twice) rounds the delta to the weight dtype before adding.
         delta_err = delta_err + rounding_error(delta, dtype)
     return new, bound + delta_err + U32 * new.abs() + rounding_error(new, dtype)
 

@@ -11,6 +11,7 @@ Each check compares a stored artifact with the artifact it was made from:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import threading
@@ -129,6 +130,8 @@ def run_merge_item(name: str, base: Artifact, merged: Artifact, adapters: list[A
     if source.is_floating_point():
         source = source.to(stored.dtype)
     steps = merge_steps(name, plans, tensors)
+    if params.get("delta_rounding") == "twice":
+        steps = [dataclasses.replace(s, round_delta=True) for s in steps]
     if params.get("base_roundtrip") == "nf4" and any(s.what == "weight" for s in steps):
         source = nf4_roundtrip(source)
     result = check_merged(name, stored, source, steps, device)
