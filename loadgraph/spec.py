@@ -78,6 +78,11 @@ class ExportSpec(_Strict):
     # Ollama Modelfile, as `llamafactory-cli export` writes them (default_system: the SYSTEM line).
     template: str | None = None
     default_system: str | None = None
+    # config.json as LLaMA-Factory's inference load patches it before saving: use_cache (top level
+    # and text_config: its use_kv_cache) and a composite config's top-level hidden_size (copied
+    # from text_config by its configure_visual_model). None/False: config.json as the input's.
+    use_cache: bool | None = None
+    top_level_hidden_size: bool = False
 
     @field_validator("template")
     @classmethod

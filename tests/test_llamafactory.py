@@ -34,8 +34,10 @@ def test_lora_export_yaml(tmp_path):
     assert t.build == {
         "name": "llamafactory", "source": {"model": "meta-llama/Llama-2-7b-hf"}, "dtype": "auto",
         "adapters": [{"path": "saves/a", "mode": "merge"}, {"path": "saves/b", "mode": "merge"}],
-        # merged at the source dtype, then cast; the template shapes the exported tokenizer and Modelfile
-        "export": {"path": "out/merged", "max_shard_size": "2GB", "dtype": "bfloat16", "template": "llama2"},
+        # merged at the source dtype, then cast; the template shapes the exported tokenizer and Modelfile;
+        # config.json gets the inference load's use_cache (use_kv_cache) and a composite's hidden_size
+        "export": {"path": "out/merged", "max_shard_size": "2GB", "dtype": "bfloat16", "template": "llama2",
+                   "use_cache": True, "top_level_hidden_size": True},
     }
     assert t.trainer == [] and t.keys["template"][0] == "build" and "export_device" in t.unused and t.training == {"finetuning_type": "lora"}
 
