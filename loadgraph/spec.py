@@ -74,7 +74,7 @@ class ExportSpec(_Strict):
     # Cast floating tensors here, after merging at the source's dtype (LLaMA-Factory's export
     # order); the top-level dtype instead loads in that dtype before merging (PEFT's order).
     dtype: Dtype | None = None
-    # A LLaMA-Factory chat template: its eos / padding side in the exported tokenizer and its
+    # A LLaMA-Factory chat template: its eos / padding side / jinja chat template in the exported tokenizer and its
     # Ollama Modelfile, as `llamafactory-cli export` writes them (default_system: the SYSTEM line).
     template: str | None = None
     default_system: str | None = None
@@ -92,9 +92,6 @@ class ExportSpec(_Strict):
         if v is not None and v not in TEMPLATES:
             close = difflib.get_close_matches(v, list(TEMPLATES), n=1)
             raise ValueError(f"unknown LLaMA-Factory template {v!r}" + (f"; did you mean {close[0]!r}?" if close else ""))
-        if v is not None and TEMPLATES[v]["replace_jinja_template"]:
-            raise ValueError(f"LLaMA-Factory template {v!r} writes its own jinja chat template into the tokenizer, which loadgraph "
-                             "does not reproduce; use a template that keeps the tokenizer's (e.g. the model's own, like qwen3 or llama3)")
         return v
 
 

@@ -97,7 +97,6 @@ def test_training_keys_and_cutoff_len():
         ({"stage": "rm"}, "value head"),
         ({"lora_rnak": 8}, "'lora_rnak' (did you mean 'lora_rank'?)"),
         ({"export_dir": "out", "add_tokens": "<x>"}, "do not resize the vocabulary"),
-        ({"export_dir": "out", "template": "default"}, "writes its own jinja chat template"),
         ({"export_dir": "out", "template": "qwen4"}, "unknown LLaMA-Factory template 'qwen4'"),
     ],
 )
@@ -307,3 +306,23 @@ def test_qlora_inference_attaches_the_adapter(models, tmp_path, cache_dir):
     assert torch.equal(b, saved["base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"].float())
     with torch.no_grad():
         assert torch.isfinite(loaded.model(input_ids=IDS).logits).all()
+
+
+@pytest.mark.parametrize("name, want", [
+    # Template's jinja: system slot, then each turn (eos slots become the eos token's text).
+    ("default", "System: Be brief.{eos}\nHuman: hi{eos}\nAssistant:hello{eos}\n"),
+    # Llama2Template's jinja: the system slot fused into the first user turn (whose slots start with bos).
+    ("llama2", "{bos}[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nhi [/INST]hello{eos}"),
+])
+def test_jinja_chat_template_renders_the_slots(name, want, tmp_path):
+    """The jinja an export writes (make peer-check compares its bytes with llamafactory-cli export's)."""
+    from transformers import AutoTokenizer
+
+    from loadgraph.llamafactory_templates import TEMPLATES
+    from loadgraph.stages.export_chat import jinja_template
+    from loadgraph.testing import make_tokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(make_tokenizer(tmp_path, 300)))
+    tok.chat_template = jinja_template(tok, {"name": name, **TEMPLATES[name]})
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    assert tok.apply_chat_template(messages, tokenize=False) == want.format(eos=tok.eos_token, bos=tok.bos_token or "")

@@ -33,6 +33,13 @@ CASES = {
     "merge_lora/qwen3_lora_sft+bf16": ({"infer_dtype": "bfloat16"}, "merge_lora/qwen3_lora_sft"),
     # A Llama base under the llama3 template (bos in its slots, two stop words) and a system prompt.
     "merge_lora/qwen3_lora_sft+llama3": ({"template": "llama3", "default_system": "You are terse.", "kind": "llama"}, "merge_lora/qwen3_lora_sft"),
+    # Templates whose export replaces the tokenizer's jinja chat template (replace_jinja_template).
+    **{f"merge_lora/qwen3_lora_sft+{t}": ({"template": t}, "merge_lora/qwen3_lora_sft")
+       for t in ("alpaca", "chatml", "chatml_de", "default", "ernie_vl", "fewshot", "vicuna")},
+    # A tokenizer without a chat template gets the template's under any template: Llama2Template's
+    # jinja (system prompt fused into the first user turn).
+    "merge_lora/qwen3_lora_sft+llama2-no-chat-template": ({"template": "llama2", "kind": "llama", "no_chat_template": True},
+                                                          "merge_lora/qwen3_lora_sft"),
     # Vision-language models: transformers' own classes, their processor files saved beside the tokenizer.
     "merge_lora/qwen3vl_lora_sft": ({}, None),
     "merge_lora/qwen3vl_lora_sft+qwen2_vl": ({"template": "qwen2_vl", "kind": "qwen2_vl"}, "merge_lora/qwen3vl_lora_sft"),
@@ -43,6 +50,20 @@ CASES = {
 def _without_version(path: Path) -> bytes:
     """The file's bytes less its transformers_version line (each tool records its own transformers)."""
     return b"".join(line for line in path.read_bytes().splitlines(keepends=True) if b'"transformers_version"' not in line)
+
+
+def _without_chat_template(model: Path, out: Path) -> Path:
+    """A copy of the fixture whose tokenizer has no chat template."""
+    import json
+    import shutil
+
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.copytree(model, out)
+    (out / "chat_template.jinja").unlink(missing_ok=True)
+    config = json.loads((out / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    return out
 
 
 def compare(lf: Path, lg: Path, skip: set[str] = frozenset()) -> tuple[list[str], int, int]:
@@ -90,9 +111,12 @@ def main(cli: str, work: Path) -> int:
         case_dir.mkdir(parents=True, exist_ok=True)
         extra = dict(extra)
         kind = extra.pop("kind", None)
+        no_chat_template = extra.pop("no_chat_template", False)
         doc = {**rewrite(path, fixtures, case_dir), **extra}
         if kind:
             doc["model_name_or_path"], doc["adapter_name_or_path"] = str(fixtures.model(kind)), str(fixtures.lora(kind))
+        if no_chat_template:
+            doc["model_name_or_path"] = str(_without_chat_template(Path(doc["model_name_or_path"]), case_dir / "base"))
         for tool in ("lf", "lg"):
             spec = dict(doc, export_dir=str(case_dir / tool))
             (case_dir / f"{tool}.yaml").write_text(yaml.safe_dump(spec))
