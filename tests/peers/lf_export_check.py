@@ -33,6 +33,9 @@ CASES = {
     "merge_lora/qwen3_lora_sft+bf16": ({"infer_dtype": "bfloat16"}, "merge_lora/qwen3_lora_sft"),
     # A Llama base under the llama3 template (bos in its slots, two stop words) and a system prompt.
     "merge_lora/qwen3_lora_sft+llama3": ({"template": "llama3", "default_system": "You are terse.", "kind": "llama"}, "merge_lora/qwen3_lora_sft"),
+    # The host-dependent rule: an fp32 checkpoint under infer_dtype auto exports as
+    # infer_optim_dtype(bf16): bf16 on a bf16-capable GPU host (simulated on both sides), fp32 here.
+    "merge_lora/qwen3_lora_sft+bf16-host": ({"host": "bf16"}, "merge_lora/qwen3_lora_sft"),
     # Templates whose export replaces the tokenizer's jinja chat template (replace_jinja_template).
     **{f"merge_lora/qwen3_lora_sft+{t}": ({"template": t}, "merge_lora/qwen3_lora_sft")
        for t in ("alpaca", "chatml", "chatml_de", "default", "ernie_vl", "fewshot", "vicuna")},
@@ -50,6 +53,11 @@ CASES = {
 def _without_version(path: Path) -> bytes:
     """The file's bytes less its transformers_version line (each tool records its own transformers)."""
     return b"".join(line for line in path.read_bytes().splitlines(keepends=True) if b'"transformers_version"' not in line)
+
+
+# A bf16-capable GPU host, simulated the same way on both sides: the capability each one asks.
+SIMULATE_LF = "import llamafactory.extras.misc as m; m._is_bf16_available = m._is_fp16_available = True; "
+SIMULATE_LG = "import loadgraph.llamafactory_dtype as d; d.host_precision = lambda: (True, True, 'simulated bf16 GPU host'); "
 
 
 def _without_chat_template(model: Path, out: Path) -> Path:
@@ -112,6 +120,7 @@ def main(cli: str, work: Path) -> int:
         extra = dict(extra)
         kind = extra.pop("kind", None)
         no_chat_template = extra.pop("no_chat_template", False)
+        host = extra.pop("host", None)
         doc = {**rewrite(path, fixtures, case_dir), **extra}
         if kind:
             doc["model_name_or_path"], doc["adapter_name_or_path"] = str(fixtures.model(kind)), str(fixtures.lora(kind))
@@ -120,9 +129,15 @@ def main(cli: str, work: Path) -> int:
         for tool in ("lf", "lg"):
             spec = dict(doc, export_dir=str(case_dir / tool))
             (case_dir / f"{tool}.yaml").write_text(yaml.safe_dump(spec))
-        lf_run = subprocess.run([cli, "export", str(case_dir / "lf.yaml")], check=True, env=env, capture_output=True, text=True)
+        lf_cmd, lg_cmd = [cli, "export", str(case_dir / "lf.yaml")], [sys.executable, "-m", "loadgraph.cli"]
+        if host == "bf16":
+            lf_python = str(Path(cli).with_name("python"))
+            lf_cmd = [lf_python, "-c", SIMULATE_LF + "import sys, yaml; from llamafactory.train.tuner import export_model; "
+                      "export_model(yaml.safe_load(open(sys.argv[1])))", str(case_dir / "lf.yaml")]
+            lg_cmd = [sys.executable, "-c", SIMULATE_LG + "import sys; from loadgraph.cli import main; sys.argv[0] = 'loadgraph'; main()"]
+        lf_run = subprocess.run(lf_cmd, check=True, env=env, capture_output=True, text=True)
         skip = PROCESSOR_FILES if "Failed to load processor" in lf_run.stdout + lf_run.stderr else set()
-        proc = subprocess.run([sys.executable, "-m", "loadgraph.cli", "build", str(case_dir / "lg.yaml"), "--executor", "local",
+        proc = subprocess.run([*lg_cmd, "build", str(case_dir / "lg.yaml"), "--executor", "local",
                                "--cache", str(work / "cache")], env=env, capture_output=True, text=True)
         if proc.returncode:
             print(f"{case}: loadgraph build failed: {proc.stderr.strip().splitlines()[-1:]}")
