@@ -46,6 +46,10 @@ CASES = {
     # Vision-language models: transformers' own classes, their processor files saved beside the tokenizer.
     "merge_lora/qwen3vl_lora_sft": ({}, None),
     "merge_lora/qwen3vl_lora_sft+qwen2_vl": ({"template": "qwen2_vl", "kind": "qwen2_vl"}, "merge_lora/qwen3vl_lora_sft"),
+    # A quantized export (no adapter: LLaMA-Factory cannot merge into a quantized model); the vision
+    # tower is quantized as transformers' bitsandbytes quantizer does (it skips lm_head only).
+    "merge_lora/qwen3vl_lora_sft+4bit": ({"quantization_bit": 4, "adapter_name_or_path": None}, "merge_lora/qwen3vl_lora_sft"),
+    "merge_lora/qwen3_lora_sft+8bit": ({"quantization_bit": 8, "adapter_name_or_path": None}, "merge_lora/qwen3_lora_sft"),
     "merge_lora/qwen3vl_lora_sft+qwen2_5_vl": ({"template": "qwen2_vl", "kind": "qwen2_5_vl"}, "merge_lora/qwen3vl_lora_sft"),
 }
 
@@ -121,7 +125,7 @@ def main(cli: str, work: Path) -> int:
         kind = extra.pop("kind", None)
         no_chat_template = extra.pop("no_chat_template", False)
         host = extra.pop("host", None)
-        doc = {**rewrite(path, fixtures, case_dir), **extra}
+        doc = {k: v for k, v in {**rewrite(path, fixtures, case_dir), **extra}.items() if v is not None}  # None: key removed
         if kind:
             doc["model_name_or_path"], doc["adapter_name_or_path"] = str(fixtures.model(kind)), str(fixtures.lora(kind))
         if no_chat_template:
