@@ -92,6 +92,11 @@ class ExportSpec(_Strict):
         if v is not None and v not in TEMPLATES:
             close = difflib.get_close_matches(v, list(TEMPLATES), n=1)
             raise ValueError(f"unknown LLaMA-Factory template {v!r}" + (f"; did you mean {close[0]!r}?" if close else ""))
+        if v is not None and any("dict" in slot for part in ("prefix", "system", "user", "assistant")
+                                 for slot in TEMPLATES[v][part] if isinstance(slot, dict)):
+            # LLaMA-Factory's export saves the weights, then fails writing the Modelfile ("Dict is not supported").
+            raise ValueError(f"LLaMA-Factory template {v!r} has token-id slots that no Modelfile can hold "
+                             "(llamafactory-cli export fails on it too); export without template")
         return v
 
 

@@ -98,6 +98,7 @@ def test_training_keys_and_cutoff_len():
         ({"lora_rnak": 8}, "'lora_rnak' (did you mean 'lora_rank'?)"),
         ({"export_dir": "out", "add_tokens": "<x>"}, "do not resize the vocabulary"),
         ({"export_dir": "out", "template": "qwen4"}, "unknown LLaMA-Factory template 'qwen4'"),
+        ({"export_dir": "out", "template": "chatglm3"}, "llamafactory-cli export fails on it too"),
     ],
 )
 def test_unsupported_and_unknown_keys_are_named(extra, message):

@@ -59,26 +59,33 @@ def _jinja_escape(text: str) -> str:
     return text.replace("'", r"\'")
 
 
-def _jinja_slots(slots: list, tokenizer, placeholder: str = "content") -> str:
-    """LLaMA-Factory's _convert_slots_to_jinja: a jinja expression joining the slots."""
-    items = []
+def _pieces(slots: list, tokenizer, placeholder: str) -> list[tuple[bool, str]]:
+    """The slots as (is_variable, text) pieces, split as LLaMA-Factory's _convert_slots_to_jinja
+    and _convert_slots_to_ollama both split them: a token slot is the token's text (not
+    {{ eos_token }}: the eos may have been replaced), a dict slot cannot be rendered."""
+    items: list[tuple[bool, str]] = []
     for slot in slots:
         if isinstance(slot, str):
             pieces = slot.split("{{content}}")
             if pieces[0]:
-                items.append("'" + _jinja_escape(pieces[0]) + "'")
+                items.append((False, pieces[0]))
             if len(pieces) > 1:
-                items.append(placeholder)
+                items.append((True, placeholder))
                 if pieces[1]:
-                    items.append("'" + _jinja_escape(pieces[1]) + "'")
-        elif "token" in slot:  # the token's text, not {{ eos_token }}: the eos may have been replaced
+                    items.append((False, pieces[1]))
+        elif "token" in slot:
             if slot["token"] == "bos_token" and tokenizer.bos_token_id is not None:
-                items.append("'" + tokenizer.bos_token + "'")
+                items.append((False, tokenizer.bos_token))
             elif slot["token"] == "eos_token" and tokenizer.eos_token_id is not None:
-                items.append("'" + tokenizer.eos_token + "'")
+                items.append((False, tokenizer.eos_token))
         else:
-            raise InputError("template: a dict slot cannot go into a jinja chat template")
-    return " + ".join(items)
+            raise InputError("template: a dict slot cannot go into a chat template or Modelfile (LLaMA-Factory refuses it too)")
+    return items
+
+
+def _jinja_slots(slots: list, tokenizer, placeholder: str = "content") -> str:
+    """LLaMA-Factory's _convert_slots_to_jinja: a jinja expression joining the slots."""
+    return " + ".join(text if var else "'" + _jinja_escape(text) + "'" for var, text in _pieces(slots, tokenizer, placeholder))
 
 
 def jinja_template(tokenizer, template: dict) -> str:
@@ -104,24 +111,7 @@ def jinja_template(tokenizer, template: dict) -> str:
 
 def _slots(slots: list, tokenizer, placeholder: str) -> str:
     """LLaMA-Factory's _convert_slots_to_ollama."""
-    items = []
-    for slot in slots:
-        if isinstance(slot, str):
-            pieces = slot.split("{{content}}")
-            if pieces[0]:
-                items.append(pieces[0])
-            if len(pieces) > 1:
-                items.append("{{ " + placeholder + " }}")
-                if pieces[1]:
-                    items.append(pieces[1])
-        elif "token" in slot:
-            if slot["token"] == "bos_token" and tokenizer.bos_token_id is not None:
-                items.append(tokenizer.bos_token)
-            elif slot["token"] == "eos_token" and tokenizer.eos_token_id is not None:
-                items.append(tokenizer.eos_token)
-        else:
-            raise InputError("template: a dict slot cannot go into an Ollama Modelfile (LLaMA-Factory refuses it too)")
-    return "".join(items)
+    return "".join("{{ " + text + " }}" if var else text for var, text in _pieces(slots, tokenizer, placeholder))
 
 
 def modelfile(tokenizer, template: dict) -> str:
