@@ -108,6 +108,7 @@ def compare(lf: Path, lg: Path, skip: set[str] = frozenset()) -> tuple[list[str]
 
 
 def main(cli: str, work: Path) -> int:
+    work = work.absolute()  # fixture paths go into YAMLs under other directories
     work.mkdir(parents=True, exist_ok=True)
     fixtures = Fixtures(work / "fixtures")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "RAY_AUTH_MODE": "disabled"}

@@ -159,6 +159,7 @@ def diff(lf: dict, lg: dict) -> list[str]:
 
 
 def main(lf_python: str, work: Path) -> int:
+    work = work.absolute()  # fixture paths go into YAMLs under other directories
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from lf_examples import Fixtures
 
