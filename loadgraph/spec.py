@@ -74,8 +74,9 @@ class ExportSpec(_Strict):
     # Cast floating tensors here, after merging at the source's dtype (LLaMA-Factory's export
     # order); the top-level dtype instead loads in that dtype before merging (PEFT's order).
     dtype: Dtype | None = None
-    # A LLaMA-Factory chat template: its eos / padding side / jinja chat template in the exported tokenizer and its
-    # Ollama Modelfile, as `llamafactory-cli export` writes them (default_system: the SYSTEM line).
+    # A LLaMA-Factory chat template: its eos / padding side / jinja chat template in the exported
+    # tokenizer and its Ollama Modelfile, as `llamafactory-cli export` writes them
+    # (default_system: the SYSTEM line).
     template: str | None = None
     default_system: str | None = None
     # config.json as LLaMA-Factory's inference load patches it before saving: use_cache (top level

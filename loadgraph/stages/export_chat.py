@@ -5,7 +5,9 @@ llamafactory 0.9.5): the template's first stop word replaces the eos token (`rep
 other stop words become additional special tokens, a missing pad token becomes the eos, the
 jinja chat template is replaced by one built from the template's slots where the template says so
 (`replace_jinja_template`) or the tokenizer has none, the padding side is set to left, the
-tokenizer is saved, and a `Modelfile` is written from the template's slots. The template's data (loadgraph/llamafactory_templates.py) is LLaMA-Factory's own.
+tokenizer is saved, and a `Modelfile` is written from the template's slots. The template's data
+(loadgraph/llamafactory_templates.py) is LLaMA-Factory's own; templates with token-id slots, which
+neither a chat template nor a Modelfile can hold, are refused at plan time (spec.ExportSpec).
 """
 
 from __future__ import annotations
@@ -23,10 +25,7 @@ def apply_template(out: Path, template: dict, trust_remote_code: bool) -> None:
                                               trust_remote_code=trust_remote_code)
     _fix_special_tokens(tokenizer, template)
     if tokenizer.chat_template is None or template["replace_jinja_template"]:
-        try:
-            tokenizer.chat_template = jinja_template(tokenizer, template)
-        except InputError:  # a dict slot: LLaMA-Factory logs "Cannot add this chat template" and keeps the tokenizer's
-            pass
+        tokenizer.chat_template = jinja_template(tokenizer, template)
     tokenizer.padding_side = "left"
     tokenizer.init_kwargs["padding_side"] = "left"
     tokenizer.save_pretrained(str(out))
