@@ -36,8 +36,6 @@ SIMULATED_HOST = "simulated bf16-capable GPU host"
 
 def describe(model) -> dict:
     """What both sides are compared on."""
-    import torch
-
     params = {n: [str(p.dtype).removeprefix("torch."), list(p.shape), bool(p.requires_grad)] for n, p in model.named_parameters()}
     peft = {}
     # A PeftModel's config (after merge_and_unload the base keeps a stale `peft_config`: not the model's).
