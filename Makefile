@@ -45,12 +45,20 @@ $(LF_VENV)/.installed-$(LF_VERSION):
 	sp=$$($(LF_VENV)/bin/python -c "import site; print(site.getsitepackages()[0])"); mkdir -p $$sp/torchaudio; \
 	  echo '__version__ = "0.0.0+stub"  # LLaMA-Factory imports torchaudio only for audio' > $$sp/torchaudio/__init__.py
 	touch $@
+# What the example YAMLs ask LLaMA-Factory for (bitsandbytes for QLoRA/QOFT, the optimizers' packages,
+# nlg_eval's metrics); --no-deps where a package would pull a CUDA torch. No CPU torchvision exists on
+# PyPI for this torch, so LLaMA-Factory cannot load a Qwen-VL processor here (lf_export_check says so).
+$(LF_VENV)/.extras-$(LF_VERSION): $(LF_VENV)/.installed-$(LF_VERSION)
+	$(LF_VENV)/bin/pip install -q --no-deps bitsandbytes==0.50.2 badam==1.4 adam-mini==1.1.1 apollo-torch==1.0.3 galore-torch==1.0
+	$(LF_VENV)/bin/pip install -q jieba nltk rouge-chinese
+	touch $@
 
-peer-env: $(LF_VENV)/.installed-$(LF_VERSION)
+peer-env: $(LF_VENV)/.extras-$(LF_VERSION)
 
 peer-check: $(STAMP) peer-env
 	$(LF_VENV)/bin/python tests/peers/lf_keys.py | diff - tests/peers/llamafactory-keys.tsv
-	rm -rf .peer-check && $(BIN)/python tests/peers/lf_export_check.py $(LF_VENV)/bin/llamafactory-cli .peer-check
+	rm -rf .peer-check && $(BIN)/python tests/peers/lf_export_check.py $(LF_VENV)/bin/llamafactory-cli .peer-check/export
+	$(BIN)/python tests/peers/lf_load_check.py $(LF_VENV)/bin/python .peer-check/load
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run

@@ -173,7 +173,10 @@ def translate_doc(doc: dict, origin: str, *, trainable: bool = False, base_dir: 
     if quantize:
         build["quantize"] = {k: v for k, v in quantize.items() if v is not None}
     if exporting:
-        build["export"] = {"path": doc["export_dir"], "max_shard_size": f"{int(doc.get('export_size', 5))}GB"}
+        # An inference load sets use_cache from use_kv_cache and gives a composite config its text
+        # hidden_size (patcher.py): save_pretrained writes both into config.json.
+        build["export"] = {"path": doc["export_dir"], "max_shard_size": f"{int(doc.get('export_size', 5))}GB",
+                           "use_cache": bool(doc.get("use_kv_cache", True)), "top_level_hidden_size": True}
         if rule.build != "auto":
             build["export"]["dtype"] = rule.build
         if doc.get("template"):

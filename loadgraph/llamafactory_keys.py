@@ -33,8 +33,8 @@ BUILD_KEYS = {
     "infer_dtype": "dtype of an export (LLaMA-Factory's export rule; loads keep the checkpoint's dtype)",
     "export_dir": "export.path",
     "export_size": "export.max_shard_size (GB)",
-    "template": "the exported tokenizer's eos and padding side, and the Ollama Modelfile (also a trainer key)",
-    "default_system": "the Modelfile's SYSTEM (also a trainer key)",
+    "template": "the exported tokenizer's eos, padding side and jinja chat template, and the Ollama Modelfile (also a trainer key)",
+    "default_system": "the Modelfile's SYSTEM and the jinja chat template's default system (also a trainer key)",
     "use_kv_cache": "config.use_cache of an inference load or export (training always disables it)",
 }
 

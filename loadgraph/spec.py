@@ -78,10 +78,16 @@ class ExportSpec(_Strict):
     # Cast floating tensors here, after merging at the source's dtype (LLaMA-Factory's export
     # order); the top-level dtype instead loads in that dtype before merging (PEFT's order).
     dtype: Dtype | None = None
-    # A LLaMA-Factory chat template: its eos / padding side in the exported tokenizer and its
-    # Ollama Modelfile, as `llamafactory-cli export` writes them (default_system: the SYSTEM line).
+    # A LLaMA-Factory chat template: its eos / padding side / jinja chat template in the exported
+    # tokenizer and its Ollama Modelfile, as `llamafactory-cli export` writes them
+    # (default_system: the SYSTEM line).
     template: str | None = None
     default_system: str | None = None
+    # config.json as LLaMA-Factory's inference load patches it before saving: use_cache (top level
+    # and text_config: its use_kv_cache) and a composite config's top-level hidden_size (copied
+    # from text_config by its configure_visual_model). None/False: config.json as the input's.
+    use_cache: bool | None = None
+    top_level_hidden_size: bool = False
 
     @field_validator("template")
     @classmethod
@@ -91,9 +97,11 @@ class ExportSpec(_Strict):
         if v is not None and v not in TEMPLATES:
             close = difflib.get_close_matches(v, list(TEMPLATES), n=1)
             raise ValueError(f"unknown LLaMA-Factory template {v!r}" + (f"; did you mean {close[0]!r}?" if close else ""))
-        if v is not None and TEMPLATES[v]["replace_jinja_template"]:
-            raise ValueError(f"LLaMA-Factory template {v!r} writes its own jinja chat template into the tokenizer, which loadgraph "
-                             "does not reproduce; use a template that keeps the tokenizer's (e.g. the model's own, like qwen3 or llama3)")
+        if v is not None and any("dict" in slot for part in ("prefix", "system", "user", "assistant")
+                                 for slot in TEMPLATES[v][part] if isinstance(slot, dict)):
+            # LLaMA-Factory's export saves the weights, then fails writing the Modelfile ("Dict is not supported").
+            raise ValueError(f"LLaMA-Factory template {v!r} has token-id slots that no Modelfile can hold "
+                             "(llamafactory-cli export fails on it too); export without template")
         return v
 
 

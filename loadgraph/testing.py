@@ -165,10 +165,12 @@ def tiny_config(kind: str, vocab_size: int = 512) -> PreTrainedConfig:
 
 
 def _auto_model_class(model_type: str) -> type:
-    """The Auto class a user would load this checkpoint with (LLaVA is not a causal-LM class)."""
+    """The Auto class a user would load this checkpoint with (LLaVA and Qwen-VL are not causal-LM classes)."""
     import transformers as tf
 
-    if model_type == "llava":
+    from loadgraph.loading.dispatch import MULTIMODAL_TYPES
+
+    if model_type in MULTIMODAL_TYPES:
         return tf.AutoModelForImageTextToText
     return tf.AutoModelForCausalLM
 

@@ -34,8 +34,10 @@ def test_lora_export_yaml(tmp_path):
     assert t.build == {
         "name": "llamafactory", "source": {"model": "meta-llama/Llama-2-7b-hf"}, "dtype": "auto",
         "adapters": [{"path": "saves/a", "mode": "merge"}, {"path": "saves/b", "mode": "merge"}],
-        # merged at the source dtype, then cast; the template shapes the exported tokenizer and Modelfile
-        "export": {"path": "out/merged", "max_shard_size": "2GB", "dtype": "bfloat16", "template": "llama2"},
+        # merged at the source dtype, then cast; the template shapes the exported tokenizer and Modelfile;
+        # config.json gets the inference load's use_cache (use_kv_cache) and a composite's hidden_size
+        "export": {"path": "out/merged", "max_shard_size": "2GB", "dtype": "bfloat16", "template": "llama2",
+                   "use_cache": True, "top_level_hidden_size": True},
     }
     assert t.trainer == [] and t.keys["template"][0] == "build" and "export_device" in t.unused and t.training == {"finetuning_type": "lora"}
 
@@ -95,8 +97,8 @@ def test_training_keys_and_cutoff_len():
         ({"stage": "rm"}, "value head"),
         ({"lora_rnak": 8}, "'lora_rnak' (did you mean 'lora_rank'?)"),
         ({"export_dir": "out", "add_tokens": "<x>"}, "do not resize the vocabulary"),
-        ({"export_dir": "out", "template": "default"}, "writes its own jinja chat template"),
         ({"export_dir": "out", "template": "qwen4"}, "unknown LLaMA-Factory template 'qwen4'"),
+        ({"export_dir": "out", "template": "chatglm3"}, "llamafactory-cli export fails on it too"),
     ],
 )
 def test_unsupported_and_unknown_keys_are_named(extra, message):
@@ -305,3 +307,23 @@ def test_qlora_inference_attaches_the_adapter(models, tmp_path, cache_dir):
     assert torch.equal(b, saved["base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"].float())
     with torch.no_grad():
         assert torch.isfinite(loaded.model(input_ids=IDS).logits).all()
+
+
+@pytest.mark.parametrize("name, want", [
+    # Template's jinja: system slot, then each turn (eos slots become the eos token's text).
+    ("default", "System: Be brief.{eos}\nHuman: hi{eos}\nAssistant:hello{eos}\n"),
+    # Llama2Template's jinja: the system slot fused into the first user turn (whose slots start with bos).
+    ("llama2", "{bos}[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nhi [/INST]hello{eos}"),
+])
+def test_jinja_chat_template_renders_the_slots(name, want, tmp_path):
+    """The jinja an export writes (make peer-check compares its bytes with llamafactory-cli export's)."""
+    from transformers import AutoTokenizer
+
+    from loadgraph.llamafactory_templates import TEMPLATES
+    from loadgraph.stages.export_chat import jinja_template
+    from loadgraph.testing import make_tokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(make_tokenizer(tmp_path, 300)))
+    tok.chat_template = jinja_template(tok, {"name": name, **TEMPLATES[name]})
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    assert tok.apply_chat_template(messages, tokenize=False) == want.format(eos=tok.eos_token, bos=tok.bos_token or "")

@@ -160,6 +160,8 @@ def _compile_target(graph: Graph, spec: BuildSpec, cache: Cache) -> Target:
         if spec.export.template is not None:
             export_params["template"] = chat_template(spec)
             export_params["trust_remote_code"] = spec.source.trust_remote_code
+        if spec.export.use_cache is not None or spec.export.top_level_hidden_size:
+            export_params["config_patch"] = {"use_cache": spec.export.use_cache, "top_level_hidden_size": spec.export.top_level_hidden_size}
         current = stages["export"] = graph.add("export", export_params, {"model": current.key}, f"{spec.name}: export")
         export_path = spec.export.path
     if spec.verify is not None:

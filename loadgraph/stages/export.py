@@ -116,10 +116,15 @@ class ExportStage(Stage):
                 continue
             if rel in TOKENIZER_FILES and not ctx.params["copy_tokenizer"]:
                 continue
-            if rel == "config.json" and ctx.params["dtype"] != "auto":
+            if rel == "config.json" and (ctx.params["dtype"] != "auto" or ctx.params.get("config_patch")):
                 config = json.loads((src.path / rel).read_text())
-                set_config_dtype(config, ctx.params["dtype"])
-                (out / rel).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+                changed = patch_config(config, ctx.params.get("config_patch") or {})
+                if ctx.params["dtype"] != "auto":
+                    set_config_dtype(config, ctx.params["dtype"])
+                if changed or ctx.params["dtype"] != "auto":  # else the input's bytes, as they were
+                    (out / rel).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+                else:
+                    shutil.copyfile(src.path / rel, out / rel)
             else:
                 shutil.copyfile(src.path / rel, out / rel)
         if ctx.params.get("template"):
@@ -127,6 +132,19 @@ class ExportStage(Stage):
 
             apply_template(out, ctx.params["template"], ctx.params.get("trust_remote_code", False))
         return {key: src.manifest[key] for key in ("adapters", "quantization") if key in src.manifest}
+
+
+def patch_config(config: dict, patch: dict) -> bool:
+    """LLaMA-Factory's load-time config patches (see ExportSpec.use_cache); True if anything changed."""
+    before = json.dumps(config, sort_keys=True)
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else None
+    if patch.get("use_cache") is not None:
+        config["use_cache"] = patch["use_cache"]
+        if text is not None:
+            text["use_cache"] = patch["use_cache"]
+    if patch.get("top_level_hidden_size") and text is not None and not config.get("hidden_size") and "hidden_size" in text:
+        config["hidden_size"] = text["hidden_size"]
+    return json.dumps(config, sort_keys=True) != before
 
 
 def set_config_dtype(config: dict, dtype: str) -> None:
