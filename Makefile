@@ -26,9 +26,11 @@ demo: $(STAMP)
 	$(BIN)/python -m loadgraph.demo
 
 # Suites that start their own Ray cluster run in their own pytest process: one Ray per process.
+# The rest runs on two workers (a test file stays on one): most of its time is single-threaded
+# imports and CLI subprocesses, so two cores do about twice the work.
 RAY_SUITES := tests/test_ray_cluster.py tests/chaos tests/test_integrations.py
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests $(addprefix --ignore=,$(RAY_SUITES))
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests $(addprefix --ignore=,$(RAY_SUITES))
 	set -e; for suite in $(RAY_SUITES); do $(BIN)/python -m pytest -q $$suite; done
 
 # LLaMA-Factory itself, in a venv of its own pins (CPU torch first; torchaudio is a stub: it is
