@@ -72,14 +72,20 @@ def check_destination(dest: str, cache: Cache, overwrite: bool, inputs: list[str
         raise InputError(f"export.path: {path} exists and is not a loadgraph export; choose another path or pass --overwrite")
 
 
-def publish_export(art: Artifact, dest: str, cache: Cache, verifier: Verifier, executor=None) -> str:
+def publish_export(art: Artifact, dest: str, cache: Cache, verifier: Verifier, executor=None, jobs=None) -> str:
     """Place `art` at `dest`; returns "up-to-date" or "published". `art` must be verified.
-    `executor`, when the build started one, uploads a remote export from its workers."""
+    `executor`, when the build started one, uploads a remote export from its workers; `jobs`
+    (pipeline/offload.py) places a local export that must copy weights there, not in this process."""
     pin_name = hashlib.sha256(dest.encode()).hexdigest()[:16]
     if is_remote(dest):
         from loadgraph.pipeline.remote_export import publish_remote
 
         status = publish_remote(art, dest, cache, executor)
+    elif jobs is not None and copies_weights(art, Path(dest)):
+        done = jobs(publish_local_job, [(cache.location, art.key, dest)])[0]
+        verifier.memo.update(done["verified"])  # what the job hashed: not hashed again here
+        verifier.dirty = True
+        status = done["status"]
     else:
         status = _publish_local(art, Path(dest), verifier)
     try:
@@ -127,6 +133,33 @@ def _linkable(art: Artifact, rel: Path, meta: dict | None) -> bool:
     if rel.suffix != ".safetensors" or not meta or meta.get("shared"):
         return False
     return (art.path / rel).stat().st_mode & 0o222 == 0
+
+
+def copies_weights(art: Artifact, dest: Path) -> bool:
+    """Placing `art` at `dest` copies (and hashes) weight files instead of hardlinking them: files
+    the cache does not own, or a destination on another filesystem than the cache."""
+    anchor = dest.parent
+    while not anchor.exists() and anchor != anchor.parent:
+        anchor = anchor.parent
+    try:
+        other_fs = anchor.stat().st_dev != art.path.stat().st_dev
+        return any(rel.endswith(".safetensors") and (other_fs or not _linkable(art, Path(rel), meta)) for rel, meta in art.files.items())
+    except OSError:
+        return True
+
+
+def publish_local_job(item: tuple[str, str, str]) -> dict:
+    """_publish_local where the job runs (a worker): (cache location, key, destination) ->
+    {status, verified: the digest memo entries it made, for the driver's memo}."""
+    location, key, dest = item
+    cache = Cache(location)
+    art = cache.get(key)
+    if art is None:
+        raise BuildError(f"{cache.object_dir(key)}: gone before it could be exported to {dest}; rerun the build")
+    verifier = Verifier(cache.root)
+    before = dict(verifier.memo)
+    status = _publish_local(art, Path(dest), verifier)
+    return {"status": status, "verified": {p: v for p, v in verifier.memo.items() if before.get(p) != v}}
 
 
 def _publish_local(art: Artifact, dest: Path, verifier: Verifier) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import os
 import platform
+import resource
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -21,7 +22,8 @@ from loadgraph.formats import digest
 from loadgraph.pipeline.cache import Artifact, Cache
 from loadgraph.pipeline.executors.base import Executor
 from loadgraph.pipeline.graph import Graph, Node
-from loadgraph.pipeline.integrity import Verifier, damaged_files, record_files
+from loadgraph.pipeline.integrity import Verifier, damaged_files, file_matches, record_files
+from loadgraph.pipeline.offload import run_jobs
 from loadgraph.pipeline.leases import BuildLease, claim_exports
 from loadgraph.pipeline.publish import check_destination, is_remote, publish_export
 from loadgraph.pipeline.plan import NOT_NEEDED, PlanRow, cached_keys, needed_keys, node_status, plan_rows  # noqa: F401 - node_status: public here too
@@ -55,6 +57,10 @@ class BuildReport:
     targets: list[dict] = field(default_factory=list)
     error: str | None = None
     corrupt_rebuilt: int = 0  # inputs found damaged (digest mismatch), evicted and rebuilt
+    # What the driver process itself hashed (the CLI adds its plan's hashing) and its peak RSS:
+    # with Ray, units and the driver's heavy chores run on the workers (pipeline/offload.py).
+    driver_bytes_hashed: int = 0
+    driver_peak_rss: int = 0
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -121,6 +127,7 @@ def build(graph: Graph, cache: Cache, executor_factory, reporter: Reporter | Non
     graph walked again, so the entry is rebuilt from its own (verified) inputs."""
     reporter = reporter or NullReporter()
     start = time.perf_counter()
+    hashed_before = digest.bytes_hashed()
     rows = plan_rows(graph, cache)
     reporter.planned(rows)
     preflight(graph, cache, overwrite)
@@ -149,11 +156,23 @@ def build(graph: Graph, cache: Cache, executor_factory, reporter: Reporter | Non
                 holder[0].close()
     report.seconds = time.perf_counter() - start
     report.corrupt_rebuilt = corrupt
+    report.driver_bytes_hashed = digest.bytes_hashed() - hashed_before
+    report.driver_peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return report
 
 
 def _build_graph(graph: Graph, cache: Cache, executor_factory, reporter: Reporter, report: BuildReport, holder: list,
                  verifier: Verifier, lease: BuildLease) -> None:
+    def executor() -> Executor:
+        if not holder:
+            reporter.phase(f"starting {getattr(executor_factory, 'label', 'the executor')}")
+            holder.append(executor_factory())
+        report.executor = holder[0].name
+        return holder[0]
+
+    def jobs(fn, items: list, near_driver: bool = True) -> list:  # the driver's heavy chores, on the executor
+        return run_jobs(executor(), fn, items, near_driver)
+
     if holder:
         report.executor = holder[0].name
     cached = cached_keys(graph, cache)
@@ -170,11 +189,7 @@ def _build_graph(graph: Graph, cache: Cache, executor_factory, reporter: Reporte
             nr = NodeReport(node.key, node.stage, node.labels, "cached" if art is not None else NOT_NEEDED)
             reporter.node_finished(node, nr)
         else:
-            if not holder:
-                reporter.phase(f"starting {getattr(executor_factory, 'label', 'the executor')}")
-                holder.append(executor_factory())
-                report.executor = holder[0].name
-            nr = _build_node(node, cache, holder[0], reporter, verifier, lease, built_for(graph, node), built)
+            nr = _build_node(node, cache, executor(), reporter, verifier, lease, built_for(graph, node), built)
             built.add(node.key)
         final = art if art is not None else cache.get(node.key)
         if final is not None:
@@ -187,13 +202,13 @@ def _build_graph(graph: Graph, cache: Cache, executor_factory, reporter: Reporte
             raise CorruptInput(f"{cache.object_dir(target.final)}: damaged after it was built", target.final)
         # What is exported or loaded is checked whole (digest, memoised by ctime): a flip that
         # keeps size and mtime passes get()'s stat but must never leave the cache.
-        damaged = damaged_files(verifier, final.path, final.files)
+        damaged = damaged_files(verifier, final.path, final.files, lambda items: jobs(file_matches, items))
         if damaged:
             _evict(cache, final.key)
             raise CorruptInput(f"{final.path / damaged[0]}: digest differs from the manifest; cache entry {final.key[:12]} evicted", final.key)
         if target.export_path:
             entry["export"] = target.export_path
-            entry["export_status"] = publish_export(final, target.export_path, cache, verifier, holder[0] if holder else None)
+            entry["export_status"] = publish_export(final, target.export_path, cache, verifier, holder[0] if holder else None, jobs)
             entry["holds"] = artifact_contents(final)
         report.targets.append(entry)
 
