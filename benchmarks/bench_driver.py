@@ -38,7 +38,8 @@ def driver_run(cmd: list[str], env: dict, period: float = 0.02) -> dict:
     import psutil
 
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # cwd: `python -m` puts the working directory first on sys.path, before PYTHONPATH.
+    proc = subprocess.Popen(cmd, env=env, cwd=env["PYTHONPATH"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     ps = psutil.Process(proc.pid)
     peak, rchar = [0], [0]
     done = threading.Event()
@@ -125,8 +126,9 @@ def write_results(path: Path, rows: list[dict], label: str) -> None:
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         hashed = r["driver_bytes_hashed"]
-        lines.append(f"| {r['run']} | {r['built']}/{r['nodes']} | {'-' if hashed is None else f'{hashed / mib:.1f}'} | "
-                     f"{'-' if hashed is None else f'{100 * hashed / r['model_bytes']:.2f}'} | {r['driver_read_bytes'] / mib:.1f} | "
+        share = "-" if hashed is None else f"{100 * hashed / r['model_bytes']:.2f}"
+        lines.append(f"| {r['run']} | {r['built']}/{r['nodes']} | {'-' if hashed is None else f'{hashed / mib:.1f}'} | {share} | "
+                     f"{r['driver_read_bytes'] / mib:.1f} | "
                      f"{r['driver_peak_rss'] / mib:.0f} | {r['units_bytes_hashed'] / mib:.1f} | {r['wall_s']:.1f} | {', '.join(map(str, r['export']))} |")
     lines += ["", "driver read = the driver process's rchar (every byte its read/pread calls returned: sources, manifests, memo files, Python modules).", ""]
     path.parent.mkdir(parents=True, exist_ok=True)
