@@ -24,10 +24,9 @@ from loadgraph.formats import digest
 
 STORE = "statcache.json"
 _HUB_BLOB = re.compile(r"^[0-9a-f]{64}$")
-# Where files of at least REMOTE_MIN bytes are hashed when set (pipeline/offload.py: Ray tasks, so
-# that a plan on the driver reads no weights); smaller ones cost less here than a task round trip.
+# Where files of at least offload.REMOTE_MIN bytes are hashed when set (pipeline/offload.py: Ray
+# tasks, so that a plan on the driver reads no weights).
 _REMOTE: ContextVar[Callable[[list[str]], list[dict]] | None] = ContextVar("loadgraph_remote_hashing", default=None)
-REMOTE_MIN = 1 << 20
 
 
 @contextmanager
@@ -94,6 +93,8 @@ def file_records(paths: dict[str, Path], cache_root: Path) -> dict[str, dict]:
                 out[rel] = hit
             else:
                 misses[rel] = (real, stat_id)
+        from loadgraph.pipeline.offload import REMOTE_MIN
+
         remote = _REMOTE.get()
         far = [rel for rel in misses if remote is not None and hub_sha256(paths[rel]) is None and misses[rel][1][0] >= REMOTE_MIN]
         records = dict(zip(far, remote([misses[rel][0] for rel in far]))) if far else {}

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Callable
 
 from loadgraph.formats import digest
+from loadgraph.pipeline.offload import REMOTE_MIN
 
 MEMO = "verified.json"
 
@@ -90,8 +91,6 @@ class Verifier:
                 pass
         self.dirty = False
 
-
-REMOTE_MIN = 1 << 20  # smaller files are checked here: cheaper than a task round trip
 
 CheckRemote = Callable[[list[tuple[str, dict]]], list[bool]]  # [(path, meta)] -> matches, in order
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-Jobs = Callable[..., list]  # (fn, items, near_driver=True) -> [fn(item) for item in items], run somewhere
+# Files smaller than this are hashed where they are (configs, tokenizers): cheaper than a task.
+REMOTE_MIN = 1 << 20
 
 
 class SharedExecutor:
