@@ -161,6 +161,9 @@ def test_ray_job_submit_and_loadgraph_submit_on_a_real_head(local_cluster, model
     assert bad.stdout.strip() == ""
     retry = retry()
     assert retry.returncode == 0 and retry.stdout.strip() == f"{failed.stdout.strip()}-r2"
+    from ray.job_submission import JobSubmissionClient
+
+    JobSubmissionClient(dashboard).stop_job(retry.stdout.strip())  # it would fail like the first: spare the CPU
     elsewhere = write_spec(tmp_path / "elsewhere.yaml", {"source": {"model": str(base)}})
     outside = run_cli("submit", elsewhere, "--address", dashboard, "--working-dir", work)
     assert outside.returncode == 2 and "not inside the working directory" in outside.stderr
