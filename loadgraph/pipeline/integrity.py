@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Callable
 
 from loadgraph.formats import digest
-from loadgraph.pipeline.offload import REMOTE_MIN
+from loadgraph.pipeline import offload
 
 MEMO = "verified.json"
 
@@ -102,12 +102,12 @@ def file_matches(item: tuple[str, dict]) -> bool:
 
 def damaged_files(verifier: Verifier, root: Path, files: dict[str, dict], remote: CheckRemote | None = None) -> list[str]:
     """Relative names of the files under `root` whose bytes differ from the recorded digest.
-    With `remote`, files that must be re-hashed (REMOTE_MIN bytes or more) are hashed there."""
+    With `remote`, files that must be re-hashed (offload.REMOTE_MIN bytes or more) are hashed there."""
     far: dict[str, list[int]] = {}
     if remote is not None:
         for rel, meta in files.items():
             ident = verifier.unchanged(root / rel, meta)
-            if isinstance(ident, list) and ident[2] >= REMOTE_MIN:
+            if isinstance(ident, list) and ident[2] >= offload.REMOTE_MIN:
                 far[rel] = ident
     verdicts = dict(zip(far, remote([(str(root / rel), files[rel]) for rel in far]))) if far else {}
     for rel, ok in verdicts.items():
