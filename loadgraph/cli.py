@@ -77,16 +77,25 @@ def build(
     if executor not in ("ray", "local"):
         fail(InputError(f"--executor: unknown executor {executor!r}; use ray or local"))
     check_report_path(json_out)
+    from loadgraph.formats.digest import bytes_hashed
+    from loadgraph.pipeline.hashing import hashed_by
+    from loadgraph.pipeline.offload import SharedExecutor, remote_hasher
+
     log = new_log_path(cache_root(cache_dir))
     report = None
     noise = NoiseFilter(log, console, verbose)
+    # One executor for the plan's hashing and the build; on Ray the plan hashes sources there.
+    factory = SharedExecutor(make_executor_factory(executor))
+    hashed = bytes_hashed()
     try:
         with noise, RichReporter(console) as reporter:
             reporter.phase(f"planning {', '.join(map(str, specs))}")
-            cache, graph = _compile(specs, cache_dir, defer_checks=True)
+            with hashed_by(remote_hasher(factory) if executor == "ray" else None):
+                cache, graph = _compile(specs, cache_dir, defer_checks=True)
             from loadgraph.pipeline.runner import build as run_build
 
-            report = run_build(graph, cache, make_executor_factory(executor), reporter, overwrite=overwrite)
+            report = run_build(graph, cache, factory, reporter, overwrite=overwrite)
+            report.driver_bytes_hashed = bytes_hashed() - hashed  # the plan's hashing included
     except Exception as exc:  # noqa: BLE001 - every failure must become an exit code
         if json_out:
             doc = report.to_json() if report else {"ok": False, "nodes": [], "targets": []}
@@ -95,6 +104,8 @@ def build(
         if not isinstance(exc, LoadgraphError) and debug_requested():
             raise
         fail(exc, noise.log_path)
+    finally:
+        factory.close()
     console.print(summary(report, wall_s=time.perf_counter() - STARTED))
     log = noise.log_path
     if log.exists() and log.stat().st_size:

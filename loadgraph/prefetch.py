@@ -148,6 +148,9 @@ class _Borrowed:
     def run_units(self, *args, **kwargs) -> None:
         self.executor.run_units(*args, **kwargs)
 
+    def run_jobs(self, *args, **kwargs) -> list:
+        return self.executor.run_jobs(*args, **kwargs)
+
     def close(self) -> None:
         pass
 
@@ -161,12 +164,20 @@ def prefetch(specs: list[Path], cache_dir: Path | None = None, local_dir: str | 
     from loadgraph.pipeline.runner import build
     from loadgraph.spec import load_spec_files
 
+    from loadgraph.formats.digest import bytes_hashed
+    from loadgraph.pipeline.hashing import hashed_by
+    from loadgraph.pipeline.offload import SharedExecutor, remote_hasher
+
     cache = Cache(cache_dir)
-    graph = compile_specs(load_spec_files(specs), cache)
-    executor = RayExecutor(address=address)
+    hashed = bytes_hashed()
+    shared = SharedExecutor(lambda: RayExecutor(address=address))
     try:
+        with hashed_by(remote_hasher(shared)):  # the plan's source hashing on the cluster
+            graph = compile_specs(load_spec_files(specs), cache)
+        executor = shared()
         report = build(graph, cache, lambda: _Borrowed(executor), reporter)
+        report.driver_bytes_hashed = bytes_hashed() - hashed
         keys = list(dict.fromkeys(t.final for t in graph.targets))
         return report, place_on_nodes(str(cache.root), keys, local_dir, gpu_nodes_only)
     finally:
-        executor.close()
+        shared.close()

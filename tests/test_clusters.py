@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import shutil
 import socket
@@ -14,6 +15,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import ray
@@ -85,57 +87,85 @@ def _logits(model_dir: Path):
         return model(input_ids=torch.arange(3, 19)[None]).logits
 
 
+def _cli_started(*args: str, timeout: float = 240) -> Callable[[], subprocess.CompletedProcess]:
+    """`loadgraph ARGS` started now; call the result to wait for it (independent submissions run
+    side by side: each is mostly waiting on the job API)."""
+    cmd = [sys.executable, "-m", "loadgraph.cli", *map(str, args)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "COLUMNS": "200"})
+
+    def result() -> subprocess.CompletedProcess:
+        out, err = proc.communicate(timeout=timeout)
+        return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+    return result
+
+
 def test_ray_job_submit_and_loadgraph_submit_on_a_real_head(local_cluster, models, tmp_path):
     base = tmp_path / "base"
     shutil.copytree(models("llama"), base)  # changed in place below, as a retrained checkpoint is
     cache = tmp_path / "cache"
     work = tmp_path / "job"
     work.mkdir()
-    write_spec(work / "spec.yaml", {"source": {"model": str(base)}, "verify": False, "export": {"path": str(tmp_path / "out"), "max_shard_size": "64KB"}})
-    ray_cli = Path(sys.executable).parent / "ray"
-    job = subprocess.run([ray_cli, "job", "submit", "--address", local_cluster["dashboard"], "--working-dir", ".", "--",
-                          "loadgraph", "build", "spec.yaml", "--cache", cache], capture_output=True, text=True, timeout=240, cwd=work)
-    assert job.returncode == 0 and "succeeded" in job.stdout + job.stderr and "(ray executor)" in job.stdout + job.stderr, job.stdout + job.stderr
-    assert torch.equal(_logits(tmp_path / "out"), _logits(base))
+    dashboard = local_cluster["dashboard"]
+    # Started first, they run beside the main sequence (their inputs never change):
+    # bad input found by the plan on the cluster: exit 2 naming it, no build submitted; and a build
+    # that fails on the cluster after planning (its export path holds someone's files): exit 1.
+    write_spec(work / "bad.yaml", {"source": {"model": str(tmp_path / "not-there")}, "export": {"path": str(tmp_path / "bad-out")}})
+    bad = _cli_started("submit", work / "bad.yaml", "--address", dashboard, "--working-dir", work, "--cache", cache)
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "notes.txt").write_text("not a model")
+    write_spec(work / "clobber.yaml", {"source": {"model": str(models("llama"))}, "verify": False, "export": {"path": str(tmp_path / "foreign")}})
+    clobber = ["submit", work / "clobber.yaml", "--address", dashboard, "--working-dir", work, "--cache", cache]
+    failed = _cli_started(*clobber, "--wait")
 
-    # The same build through `loadgraph submit --wait`: planned on the cluster, a fully cached
-    # no-op, logs streamed back.
-    args = ["submit", work / "spec.yaml", "--address", local_cluster["dashboard"], "--working-dir", work, "--cache", cache]
-    first = run_cli(*args, "--wait", timeout=240)
-    assert first.returncode == 0, first.stderr
+    # `ray job submit` of a build, beside `loadgraph submit` of another export (its own export node) of the same model
+    # twice at once (a scheduler that fires twice), one with --wait: both plan on the cluster,
+    # derive one id, one job runs and the other submitter attaches to it; --wait streams its logs.
+    write_spec(work / "raw.yaml", {"source": {"model": str(base)}, "verify": False, "export": {"path": str(tmp_path / "raw-out"), "max_shard_size": "48KB"}})
+    ray_cli = Path(sys.executable).parent / "ray"
+    job = subprocess.Popen([ray_cli, "job", "submit", "--address", dashboard, "--working-dir", ".", "--", "loadgraph", "build", "raw.yaml", "--cache", cache],
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=work)
+    write_spec(work / "spec.yaml", {"source": {"model": str(base)}, "verify": False, "export": {"path": str(tmp_path / "out"), "max_shard_size": "64KB"}})
+    args = ["submit", work / "spec.yaml", "--address", dashboard, "--working-dir", work, "--cache", cache]
+    first, again = _cli_started(*args, "--wait"), _cli_started(*args)
+    job_output = job.communicate(timeout=240)[0]
+    assert job.returncode == 0 and "succeeded" in job_output and "(ray executor)" in job_output, job_output
+    assert torch.equal(_logits(tmp_path / "raw-out"), _logits(base))
+
+    # The failed one's next submission gets a fresh id.
+    failed = failed()
+    assert failed.returncode == 1 and "not a loadgraph export" in failed.stderr and "FAILED" in failed.stderr, failed.stderr
+    retry = _cli_started(*clobber)
+
+    first, again = first(), again()
+    assert first.returncode == 0 and again.returncode == 0, first.stderr + again.stderr
     sid = first.stdout.strip()
-    assert re.fullmatch(r"loadgraph-\d{8}-[0-9a-f]{16}", sid) and "SUCCEEDED" in first.stderr and "up-to-date" in first.stderr
-    again = run_cli(*args, timeout=120)  # same inputs, same day: attaches, submits nothing
-    assert again.returncode == 0 and again.stdout.strip() == sid and "attached to succeeded job" in again.stderr
+    assert re.fullmatch(r"loadgraph-\d{8}-[0-9a-f]{16}", sid) and again.stdout.strip() == sid
+    assert "SUCCEEDED" in first.stderr, first.stderr
+    verbs = sorted("submitted" if f"submitted {sid}" in r.stderr else "attached" if "attached to" in r.stderr else "?" for r in (first, again))
+    assert verbs == ["attached", "submitted"], first.stderr + again.stderr
+    assert torch.equal(_logits(tmp_path / "out"), _logits(base))
 
     # The input changes in place (same path, same spec text): a new content key, so a new job,
     # followed with --wait through a proxy that drops the log stream twice while the job runs.
     config = json.loads((base / "config.json").read_text())
     (base / "config.json").write_text(json.dumps({**config, "loadgraph_test_retrained": 1}))
-    changed, cuts = _submit_wait_through_dropping_proxy(local_cluster["dashboard"], work / "spec.yaml", work, cache)
+    changed, cuts = _submit_wait_through_dropping_proxy(dashboard, work / "spec.yaml", work, cache)
     assert cuts == 2 and changed.returncode == 0 and "SUCCEEDED" in changed.stderr, changed.stderr
     assert changed.stderr.count("(ray executor)") == 1, changed.stderr  # re-attached: nothing shown twice
     assert changed.stdout.strip() != sid and f"submitted {changed.stdout.strip()}" in changed.stderr
     assert json.loads((tmp_path / "out" / "config.json").read_text())["loadgraph_test_retrained"] == 1
 
-    # Bad input found by the plan on the cluster: exit 2 naming it, no build submitted.
-    write_spec(work / "bad.yaml", {"source": {"model": str(tmp_path / "not-there")}, "export": {"path": str(tmp_path / "bad-out")}})
-    bad = run_cli("submit", work / "bad.yaml", "--address", local_cluster["dashboard"], "--working-dir", work, "--cache", cache, timeout=240)
+    bad = bad()
     assert bad.returncode == 2 and "not-there" in bad.stderr and "planning on the cluster failed" in bad.stderr, bad.stderr
     assert bad.stdout.strip() == ""
-
-    # A build that fails on the cluster after planning (its export path holds someone's files):
-    # exit 1; the next submission gets a fresh id.
-    (tmp_path / "foreign").mkdir()
-    (tmp_path / "foreign" / "notes.txt").write_text("not a model")
-    write_spec(work / "clobber.yaml", {"source": {"model": str(base)}, "verify": False, "export": {"path": str(tmp_path / "foreign")}})
-    clobber = ["submit", work / "clobber.yaml", "--address", local_cluster["dashboard"], "--working-dir", work, "--cache", cache]
-    failed = run_cli(*clobber, "--wait", timeout=240)
-    assert failed.returncode == 1 and "not a loadgraph export" in failed.stderr and "FAILED" in failed.stderr, failed.stderr
-    retry = run_cli(*clobber, timeout=120)
+    retry = retry()
     assert retry.returncode == 0 and retry.stdout.strip() == f"{failed.stdout.strip()}-r2"
+    from ray.job_submission import JobSubmissionClient
+
+    JobSubmissionClient(dashboard).stop_job(retry.stdout.strip())  # it would fail like the first: spare the CPU
     elsewhere = write_spec(tmp_path / "elsewhere.yaml", {"source": {"model": str(base)}})
-    outside = run_cli("submit", elsewhere, "--address", local_cluster["dashboard"], "--working-dir", work)
+    outside = run_cli("submit", elsewhere, "--address", dashboard, "--working-dir", work)
     assert outside.returncode == 2 and "not inside the working directory" in outside.stderr
 
 

@@ -13,7 +13,10 @@ import json
 import os
 import re
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
+from typing import Callable, Iterator
 
 from filelock import FileLock
 
@@ -21,6 +24,24 @@ from loadgraph.formats import digest
 
 STORE = "statcache.json"
 _HUB_BLOB = re.compile(r"^[0-9a-f]{64}$")
+# Where files of at least offload.REMOTE_MIN bytes are hashed when set (pipeline/offload.py: Ray
+# tasks, so that a plan on the driver reads no weights).
+_REMOTE: ContextVar[Callable[[list[str]], list[dict]] | None] = ContextVar("loadgraph_remote_hashing", default=None)
+
+
+@contextmanager
+def hashed_by(remote: Callable[[list[str]], list[dict]] | None) -> Iterator[None]:
+    """Within the block, file_records hands big misses to `remote` (paths -> records, in order)."""
+    token = _REMOTE.set(remote)
+    try:
+        yield
+    finally:
+        _REMOTE.reset(token)
+
+
+def hash_path(path: str) -> dict:
+    """One file's record, by path: what a remote hasher runs where the file is."""
+    return _record(Path(path))
 
 
 def _stat_id(path: Path) -> list[int]:
@@ -72,9 +93,15 @@ def file_records(paths: dict[str, Path], cache_root: Path) -> dict[str, dict]:
                 out[rel] = hit
             else:
                 misses[rel] = (real, stat_id)
+        from loadgraph.pipeline.offload import REMOTE_MIN
+
+        remote = _REMOTE.get()
+        far = [rel for rel in misses if remote is not None and hub_sha256(paths[rel]) is None and misses[rel][1][0] >= REMOTE_MIN]
+        records = dict(zip(far, remote([misses[rel][0] for rel in far]))) if far else {}
+        near = [rel for rel in misses if rel not in records]
         # Big files hash multi-threaded inside BLAKE3; small ones in parallel here (GIL released).
         with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
-            records = dict(zip(misses, pool.map(lambda rel: _record(paths[rel]), misses)))
+            records.update(zip(near, pool.map(lambda rel: _record(paths[rel]), near)))
         for rel, (real, stat_id) in misses.items():
             out[rel] = memo[real] = {"stat": stat_id, **records[rel]}
         if misses and lock is not None:

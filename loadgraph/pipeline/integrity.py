@@ -15,8 +15,10 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Callable
 
 from loadgraph.formats import digest
+from loadgraph.pipeline import offload
 
 MEMO = "verified.json"
 
@@ -39,20 +41,28 @@ class Verifier:
 
     def matches(self, path: Path, meta: dict) -> bool:
         """True if `path` holds the bytes `meta` records (hashes it unless provably unchanged)."""
-        want = digest.recorded(meta)
+        ident = self.unchanged(path, meta)
+        if ident is None or ident is True:
+            return ident is True
+        return self.judged(path, meta, ident, digest.matches(path, meta))
+
+    def unchanged(self, path: Path, meta: dict) -> list[int] | bool | None:
+        """True if `path` provably still holds `meta`'s bytes, None if it is gone, else its
+        identity now (to pass to judged() once its digest has been checked)."""
         try:
             ident = _ident(path.stat())
         except OSError:
-            return False
+            return None
         hit = self.memo.get(str(path))
-        if hit and hit.get("ident") == ident and hit.get("digest") == want:
-            return True
-        if not digest.matches(path, meta):
-            if self.memo.pop(str(path), None) is not None:
-                self.dirty = True
-            return False
-        self._remember(path, ident, want)
-        return True
+        return True if hit and hit.get("ident") == ident and hit.get("digest") == digest.recorded(meta) else ident
+
+    def judged(self, path: Path, meta: dict, ident: list[int], ok: bool) -> bool:
+        """Record the outcome of checking `path` (as it was at `ident`) against `meta`."""
+        if ok:
+            self._remember(path, ident, digest.recorded(meta))
+        elif self.memo.pop(str(path), None) is not None:
+            self.dirty = True
+        return ok
 
     def record(self, path: Path, meta: dict) -> None:
         """`path` was just written (or linked) by us from bytes known to have `meta`'s digest."""
@@ -82,9 +92,27 @@ class Verifier:
         self.dirty = False
 
 
-def damaged_files(verifier: Verifier, root: Path, files: dict[str, dict]) -> list[str]:
-    """Relative names of the files under `root` whose bytes differ from the recorded digest."""
-    return [rel for rel, meta in sorted(files.items()) if not verifier.matches(root / rel, meta)]
+CheckRemote = Callable[[list[tuple[str, dict]]], list[bool]]  # [(path, meta)] -> matches, in order
+
+
+def file_matches(item: tuple[str, dict]) -> bool:
+    """One digest check by (path, meta): what a remote checker runs where the file is."""
+    return digest.matches(*item)
+
+
+def damaged_files(verifier: Verifier, root: Path, files: dict[str, dict], remote: CheckRemote | None = None) -> list[str]:
+    """Relative names of the files under `root` whose bytes differ from the recorded digest.
+    With `remote`, files that must be re-hashed (offload.REMOTE_MIN bytes or more) are hashed there."""
+    far: dict[str, list[int]] = {}
+    if remote is not None:
+        for rel, meta in files.items():
+            ident = verifier.unchanged(root / rel, meta)
+            if isinstance(ident, list) and ident[2] >= offload.REMOTE_MIN:
+                far[rel] = ident
+    verdicts = dict(zip(far, remote([(str(root / rel), files[rel]) for rel in far]))) if far else {}
+    for rel, ok in verdicts.items():
+        verifier.judged(root / rel, files[rel], far[rel], ok)
+    return [rel for rel, meta in sorted(files.items()) if not (verdicts[rel] if rel in verdicts else verifier.matches(root / rel, meta))]
 
 
 def record_files(verifier: Verifier, root: Path, files: dict[str, dict]) -> None:

@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import Callable
 
 from loadgraph import faults
 from loadgraph.errors import BuildError, InputError
@@ -72,14 +73,22 @@ def check_destination(dest: str, cache: Cache, overwrite: bool, inputs: list[str
         raise InputError(f"export.path: {path} exists and is not a loadgraph export; choose another path or pass --overwrite")
 
 
-def publish_export(art: Artifact, dest: str, cache: Cache, verifier: Verifier, executor=None) -> str:
+def publish_export(art: Artifact, dest: str, cache: Cache, verifier: Verifier, executor=None, jobs: Callable[..., list] | None = None) -> str:
     """Place `art` at `dest`; returns "up-to-date" or "published". `art` must be verified.
-    `executor`, when the build started one, uploads a remote export from its workers."""
+    `executor`, when the build started one, uploads a remote export from its workers; `jobs`
+    (pipeline/offload.py) places a local export that must copy weights there, not in this process."""
     pin_name = hashlib.sha256(dest.encode()).hexdigest()[:16]
     if is_remote(dest):
         from loadgraph.pipeline.remote_export import publish_remote
 
         status = publish_remote(art, dest, cache, executor)
+    elif jobs is not None and copies_weights(art, Path(dest)):
+        status = "up-to-date" if export_intact(art, Path(dest), verifier, rehash=False) else None
+        if status is None:  # copying, or checking copies whose digests are not memoised: a job's work
+            done = jobs(publish_local_job, [(cache.location, art.key, dest)])[0]
+            verifier.memo.update(done["verified"])  # what the job hashed: not hashed again here
+            verifier.dirty = True
+            status = done["status"]
     else:
         status = _publish_local(art, Path(dest), verifier)
     try:
@@ -89,12 +98,13 @@ def publish_export(art: Artifact, dest: str, cache: Cache, verifier: Verifier, e
     return status
 
 
-def export_intact(art: Artifact, dest: Path, verifier: Verifier) -> bool:
+def export_intact(art: Artifact, dest: Path, verifier: Verifier, rehash: bool = True) -> bool:
     """`dest` holds `art`: its manifest names the key and every file has the recorded bytes.
 
     A file that is the cache's own inode is as good as the (already verified) cache entry; any
     other (a copy on another filesystem, a copied config) is checked by its digest, memoised by its
-    ctime, so that a copy altered in place, keeping its size and mtime, is replaced.
+    ctime, so that a copy altered in place, keeping its size and mtime, is replaced. Without
+    `rehash`, a weight file whose digest is not memoised counts as not intact (not hashed here).
     """
     if not dest.is_dir() or dest.is_symlink() or existing_export_key(dest) != art.key:
         return False
@@ -105,7 +115,11 @@ def export_intact(art: Artifact, dest: Path, verifier: Verifier) -> bool:
             return False
         if st.st_size != meta["size"]:
             return False
-        if (st.st_dev, st.st_ino) != (ours.st_dev, ours.st_ino) and not verifier.matches(dest / rel, meta):
+        if (st.st_dev, st.st_ino) == (ours.st_dev, ours.st_ino):
+            continue
+        if not rehash and rel.endswith(".safetensors") and verifier.unchanged(dest / rel, meta) is not True:
+            return False
+        if not verifier.matches(dest / rel, meta):
             return False
     return True
 
@@ -127,6 +141,33 @@ def _linkable(art: Artifact, rel: Path, meta: dict | None) -> bool:
     if rel.suffix != ".safetensors" or not meta or meta.get("shared"):
         return False
     return (art.path / rel).stat().st_mode & 0o222 == 0
+
+
+def copies_weights(art: Artifact, dest: Path) -> bool:
+    """Placing `art` at `dest` copies (and hashes) weight files instead of hardlinking them: files
+    the cache does not own, or a destination on another filesystem than the cache."""
+    anchor = dest.parent
+    while not anchor.exists() and anchor != anchor.parent:
+        anchor = anchor.parent
+    try:
+        other_fs = anchor.stat().st_dev != art.path.stat().st_dev
+        return any(rel.endswith(".safetensors") and (other_fs or not _linkable(art, Path(rel), meta)) for rel, meta in art.files.items())
+    except OSError:
+        return True
+
+
+def publish_local_job(item: tuple[str, str, str]) -> dict:
+    """_publish_local where the job runs (a worker): (cache location, key, destination) ->
+    {status, verified: the digest memo entries it made, for the driver's memo}."""
+    location, key, dest = item
+    cache = Cache(location)
+    art = cache.get(key)
+    if art is None:
+        raise BuildError(f"{cache.object_dir(key)}: gone before it could be exported to {dest}; rerun the build")
+    verifier = Verifier(cache.root)
+    before = dict(verifier.memo)
+    status = _publish_local(art, Path(dest), verifier)
+    return {"status": status, "verified": {p: v for p, v in verifier.memo.items() if before.get(p) != v}}
 
 
 def _publish_local(art: Artifact, dest: Path, verifier: Verifier) -> str:

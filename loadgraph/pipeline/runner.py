@@ -9,11 +9,10 @@ from __future__ import annotations
 import errno
 import os
 import platform
+import resource
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Protocol
 
 from loadgraph import faults
 from loadgraph.errors import BuildError, CorruptInput, InputError, disk_full_message
@@ -21,65 +20,15 @@ from loadgraph.formats import digest
 from loadgraph.pipeline.cache import Artifact, Cache
 from loadgraph.pipeline.executors.base import Executor
 from loadgraph.pipeline.graph import Graph, Node
-from loadgraph.pipeline.integrity import Verifier, damaged_files, record_files
+from loadgraph.pipeline.integrity import Verifier, damaged_files, file_matches, record_files
 from loadgraph.pipeline.leases import BuildLease, claim_exports
-from loadgraph.pipeline.plan import NOT_NEEDED, PlanRow, cached_keys, needed_keys, node_status, plan_rows  # noqa: F401 - node_status: public here too
+from loadgraph.pipeline.offload import run_jobs
+from loadgraph.pipeline.plan import NOT_NEEDED, PlanRow, cached_keys, needed_keys, node_status, plan_rows  # noqa: F401 - node_status, PlanRow: public here too
 from loadgraph.pipeline.publish import check_destination, is_remote, publish_export
+from loadgraph.pipeline.report import BuildReport, NodeReport, NullReporter, Reporter  # noqa: F401 - public here too
 from loadgraph.pipeline.schedule import SerialReporter, run_when_ready
 from loadgraph.pipeline.stage import Unit, get_stage, stage_version
 from loadgraph.pipeline.units import node_context
-
-
-@dataclass
-class NodeReport:
-    key: str
-    stage: str
-    labels: list[str]
-    status: str  # cached | built | not needed (evicted, but everything downstream is cached)
-    units_total: int = 0
-    units_reused: int = 0
-    seconds: float = 0.0
-    bytes: int = 0  # read by the units
-    bytes_written: int = 0  # bytes the units wrote (links of unchanged files count as written)
-    bytes_hashed: int = 0  # bytes the units hashed to check their inputs (not counting outputs)
-    timings: dict = field(default_factory=dict)  # seconds summed over its units: wall, read, hash, hash_out, write
-    details: dict = field(default_factory=dict)  # e.g. verify's figures, from the manifest
-    units: list[dict] = field(default_factory=list)  # per unit: id, reused, and where it ran (node id, ip, host)
-    started: float = 0.0  # wall clock (epoch s) when the node began building: nodes may overlap
-    ended: float = 0.0
-    inputs: list[str] = field(default_factory=list)  # keys of the nodes it reads: the DAG's edges
-
-
-@dataclass
-class BuildReport:
-    ok: bool = True
-    executor: str = ""
-    seconds: float = 0.0  # from the start of build(): checks, executor start-up and publishing included
-    nodes: list[NodeReport] = field(default_factory=list)
-    targets: list[dict] = field(default_factory=list)
-    error: str | None = None
-    corrupt_rebuilt: int = 0  # inputs found damaged (digest mismatch), evicted and rebuilt
-
-    def to_json(self) -> dict:
-        return asdict(self)
-
-
-class Reporter(Protocol):
-    def planned(self, rows: list[PlanRow]) -> None: ...
-    def phase(self, text: str) -> None: ...
-    def node_started(self, node: Node, units: list[Unit], done: int) -> None: ...
-    def unit_progress(self, node: Node, unit: Unit, fraction: float) -> None: ...
-    def unit_finished(self, node: Node, unit: Unit, result: dict) -> None: ...
-    def node_finished(self, node: Node, report: NodeReport) -> None: ...
-
-
-class NullReporter:
-    def planned(self, rows: list[PlanRow]) -> None: ...
-    def phase(self, text: str) -> None: ...
-    def node_started(self, node: Node, units: list[Unit], done: int) -> None: ...
-    def unit_progress(self, node: Node, unit: Unit, fraction: float) -> None: ...
-    def unit_finished(self, node: Node, unit: Unit, result: dict) -> None: ...
-    def node_finished(self, node: Node, report: NodeReport) -> None: ...
 
 
 def input_dirs(graph: Graph) -> list[str]:
@@ -125,6 +74,7 @@ def build(graph: Graph, cache: Cache, executor_factory, reporter: Reporter | Non
     graph walked again, so the entry is rebuilt from its own (verified) inputs."""
     reporter = reporter or NullReporter()
     start = time.perf_counter()
+    hashed_before = digest.bytes_hashed()
     rows = plan_rows(graph, cache)
     reporter.planned(rows)
     preflight(graph, cache, overwrite)
@@ -153,11 +103,23 @@ def build(graph: Graph, cache: Cache, executor_factory, reporter: Reporter | Non
                 holder[0].close()
     report.seconds = time.perf_counter() - start
     report.corrupt_rebuilt = corrupt
+    report.driver_bytes_hashed = digest.bytes_hashed() - hashed_before
+    report.driver_peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return report
 
 
 def _build_graph(graph: Graph, cache: Cache, executor_factory, reporter: Reporter, report: BuildReport, holder: list,
                  verifier: Verifier, lease: BuildLease) -> None:
+    def executor() -> Executor:
+        if not holder:
+            reporter.phase(f"starting {getattr(executor_factory, 'label', 'the executor')}")
+            holder.append(executor_factory())
+        report.executor = holder[0].name
+        return holder[0]
+
+    def jobs(fn, items: list, near_driver: bool = True) -> list:  # the driver's heavy chores, on the executor
+        return run_jobs(executor(), fn, items, near_driver)
+
     if holder:
         report.executor = holder[0].name
     cached = cached_keys(graph, cache)
@@ -176,25 +138,21 @@ def _build_graph(graph: Graph, cache: Cache, executor_factory, reporter: Reporte
                 pass  # a read-only cache serves its entries without recording their use
         reports[node.key] = NodeReport(node.key, node.stage, node.labels, "cached" if art is not None else NOT_NEEDED)
         reporter.node_finished(node, reports[node.key])
-    if todo and not holder:
-        reporter.phase(f"starting {getattr(executor_factory, 'label', 'the executor')}")
-        holder.append(executor_factory())
-        report.executor = holder[0].name
     if todo:
-        executor = holder[0]
-        concurrency = getattr(executor, "node_concurrency", 1)
+        runner = executor()
+        concurrency = getattr(runner, "node_concurrency", 1)
         shown = SerialReporter(reporter) if concurrency > 1 else reporter
         built: set[str] = set()  # nodes this build produced: their digests were computed as they were written
 
         def build_one(node: Node) -> NodeReport:
-            nr = _build_node(node, cache, executor, shown, verifier, lease, built_for(graph, node), frozenset(built))
+            nr = _build_node(node, cache, runner, shown, verifier, lease, built_for(graph, node), frozenset(built))
             built.add(node.key)
             return nr
 
         try:
-            reports.update(run_when_ready(todo, build_one, concurrency, getattr(executor, "abort", lambda: None)))
+            reports.update(run_when_ready(todo, build_one, concurrency, getattr(runner, "abort", lambda: None)))
         finally:
-            getattr(executor, "resume", lambda: None)()  # a restart after a corrupt input runs again
+            getattr(runner, "resume", lambda: None)()  # a restart after a corrupt input runs again
     for node in graph.nodes.values():
         nr = reports[node.key]
         nr.inputs = list(node.inputs.values())
@@ -209,13 +167,13 @@ def _build_graph(graph: Graph, cache: Cache, executor_factory, reporter: Reporte
             raise CorruptInput(f"{cache.object_dir(target.final)}: damaged after it was built", target.final)
         # What is exported or loaded is checked whole (digest, memoised by ctime): a flip that
         # keeps size and mtime passes get()'s stat but must never leave the cache.
-        damaged = damaged_files(verifier, final.path, final.files)
+        damaged = damaged_files(verifier, final.path, final.files, lambda items: jobs(file_matches, items))
         if damaged:
             _evict(cache, final.key)
             raise CorruptInput(f"{final.path / damaged[0]}: digest differs from the manifest; cache entry {final.key[:12]} evicted", final.key)
         if target.export_path:
             entry["export"] = target.export_path
-            entry["export_status"] = publish_export(final, target.export_path, cache, verifier, holder[0] if holder else None)
+            entry["export_status"] = publish_export(final, target.export_path, cache, verifier, holder[0] if holder else None, jobs)
             entry["holds"] = artifact_contents(final)
         report.targets.append(entry)
 

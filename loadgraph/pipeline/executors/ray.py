@@ -358,6 +358,28 @@ class RayExecutor:
             cause = getattr(exc, "cause", None) or exc
             raise BuildError(f"export upload failed on Ray: {type(cause).__name__}: {_first_line(cause)}") from None
 
+    def run_jobs(self, fn, items: list, near_driver: bool = True) -> list:
+        """The driver's own heavy work (hashing sources, checking a target, placing an export) as
+        tasks, one per item, results in order: the driver process reads no model bytes. Near the
+        driver: paths the driver named (a source, an export path) are known to exist on its node, so
+        there, as zero-CPU tasks on a multi-node cluster (as fetch units; a head may have no CPUs)."""
+        if near_driver and len(self.nodes) > 1 and self.driver_node:
+            opts: dict[str, Any] = {"num_cpus": 0, "scheduling_strategy": pinned_to(self.driver_node)}
+        else:
+            opts = {"num_cpus": 1, "scheduling_strategy": "SPREAD"}
+        if self.runtime_env:
+            opts["runtime_env"] = self.runtime_env
+        task = self.ray.remote(max_retries=MAX_RETRIES, retry_exceptions=[OSError])(fn)
+        refs = [task.options(**opts).remote(item) for item in items]
+        try:
+            return self.ray.get(refs)
+        except self.ray.exceptions.RayError as exc:
+            self._cancel(refs)
+            cause = getattr(exc, "cause", None)
+            if isinstance(cause, LoadgraphError):  # bad input found there: same class, same line
+                raise cause from None
+            raise BuildError(f"{getattr(fn, '__name__', 'job')} failed on Ray: {type(cause or exc).__name__}: {_first_line(cause or exc)}") from None
+
     def _check_waiting(self, desc: dict, pending: dict) -> None:
         """Nodes come and go: re-read them, and fail if a waiting unit fits none of them any more."""
         self.nodes = alive_nodes()
