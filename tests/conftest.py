@@ -141,3 +141,28 @@ def ray_cluster():
     cluster = SimulatedCluster()
     yield cluster
     cluster.shutdown()
+
+
+def peft010_fp16_merged(base, adapter):
+    """What LLaVA's builder (PEFT 0.10) merges in fp16 on the CPU: PEFT's own float32 delta, rounded
+    to fp16, then added (`weight += delta.to(fp16)`); returns {state-dict name: tensor} of the base
+    model in fp16, LoRA layers merged that way."""
+    import torch
+    from peft import PeftModel
+    from peft.tuners.lora import LoraLayer
+    from transformers import AutoModelForCausalLM
+
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32), str(adapter))
+    merged = {}
+    for module_name, module in peft_model.named_modules():
+        if isinstance(module, LoraLayer) and "default" in module.lora_A:
+            weight = module.base_layer.weight.detach().to(torch.float16).clone()
+            weight += module.get_delta_weight("default").to(torch.float16)
+            merged[module_name.removeprefix("base_model.model.") + ".weight"] = weight
+    assert merged, "the adapter wraps no layer"
+    out = {}
+    for name, tensor in peft_model.get_base_model().state_dict().items():
+        name = name.replace(".base_layer.", ".")
+        if "lora_" not in name:
+            out[name] = merged.get(name, tensor.detach().to(torch.float16))
+    return out

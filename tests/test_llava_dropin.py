@@ -59,28 +59,13 @@ def test_family_loads_with_llava_api(family, lora, root):
 
 
 def _check_lora_is_peft_merge(fx: dict, model) -> None:
-    """The language model equals PEFT 0.10's fp16 merge (LLaVA's builder) of the adapter onto
-    model_base: PEFT's own float32 delta, rounded to fp16, then added (`weight += delta.to(fp16)`)."""
-    from peft import PeftModel
-    from peft.tuners.lora import LoraLayer
-    from transformers import AutoModelForCausalLM
+    """The language model equals PEFT 0.10's fp16 merge (LLaVA's builder) of the adapter onto model_base."""
+    from conftest import peft010_fp16_merged
 
-    ref = AutoModelForCausalLM.from_pretrained(fx["model_base"], dtype=torch.float32)
-    peft_model = PeftModel.from_pretrained(ref, fx["model_path"])
-    expected = {}
-    for module_name, module in peft_model.named_modules():
-        if isinstance(module, LoraLayer) and "default" in module.lora_A:
-            merged = module.base_layer.weight.detach().to(torch.float16).clone()
-            merged += module.get_delta_weight("default").to(torch.float16)
-            expected[module_name.removeprefix("base_model.model.") + ".weight"] = merged
-    assert expected, "the adapter wraps no layer"
     mine = model.state_dict()
-    for name, tensor in peft_model.get_base_model().state_dict().items():
-        name = name.replace(".base_layer.", ".")
-        if "lora_" in name:
-            continue
+    for name, tensor in peft010_fp16_merged(fx["model_base"], fx["model_path"]).items():
         ours = mine["lm_head.weight" if name == "lm_head.weight" else "model.language_model." + name.removeprefix("model.")]
-        assert torch.equal(ours, expected.get(name, tensor.to(torch.float16))), name
+        assert torch.equal(ours, tensor), name
 
 
 @pytest.mark.parametrize("projector", ["linear", "mlp3x_gelu"])

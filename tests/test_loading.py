@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import peft010_fp16_merged
 from loadgraph.testing import KINDS, make_lora_adapter
 
 IDS = torch.tensor([[1, 17, 42, 99, 7, 3, 250, 31, 8, 64]])
@@ -81,8 +82,14 @@ def test_lora_merge_equals_peft_and_second_call_is_cached(models, tmp_path, cach
     first = time.perf_counter() - t0
     assert {"merge", "verify"} <= set(model.loadgraph_artifact.built_stages)
 
-    ref = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float16), str(adapter)).merge_and_unload()
+    # LLaVA's builder merges with PEFT 0.10, which rounds the fp16 delta before adding it: so does the drop-in.
+    ref = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float16)
+    ref.load_state_dict(peft010_fp16_merged(base, adapter))
+    ours = model.state_dict()
+    assert all(torch.equal(ours[k], v) for k, v in ref.state_dict().items())
     assert torch.equal(_logits(model), _logits(ref.eval()))  # float16 merge, bit for bit
+    current = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float16), str(adapter)).merge_and_unload()
+    assert not all(torch.equal(ours[k], v) for k, v in current.state_dict().items())  # today's PEFT rounds once
 
     objects = sorted(p.name for p in (cache_dir / "objects").iterdir())
     t0 = time.perf_counter()
