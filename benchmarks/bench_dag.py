@@ -23,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks.measure import write_results
+
 CLUSTER = Path(__file__).resolve().parents[1] / "clusters" / "local" / "cluster.py"
 
 
@@ -115,11 +117,7 @@ def main(argv: list[str] | None = None) -> dict:
     lines += ["", "Target: the matrix within 1.2x its longest chain. build s is the report's (checks, Ray connect and publishing included); "
               f"{os.cpu_count()} cores on the machine{bytecode}.", ""]
     table = "\n".join(lines)
-    results = Path(args.results)
-    results.parent.mkdir(parents=True, exist_ok=True)
-    results.write_text(table)
-    results.with_suffix(".json").write_text(json.dumps({"unit_s": args.unit_s, "longest_chain_s": chain, "runs": runs}, indent=2))
-    print(table, flush=True)
+    write_results(args.results, table, {"unit_s": args.unit_s, "longest_chain_s": chain, "runs": runs})
     shutil.rmtree(work, ignore_errors=True)
     return runs
 

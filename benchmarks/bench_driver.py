@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 from benchmarks.bench_merge import MAKE_ADAPTER, PROJECTIONS
-from benchmarks.measure import make_checkpoint
+from benchmarks.measure import make_checkpoint, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPE = dict(hidden_size=1024, num_layers=8, intermediate_size=4096, vocab_size=32000, num_heads=16, num_kv_heads=4, dtype="bfloat16")
@@ -113,12 +113,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
         subprocess.run([*cluster, "down", "--dir", str(state_dir)], capture_output=True, timeout=120)
         shutil.rmtree(state_dir, ignore_errors=True)
         shutil.rmtree(shm, ignore_errors=True)
-    write_results(Path(args.results), rows, args.label)
+    _write_table(Path(args.results), rows, args.label)
     shutil.rmtree(work, ignore_errors=True)
     return rows
 
 
-def write_results(path: Path, rows: list[dict], label: str) -> None:
+def _write_table(path: Path, rows: list[dict], label: str) -> None:
     mib = 2**20
     lines = [f"Driver of `loadgraph build --executor ray` on a 3-node local cluster (head + 2 workers, 1 CPU each), "
              f"Llama-shaped bf16 model {rows[0]['model_bytes'] / mib:.0f} MiB + LoRA r=16 merge + export; code: {label}.", "",
@@ -131,10 +131,7 @@ def write_results(path: Path, rows: list[dict], label: str) -> None:
                      f"{r['driver_read_bytes'] / mib:.1f} | "
                      f"{r['driver_peak_rss'] / mib:.0f} | {r['units_bytes_hashed'] / mib:.1f} | {r['wall_s']:.1f} | {', '.join(map(str, r['export']))} |")
     lines += ["", "driver read = the driver process's rchar (every byte its read/pread calls returned: sources, manifests, memo files, Python modules).", ""]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines))
-    path.with_suffix(".json").write_text(json.dumps(rows, indent=2))
-    print("\n".join(lines), flush=True)
+    write_results(path, "\n".join(lines), rows)
 
 
 if __name__ == "__main__":

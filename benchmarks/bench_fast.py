@@ -21,7 +21,7 @@ from pathlib import Path
 from benchmarks.bench_merge import BASELINE as PEFT_MERGE
 from benchmarks.bench_merge import MAKE_ADAPTER, PROJECTIONS
 from benchmarks.compare import SHAPE
-from benchmarks.measure import Measurement, make_checkpoint, measure
+from benchmarks.measure import Measurement, make_checkpoint, measure, write_results
 
 SHAPES = {"tiny": dict(SHAPE, hidden_size=256, num_layers=2, intermediate_size=512, vocab_size=1024, num_heads=4, num_kv_heads=2), "1b": SHAPE, "7b": dict(hidden_size=4096, num_layers=32, intermediate_size=11008, vocab_size=32000, num_heads=32, num_kv_heads=32, dtype="bfloat16")}
 PEFT_MERGE_NF4 = """
@@ -192,17 +192,13 @@ def main(argv: list[str] | None = None) -> None:
     bytecode = _cache_bytecode(work)
     rows = []
     results = Path(args.results or f"benchmarks/results/fast-{args.shape}-{args.backend}.md")
-    results.parent.mkdir(parents=True, exist_ok=True)
     for job in args.jobs.split(","):
         rows.append(run_job(work, job, args.backend, args.verify, not args.no_baseline))
         print(json.dumps({k: v for k, v in rows[-1].items() if k != "stages"}), flush=True)
         size = rows[0]["model_bytes"] / 1e9
         title = (f"Fast data path, Llama-shaped bf16 {args.shape} ({size:.2f} GB), r=16 LoRA on 7 projections; {os.cpu_count()} cores, page cache warm, "
                  f"local executor, merge on the CPU (bit-identical to PEFT), bnb on {args.backend}, verify {'on' if args.verify else 'off'}, one run each{bytecode}.")
-        table = _table(rows, title)  # after every job: a run cut short keeps what it measured
-        results.write_text(table)
-        results.with_suffix(".json").write_text(json.dumps(rows, indent=2))
-    print(table, flush=True)
+        write_results(results, _table(rows, title), rows)  # after every job: a run cut short keeps what it measured
 
 
 if __name__ == "__main__":

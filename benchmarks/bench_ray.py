@@ -18,7 +18,7 @@ from pathlib import Path
 from benchmarks.bench_merge import MAKE_ADAPTER, PROJECTIONS
 from benchmarks.compare import SHAPE
 from benchmarks.compare import loadgraph_cmd
-from benchmarks.measure import make_checkpoint, measure
+from benchmarks.measure import make_checkpoint, measure, write_results
 
 
 def _run(spec: Path, cache: Path, out: Path, executor: str, report: Path) -> dict:
@@ -70,11 +70,7 @@ def main(argv: list[str] | None = None) -> dict:
         "",
     ]
     table = "\n".join(lines)
-    results = Path(args.results)
-    results.parent.mkdir(parents=True, exist_ok=True)
-    results.write_text(table)
-    results.with_suffix(".json").write_text(json.dumps({"local": runs["local"], "ray": runs["ray"]}, indent=2))
-    print(table, flush=True)
+    write_results(args.results, table, {"local": runs["local"], "ray": runs["ray"]})
     shutil.rmtree(work, ignore_errors=True)
     return {"local": local, "ray": ray_}
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from benchmarks.bench_merge import MAKE_ADAPTER, PROJECTIONS
 from benchmarks.compare import add_shape_args, loadgraph_cmd, shape_from
-from benchmarks.measure import make_checkpoint, measure
+from benchmarks.measure import make_checkpoint, measure, write_results
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -56,11 +56,7 @@ def main(argv: list[str] | None = None) -> None:
         "",
     ]
     table = "\n".join(lines)
-    results = Path(args.results)
-    results.parent.mkdir(parents=True, exist_ok=True)
-    results.write_text(table)
-    results.with_suffix(".json").write_text(json.dumps({"build": run.__dict__, "node_seconds": seconds, "verify": verify}, indent=2))
-    print(table, flush=True)
+    write_results(args.results, table, {"build": run.__dict__, "node_seconds": seconds, "verify": verify})
     shutil.rmtree(work, ignore_errors=True)
 
 

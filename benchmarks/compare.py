@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import sys
 from pathlib import Path
 
-from benchmarks.measure import Measurement, measure, median
+from benchmarks.measure import Measurement, measure, median, write_results
 
 
 # ~1.2B Llama-shaped bf16: the shape the 2-core benchmarks of the issues name.
@@ -61,8 +60,5 @@ def write_table(results: Path, title: str, baseline_label: str, base: Measuremen
         "",
     ]
     table = "\n".join(lines)
-    results.parent.mkdir(parents=True, exist_ok=True)
-    results.write_text(table)
-    results.with_suffix(".json").write_text(json.dumps({"title": title, "baseline": base.__dict__, "loadgraph_cold": cold.__dict__, "loadgraph_cached": warm.__dict__}, indent=2))
-    print(table, flush=True)
+    write_results(results, table, {"title": title, "baseline": base.__dict__, "loadgraph_cold": cold.__dict__, "loadgraph_cached": warm.__dict__})
     return table

@@ -72,3 +72,15 @@ def make_checkpoint(out, **kwargs) -> None:
     code = f"from loadgraph.testing import make_llama_checkpoint as m; m({str(out)!r}, **{kwargs!r})"
     subprocess.run([sys.executable, "-c", code], check=True)
     subprocess.run(["sync"], check=False)
+
+
+def write_results(results, table: str, raw) -> None:
+    """The table (quoted in the README) and its raw JSON beside it, then the table on stdout."""
+    import json
+    from pathlib import Path
+
+    results = Path(results)
+    results.parent.mkdir(parents=True, exist_ok=True)
+    results.write_text(table)
+    results.with_suffix(".json").write_text(json.dumps(raw, indent=2))
+    print(table, flush=True)

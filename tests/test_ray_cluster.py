@@ -349,8 +349,7 @@ def test_mixed_cluster_gpu_units_fit_the_gpu_node_a_cacheless_node_is_left_out_a
         # Sized from the GPU node (1 CPU), however many CPUs the 4-CPU node has.
         verify = next(n for n in graph.nodes.values() if n.stage == "verify")
         units = get_stage("verify").units(node_context(cache, verify.describe()))
-        executor._size_units(units)
-        smoke = executor.options_for(verify.describe(), next(u for u in units if u.gpu), str(cache.root))
+        smoke = executor.options_for(verify.describe(), next(u for u in units if u.gpu), str(cache.root), sizes=executor._size_units(units))
         gpu_node = next(n for n in executor.nodes if n.node_id == ray_cluster.gpu.node_id)
         assert smoke["num_cpus"] == 1 and smoke["num_gpus"] == 1 and smoke["memory"] <= gpu_node.memory
         assert json.loads(json.dumps(report.to_json()))["nodes"][0]["units"][0]["ran_on"]["ip"]

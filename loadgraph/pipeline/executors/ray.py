@@ -195,7 +195,6 @@ class RayExecutor:
         self.has_gpus = any(n.gpus for n in self.nodes)
         self.driver_node = this_node_id()
         cpus = int(sum(n.resources.get("CPU", 0) for n in self.nodes))
-        self._cpus_per_unit = {False: 1, True: 1}  # by "wants a GPU": the last node's sizing
         self.node_concurrency = max(1, int(os.environ.get(NODE_CONCURRENCY_ENV, 0)) or 16)
         # Units of all the nodes now running, by "wants a GPU": concurrent nodes share the CPUs.
         self._demand = {False: 0, True: 0}
@@ -230,7 +229,6 @@ class RayExecutor:
             mine = sum(1 for u in units if self._wants_gpu(u) == gpu) + self._demand[gpu]
             cpus = sum(n.resources.get("CPU", 0) for n in self.usable_nodes() if n.gpus >= 1 or not gpu)
             sizes[gpu] = cpu_share(types, cpus, mine, gpu)
-        self._cpus_per_unit = sizes
         return sizes
 
     def _add_demand(self, units: list[Unit], sign: int) -> None:
@@ -247,13 +245,14 @@ class RayExecutor:
 
     def options_for(self, desc: dict, unit: Unit, cache_root: str, types: list[NodeType] | None = None,
                     sizes: dict[bool, int] | None = None) -> dict:
+        """Ray options for one unit; `sizes` are its node's CPUs per unit (_size_units), else 1."""
         if len(self.nodes) > 1 and self.driver_node and reads_driver_paths(desc, cache_root):
             # I/O only, and it must run where the files are. Zero CPUs: a Kubernetes head
             # usually has num-cpus=0, and a unit asking for one there would never start.
             opts: dict[str, Any] = {"num_cpus": 0, "scheduling_strategy": pinned_to(self.driver_node)}
         else:
             gpu = self._wants_gpu(unit)
-            cpus = (sizes or self._cpus_per_unit)[gpu]
+            cpus = sizes[gpu] if sizes else 1
             want = max(MIN_MEMORY, int(unit.nbytes * MEMORY_PER_INPUT_BYTE))
             opts = {"num_cpus": cpus, "memory": memory_for(self.node_types() if types is None else types, want, cpus, gpu)}
             if gpu:
