@@ -24,11 +24,40 @@ peft = pytest.importorskip("peft")
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
-from loadgraph.formats.lora import AdapterError, LoraAdapter, merge_shard, plan_merge  # noqa: E402
+from loadgraph.formats.lora import AdapterError, LoraAdapter, plan_merge  # noqa: E402
+from loadgraph.formats.lora_merge import merge_shard  # noqa: E402
 from loadgraph.formats.names import inspect_checkpoint_names  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+@pytest.fixture(autouse=True)
+def small_row_blocks(monkeypatch):
+    """Linear merges of these tiny models (32-128 rows) go through the blocked arithmetic in blocks of
+    16 rows, so every case below compares that path with PEFT; the rest of the suite, at the default
+    block size, compares the whole-matrix path."""
+    monkeypatch.setattr("loadgraph.formats.lora_merge.ROW_BLOCK", 16)
+
+
+def test_blocked_merge_equals_whole_matrix_merge():
+    """At the default block size, on a weight whose row count is no multiple of it (blocks of 275-276
+    rows), in each float dtype: bit for bit the whole-matrix arithmetic."""
+    from loadgraph.formats import lora_merge
+    from loadgraph.formats.lora import LoraTarget
+    from loadgraph.formats.names import KIND_LINEAR
+
+    gen = torch.Generator().manual_seed(3)
+    target = LoraTarget(module="m", lora_A="a", lora_B="b", kind=KIND_LINEAR, r=16, alpha=32, use_rslora=False, use_dora=False,
+                        fan_in_fan_out=False)
+    for dtype in DTYPES.values():
+        weight = (torch.randn(1103, 320, generator=gen) * 0.02).to(dtype)
+        tensors = {"a": torch.randn(16, 320, generator=gen).to(dtype), "b": torch.randn(1103, 16, generator=gen).to(dtype)}
+        lora_merge.ROW_BLOCK = 256
+        blocked = lora_merge.merge_weight(weight, target, tensors)
+        lora_merge.ROW_BLOCK = 10**9  # every row in one product: the whole-matrix path
+        whole = lora_merge.merge_weight(weight, target, tensors)
+        assert blocked.dtype == dtype and torch.equal(blocked.view(-1).view(torch.uint8), whole.view(-1).view(torch.uint8)), dtype
 
 
 # -- tiny models ----------------------------------------------------------------------------------

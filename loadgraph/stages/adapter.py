@@ -167,7 +167,7 @@ class MergeStage(Stage):
     def run_unit(self, ctx: NodeContext, unit: Unit, out: Path) -> dict:
         import torch
 
-        from loadgraph.formats.lora import merge_shard
+        from loadgraph.formats.lora_merge import merge_shard
 
         base = ctx.input()
         layout = self.layout(ctx)
@@ -218,7 +218,7 @@ def _merge_on_gpu(name: str, t: dict, out_bytes: int, out_dtype, plans, reader: 
     """Read into pinned memory, merge on the GPU (PEFT's float32 arithmetic; cuBLAS rounds its
     products differently, hence the backend in the key), copy back into pinned memory and write
     it before the pair is handed to the next tensor."""
-    from loadgraph.formats.lora import merge_shard
+    from loadgraph.formats.lora_merge import merge_shard
 
     with PINNED.pair() as bufs:
         bufs[0] = grow_pinned(bufs[0], t["end"] - t["begin"])
