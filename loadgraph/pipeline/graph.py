@@ -108,7 +108,7 @@ def compile_specs(specs: list[BuildSpec], cache: Cache, defer_checks: bool = Fal
 
 
 def _compile_target(graph: Graph, spec: BuildSpec, cache: Cache) -> Target:
-    from loadgraph.stages.fetch import resolve_source
+    from loadgraph.stages.fetch import resolve_source, weights_local
 
     params, runtime = resolve_source(spec.source, cache)
     code = ", ".join(f"{name} {digest[:12]}" for name, digest in params.get("code", {}).items())
@@ -116,7 +116,9 @@ def _compile_target(graph: Graph, spec: BuildSpec, cache: Cache) -> Target:
     fetched = graph.add("fetch", params, {}, label, runtime)
     inspected = graph.add("inspect", {}, {"model": fetched.key}, f"{spec.name}: inspect")
     # Original-format LLaVA (issue 9): convert to transformers' Llava; later stages see only that.
-    current, checked_dir = _llava_convert(graph, spec, cache, runtime["path"], inspected)
+    current, checked_dir = _llava_convert(graph, spec, cache, runtime["path"], inspected, list(params["files"]))
+    if current is inspected and not weights_local(runtime):
+        checked_dir = None  # weights still on the hub: the units check them (no download to plan)
     base = current
     # A converted source's class is not the one in its files: its adapters' base class is not checked.
     adapters = _adapter_nodes(graph, spec, cache, runtime["path"] if current is inspected else None)
@@ -180,7 +182,7 @@ def chat_template(spec: BuildSpec) -> dict:
 
 
 # --- LLaVA original-format conversion (issue 9) -------------------------------------------------
-def _llava_convert(graph: Graph, spec: BuildSpec, cache: Cache, source_dir: str, inspected: Node) -> tuple[Node, str | None]:
+def _llava_convert(graph: Graph, spec: BuildSpec, cache: Cache, source_dir: str, inspected: Node, files: list[str]) -> tuple[Node, str | None]:
     """A convert node after inspect when the source is an original LLaVA checkpoint, else `inspected`.
 
     Also returns the directory preflight checks may read (the source's, or the converted
@@ -190,7 +192,7 @@ def _llava_convert(graph: Graph, spec: BuildSpec, cache: Cache, source_dir: str,
     from loadgraph.formats.checkpoint import load_json
     from loadgraph.formats.llava_original import is_original_llava, parse_original
     from loadgraph.spec import Source
-    from loadgraph.stages.fetch import resolve_source
+    from loadgraph.stages.fetch import resolve_source, weights_local
 
     config_path = Path(source_dir) / "config.json"
     config = load_json(config_path) if config_path.is_file() else {}
@@ -214,8 +216,10 @@ def _llava_convert(graph: Graph, spec: BuildSpec, cache: Cache, source_dir: str,
         fetched = graph.add("fetch", params, {}, f"{spec.name}: fetch {what} {Path(model).name}", runtime)
         inputs[name] = graph.add("inspect", {}, {"model": fetched.key}, f"{spec.name}: inspect {what}").key
         if name == "base" and options.base_adapters:
-            inputs[name] = _base_merge(graph, spec, cache, options, inputs[name], runtime["path"]).key
-    weights = [p.name for p in Path(source_dir).iterdir() if p.name.endswith((".safetensors", ".bin")) and not p.name.startswith("training_args")]
+            inputs[name] = _base_merge(graph, spec, cache, options, inputs[name], runtime["path"], weights_local(runtime)).key
+    # The source's files by name (a hub repo's weights may not be downloaded yet).
+    names = sorted({p.name for p in Path(source_dir).iterdir()} | set(files))
+    weights = [n for n in names if n.endswith((".safetensors", ".bin")) and not n.startswith("training_args")]
     if weights and all(n.startswith("mm_projector") for n in weights) and "base" not in inputs:
         raise InputError(f"{source_dir}: holds only projector weights ({', '.join(sorted(weights))}); set convert.model_base to the language model it was trained on")
     if options.base_adapters and "base" not in inputs:
@@ -226,14 +230,14 @@ def _llava_convert(graph: Graph, spec: BuildSpec, cache: Cache, source_dir: str,
     return node, (str(converted.path) if converted else None)
 
 
-def _base_merge(graph: Graph, spec: BuildSpec, cache: Cache, options: ConvertSpec, base: str, base_dir: str) -> Node:
+def _base_merge(graph: Graph, spec: BuildSpec, cache: Cache, options: ConvertSpec, base: str, base_dir: str, base_local: bool = True) -> Node:
     """convert.base_adapters merged onto model_base: the merge node a plain-LM LoRA gets."""
     adapters = _adapter_nodes(graph, spec.model_copy(update={"adapters": options.base_adapters}), cache, base_dir)
     params = {"scales": [a.scale for a in options.base_adapters], "dtype": spec.dtype, "allow_pickle": spec.source.allow_pickle,
               "base_roundtrip": spec.merge.base_roundtrip, **_rounding(spec)}
     node = graph.add("merge", params, {"model": base, **{f"adapter{i}": n.key for i, n in enumerate(adapters)}},
                      f"{spec.name}: merge {len(adapters)} adapter(s) onto convert.model_base")
-    if cache.get(node.key) is None:
+    if cache.get(node.key) is None and base_local:  # else the merge units check (no download to plan)
         graph.checks.append((node.key, partial(_preflight_adapters, base_dir, adapters, params["scales"], spec.source.allow_pickle)))
     return node
 
