@@ -1,0 +1,194 @@
+"""Hub sources: `plan` lists the repo and downloads only its small files; the fetch units download
+the weights. Against a hub served on 127.0.0.1 the way huggingface_hub talks to it (model-info
+API with blobs, HEAD/GET resolve/<rev>/<file> with X-Repo-Commit, X-Linked-Etag, X-Linked-Size)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+import pytest
+
+from conftest import run_cli, write_spec
+
+COMMIT = "c0ffee" + "0" * 34
+THREAD_HEADER = "X-Test-Thread"
+
+
+class FakeHub:
+    """Serves repos (name -> directory) at COMMIT; records (method, path, client thread) of each request."""
+
+    def __init__(self, repos: dict[str, Path]):
+        self.repos = repos
+        self.requests: list[tuple[str, str, str]] = []
+        hub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args) -> None:
+                pass
+
+            def do_HEAD(self) -> None:
+                hub.serve(self, body=False)
+
+            def do_GET(self) -> None:
+                hub.serve(self, body=True)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def weights_got(self) -> list[tuple[str, str]]:
+        return [(path, thread) for method, path, thread in self.requests if method == "GET" and path.endswith(".safetensors")]
+
+    def serve(self, h: BaseHTTPRequestHandler, body: bool) -> None:
+        path = unquote(urlparse(h.path).path)
+        self.requests.append((h.command, path, h.headers.get(THREAD_HEADER, "")))
+        parts = path.strip("/").split("/")
+        if parts[:2] == ["api", "models"]:  # /api/models/{org}/{name}/revision/{rev}
+            repo, rev = "/".join(parts[2:4]), parts[5] if len(parts) > 5 else "main"
+            if repo not in self.repos:
+                return self.error(h, 401, "RepoNotFound")
+            if rev not in ("main", COMMIT):
+                return self.error(h, 404, "RevisionNotFound")
+            siblings = [{"rfilename": f.name, "size": f.stat().st_size, "blobId": _git_sha1(f),
+                         **({"lfs": {"size": f.stat().st_size, "sha256": _sha256(f), "pointerSize": 134}} if _lfs(f) else {})}
+                        for f in sorted(self.repos[repo].iterdir())]
+            return self.send(h, json.dumps({"id": repo, "sha": COMMIT, "siblings": siblings}).encode(), {}, body)
+        if len(parts) < 5 or parts[2] != "resolve":  # e.g. huggingface_hub's own /api/agent-harnesses
+            return self.error(h, 404, "EntryNotFound")
+        repo, rev, name = "/".join(parts[:2]), parts[3], "/".join(parts[4:])  # /{org}/{name}/resolve/{rev}/{file}
+        if repo not in self.repos:
+            return self.error(h, 401, "RepoNotFound")
+        f = self.repos[repo] / name
+        if not f.is_file():
+            return self.error(h, 404, "EntryNotFound")
+        etag = _sha256(f) if _lfs(f) else _git_sha1(f)
+        headers = {"X-Repo-Commit": COMMIT, "ETag": f'"{etag}"', **({"X-Linked-Etag": f'"{etag}"', "X-Linked-Size": str(f.stat().st_size)} if _lfs(f) else {})}
+        self.send(h, f.read_bytes(), headers, body)
+
+    @staticmethod
+    def send(h: BaseHTTPRequestHandler, data: bytes, headers: dict, body: bool) -> None:
+        h.send_response(200)
+        for k, v in {"Content-Length": str(len(data)), **headers}.items():
+            h.send_header(k, v)
+        h.end_headers()
+        if body:
+            h.wfile.write(data)
+
+    @staticmethod
+    def error(h: BaseHTTPRequestHandler, status: int, code: str) -> None:
+        data = json.dumps({"error": code}).encode()
+        h.send_response(status)
+        h.send_header("X-Error-Code", code)
+        h.send_header("Content-Length", str(len(data)))
+        h.end_headers()
+        h.wfile.write(data) if h.command != "HEAD" else None
+
+
+def _lfs(f: Path) -> bool:
+    return f.suffix == ".safetensors"
+
+
+def _sha256(f: Path) -> str:
+    return hashlib.sha256(f.read_bytes()).hexdigest()
+
+
+def _git_sha1(f: Path) -> str:
+    data = f.read_bytes()
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+@pytest.fixture
+def hub(models, tmp_path):
+    src = models("llama")
+    broken = tmp_path / "broken"  # its index names a shard the repo lacks
+    broken.mkdir()
+    for f in src.iterdir():
+        if f.name != "model-00003-of-00012.safetensors":
+            (broken / f.name).write_bytes(f.read_bytes())
+    server = FakeHub({"acme/tiny": src, "acme/broken": broken})
+    yield server
+    server.server.shutdown()
+    server.server.server_close()
+
+
+def _env(hub: FakeHub, tmp_path: Path) -> dict:
+    return {"HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0", "TRANSFORMERS_OFFLINE": "0", "HF_HUB_CACHE": str(tmp_path / "hf"), "HF_HUB_DISABLE_XET": "1"}
+
+
+def test_plan_downloads_no_weights_and_the_fetch_units_do(hub, models, tmp_path, monkeypatch):
+    spec = write_spec(tmp_path / "hub.yaml", {"source": {"model": "acme/tiny"}, "export": {"path": str(tmp_path / "out-hub")}, "verify": False})
+    plan = run_cli("plan", spec, "--json", "--cache", tmp_path / "cache", env=_env(hub, tmp_path))
+    assert plan.returncode == 0, plan.stderr
+    got = [p for m, p, _ in hub.requests if m == "GET"]
+    assert any(p.endswith("/config.json") for p in got) and any(p.endswith("/model.safetensors.index.json") for p in got)
+    assert hub.weights_got() == []  # listed (sizes, LFS sha256s), not downloaded
+    fetch = json.loads(plan.stdout)["nodes"][0]
+    assert not any((tmp_path / "hf").rglob("*.safetensors"))
+
+    # The build, in-process (huggingface_hub froze its endpoint and offline flag at import), with
+    # each request tagged by the thread that made it: the local executor runs units on "unit" threads.
+    import huggingface_hub.constants as constants
+    from huggingface_hub.utils import _http
+
+    monkeypatch.setattr(constants, "ENDPOINT", hub.url)
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", hub.url + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+
+    def tagged():
+        client = _http.default_client_factory()
+        client.event_hooks["request"].append(lambda request: request.headers.__setitem__(THREAD_HEADER, threading.current_thread().name))
+        return client
+
+    _http.set_client_factory(tagged)
+    try:
+        report = _build(spec, tmp_path / "cache")
+    finally:
+        _http.set_client_factory(_http.default_client_factory)
+    assert report.ok
+    assert (tmp_path / "cache" / "objects" / fetch["key"] / "manifest.json").is_file()  # the key the plan named, built
+    weights = hub.weights_got()
+    shards = sorted(f.name for f in models("llama").glob("*.safetensors"))
+    assert sorted(p.rsplit("/", 1)[1] for p, _ in weights) == shards  # each once
+    assert all(thread.startswith("unit") for _, thread in weights), weights
+
+    local = write_spec(tmp_path / "local.yaml", {"source": {"model": str(models("llama"))}, "export": {"path": str(tmp_path / "out-local")}, "verify": False})
+    assert _build(local, tmp_path / "cache-local").ok
+    built = sorted(p.name for p in (tmp_path / "out-hub").iterdir())
+    assert built == sorted(p.name for p in (tmp_path / "out-local").iterdir()) and "config.json" in built
+    for name in built:
+        if name != "manifest.json":  # it records where the source came from (the hub commit)
+            assert (tmp_path / "out-hub" / name).read_bytes() == (tmp_path / "out-local" / name).read_bytes(), name
+    manifests = [json.loads((tmp_path / d / "manifest.json").read_text()) for d in ("out-hub", "out-local")]
+    strip = [{rel: {k: v for k, v in meta.items() if k != "mtime_ns"} for rel, meta in m["files"].items()} for m in manifests]
+    assert strip[0] == strip[1]
+
+
+def _build(spec: Path, cache_dir: Path):
+    from loadgraph.pipeline.cache import Cache
+    from loadgraph.pipeline.executors.local import LocalExecutor
+    from loadgraph.pipeline.graph import compile_specs
+    from loadgraph.pipeline.runner import build
+    from loadgraph.spec import load_spec_files
+
+    cache = Cache(cache_dir)
+    return build(compile_specs(load_spec_files([spec]), cache), cache, LocalExecutor)
+
+
+@pytest.mark.parametrize(("source", "words"), [
+    ({"model": "acme/nope"}, ["source.model", "acme/nope", "no such repo"]),
+    ({"model": "acme/tiny", "revision": "v9"}, ["source.model", "acme/tiny@v9", "no such revision"]),
+    ({"model": "acme/broken"}, ["model.safetensors.index.json", "model-00003-of-00012.safetensors", "missing"]),
+])
+def test_a_missing_repo_revision_or_file_is_one_line_before_any_work(hub, tmp_path, source, words):
+    spec = write_spec(tmp_path / "s.yaml", {"source": source, "verify": False})
+    proc = run_cli("plan", spec, "--cache", tmp_path / "cache", env=_env(hub, tmp_path))
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert all(w in proc.stderr for w in words), proc.stderr
+    assert hub.weights_got() == []
