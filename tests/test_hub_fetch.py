@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
+import traceback
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import unquote, urlparse
@@ -16,7 +17,7 @@ import pytest
 from conftest import run_cli, write_spec
 
 COMMIT = "c0ffee" + "0" * 34
-THREAD_HEADER = "X-Test-Thread"
+CALLER_HEADER = "X-Test-Caller"  # which code made the request (the test's client hook sets it)
 
 
 class FakeHub:
@@ -41,12 +42,12 @@ class FakeHub:
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
-    def weights_got(self) -> list[tuple[str, str]]:
-        return [(path, thread) for method, path, thread in self.requests if method == "GET" and path.endswith(".safetensors")]
+    def weights_got(self, repo: str = "acme/") -> list[tuple[str, str]]:
+        return [(path, thread) for method, path, thread in self.requests if method == "GET" and path.endswith(".safetensors") and path.startswith(f"/{repo}")]
 
     def serve(self, h: BaseHTTPRequestHandler, body: bool) -> None:
         path = unquote(urlparse(h.path).path)
-        self.requests.append((h.command, path, h.headers.get(THREAD_HEADER, "")))
+        self.requests.append((h.command, path, h.headers.get(CALLER_HEADER, "")))
         parts = path.strip("/").split("/")
         if parts[:2] == ["api", "models"]:  # /api/models/{org}/{name}/revision/{rev}
             repo, rev = "/".join(parts[2:4]), parts[5] if len(parts) > 5 else "main"
@@ -110,7 +111,13 @@ def hub(models, tmp_path):
     for f in src.iterdir():
         if f.name != "model-00003-of-00012.safetensors":
             (broken / f.name).write_bytes(f.read_bytes())
-    server = FakeHub({"acme/tiny": src, "acme/broken": broken})
+    from loadgraph.testing import make_lora_adapter
+
+    lora = models.root / "hub-lora"  # made once per session
+    if not lora.exists():
+        make_lora_adapter(src, lora, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], seed=5)
+    server = FakeHub({"acme/tiny": src, "acme/broken": broken, "acme/lora": lora})
+    server.lora = lora
     yield server
     server.server.shutdown()
     server.server.server_close()
@@ -121,17 +128,20 @@ def _env(hub: FakeHub, tmp_path: Path) -> dict:
 
 
 def test_plan_downloads_no_weights_and_the_fetch_units_do(hub, models, tmp_path, monkeypatch):
-    spec = write_spec(tmp_path / "hub.yaml", {"source": {"model": "acme/tiny"}, "export": {"path": str(tmp_path / "out-hub")}, "verify": False})
+    doc = {"source": {"model": "acme/tiny"}, "adapters": [{"path": "acme/lora"}], "export": {"path": str(tmp_path / "out-hub")}, "verify": False}
+    spec = write_spec(tmp_path / "hub.yaml", doc)
     plan = run_cli("plan", spec, "--json", "--cache", tmp_path / "cache", env=_env(hub, tmp_path))
     assert plan.returncode == 0, plan.stderr
     got = [p for m, p, _ in hub.requests if m == "GET"]
     assert any(p.endswith("/config.json") for p in got) and any(p.endswith("/model.safetensors.index.json") for p in got)
-    assert hub.weights_got() == []  # listed (sizes, LFS sha256s), not downloaded
+    assert hub.weights_got("acme/tiny/") == []  # listed (sizes, LFS sha256s), not downloaded
+    assert [p for p, _ in hub.weights_got("acme/lora/")] == [f"/acme/lora/resolve/{COMMIT}/adapter_model.safetensors"]  # MBs, the plan reads it
     fetch = json.loads(plan.stdout)["nodes"][0]
-    assert not any((tmp_path / "hf").rglob("*.safetensors"))
+    assert [p.name for p in (tmp_path / "hf").rglob("*.safetensors")] == ["adapter_model.safetensors"]
 
     # The build, in-process (huggingface_hub froze its endpoint and offline flag at import), with
-    # each request tagged by the thread that made it: the local executor runs units on "unit" threads.
+    # each request tagged by its caller: a fetch unit (FetchStage.run_unit on the stack, run by the
+    # executor's execute_unit) or not, and the thread (the local executor's pool: "unit_N").
     import huggingface_hub.constants as constants
     from huggingface_hub.utils import _http
 
@@ -140,10 +150,16 @@ def test_plan_downloads_no_weights_and_the_fetch_units_do(hub, models, tmp_path,
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setenv("LOADGRAPH_LOCAL_WORKERS", "2")  # tests/chaos sets 1 for its session
+
+    def caller() -> str:
+        frames = traceback.extract_stack()
+        in_unit = any(f.name == "run_unit" and f.filename.endswith("stages/fetch.py") for f in frames) and any(f.name == "execute_unit" for f in frames)
+        return f"{'fetch-unit' if in_unit else 'other'}:{threading.current_thread().name}"
 
     def tagged():
         client = _http.default_client_factory()
-        client.event_hooks["request"].append(lambda request: request.headers.__setitem__(THREAD_HEADER, threading.current_thread().name))
+        client.event_hooks["request"].append(lambda request: request.headers.__setitem__(CALLER_HEADER, caller()))
         return client
 
     _http.set_client_factory(tagged)
@@ -153,12 +169,14 @@ def test_plan_downloads_no_weights_and_the_fetch_units_do(hub, models, tmp_path,
         _http.set_client_factory(_http.default_client_factory)
     assert report.ok
     assert (tmp_path / "cache" / "objects" / fetch["key"] / "manifest.json").is_file()  # the key the plan named, built
-    weights = hub.weights_got()
+    weights = hub.weights_got("acme/tiny/")
     shards = sorted(f.name for f in models("llama").glob("*.safetensors"))
     assert sorted(p.rsplit("/", 1)[1] for p, _ in weights) == shards  # each once
-    assert all(thread.startswith("unit") for _, thread in weights), weights
+    assert all(who.startswith("fetch-unit:") for _, who in weights), weights
+    assert any(who.startswith("fetch-unit:unit") for _, who in weights), weights  # on the pool's threads (>1 worker)
 
-    local = write_spec(tmp_path / "local.yaml", {"source": {"model": str(models("llama"))}, "export": {"path": str(tmp_path / "out-local")}, "verify": False})
+    local = write_spec(tmp_path / "local.yaml", {**doc, "source": {"model": str(models("llama"))}, "adapters": [{"path": str(hub.lora)}],
+                                                 "export": {"path": str(tmp_path / "out-local")}})
     assert _build(local, tmp_path / "cache-local").ok
     built = sorted(p.name for p in (tmp_path / "out-hub").iterdir())
     assert built == sorted(p.name for p in (tmp_path / "out-local").iterdir()) and "config.json" in built
@@ -192,3 +210,13 @@ def test_a_missing_repo_revision_or_file_is_one_line_before_any_work(hub, tmp_pa
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert all(w in proc.stderr for w in words), proc.stderr
     assert hub.weights_got() == []
+
+
+def test_fetch_units_of_a_hub_repo_are_not_pinned_to_the_drivers_node():
+    """A unit that downloads its file runs on any node; one reading a local snapshot stays on the driver's."""
+    from loadgraph.pipeline.executors.ray import reads_driver_paths
+
+    snapshot = {"path": f"/home/u/.cache/huggingface/hub/models--acme--tiny/snapshots/{COMMIT}"}
+    hub = {"repo": "acme/tiny", "commit": COMMIT, "cache_dir": "/home/u/.cache/huggingface/hub", "sizes": {"model.safetensors": 10}}
+    assert reads_driver_paths({"runtime": snapshot}, "/shared/cache")
+    assert not reads_driver_paths({"runtime": {**snapshot, "hub": hub}}, "/shared/cache")
