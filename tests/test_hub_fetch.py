@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import threading
 import traceback
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -25,7 +26,7 @@ class FakeHub:
 
     def __init__(self, repos: dict[str, Path]):
         self.repos = repos
-        self.requests: list[tuple[str, str, str]] = []
+        self.requests: list[tuple[str, str, str, str]] = []  # method, path, caller, range
         hub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -43,11 +44,13 @@ class FakeHub:
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def weights_got(self, repo: str = "acme/") -> list[tuple[str, str]]:
-        return [(path, thread) for method, path, thread in self.requests if method == "GET" and path.endswith(".safetensors") and path.startswith(f"/{repo}")]
+        """Whole weight files downloaded (a header read asks for a byte range)."""
+        return [(path, who) for method, path, who, ranged in self.requests
+                if method == "GET" and not ranged and path.endswith(".safetensors") and path.startswith(f"/{repo}")]
 
     def serve(self, h: BaseHTTPRequestHandler, body: bool) -> None:
         path = unquote(urlparse(h.path).path)
-        self.requests.append((h.command, path, h.headers.get(CALLER_HEADER, "")))
+        self.requests.append((h.command, path, h.headers.get(CALLER_HEADER, ""), h.headers.get("Range", "")))
         parts = path.strip("/").split("/")
         if parts[:2] == ["api", "models"]:  # /api/models/{org}/{name}/revision/{rev}
             repo, rev = "/".join(parts[2:4]), parts[5] if len(parts) > 5 else "main"
@@ -69,11 +72,17 @@ class FakeHub:
             return self.error(h, 404, "EntryNotFound")
         etag = _sha256(f) if _lfs(f) else _git_sha1(f)
         headers = {"X-Repo-Commit": COMMIT, "ETag": f'"{etag}"', **({"X-Linked-Etag": f'"{etag}"', "X-Linked-Size": str(f.stat().st_size)} if _lfs(f) else {})}
-        self.send(h, f.read_bytes(), headers, body)
+        data, status = f.read_bytes(), 200
+        ranged = re.fullmatch(r"bytes=(\d+)-(\d+)", h.headers.get("Range", ""))
+        if ranged:  # how huggingface_hub reads a safetensors header: the first 100 kB, then the rest of it
+            begin, end = int(ranged[1]), min(int(ranged[2]), len(data) - 1)
+            headers["Content-Range"] = f"bytes {begin}-{end}/{len(data)}"
+            data, status = data[begin:end + 1], 206
+        self.send(h, data, headers, body, status)
 
     @staticmethod
-    def send(h: BaseHTTPRequestHandler, data: bytes, headers: dict, body: bool) -> None:
-        h.send_response(200)
+    def send(h: BaseHTTPRequestHandler, data: bytes, headers: dict, body: bool, status: int = 200) -> None:
+        h.send_response(status)
         for k, v in {"Content-Length": str(len(data)), **headers}.items():
             h.send_header(k, v)
         h.end_headers()
@@ -116,7 +125,15 @@ def hub(models, tmp_path):
     lora = models.root / "hub-lora"  # made once per session
     if not lora.exists():
         make_lora_adapter(src, lora, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], seed=5)
-    server = FakeHub({"acme/tiny": src, "acme/broken": broken, "acme/lora": lora})
+    wrong = models.root / "hub-lora-other-shapes"  # trained on a llama of another width
+    if not wrong.exists():
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        other = models.root / "hub-other-base"
+        LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                     num_key_value_heads=2, vocab_size=512)).save_pretrained(other)
+        make_lora_adapter(other, wrong, r=4, seed=1, kind="llama")
+    server = FakeHub({"acme/tiny": src, "acme/broken": broken, "acme/lora": lora, "acme/wrong-lora": wrong})
     server.lora = lora
     yield server
     server.server.shutdown()
@@ -128,22 +145,15 @@ def _env(hub: FakeHub, tmp_path: Path) -> dict:
 
 
 def test_plan_downloads_no_weights_and_the_fetch_units_do(hub, models, tmp_path, monkeypatch):
-    doc = {"source": {"model": "acme/tiny"}, "adapters": [{"path": "acme/lora"}], "export": {"path": str(tmp_path / "out-hub")}, "verify": False}
-    spec = write_spec(tmp_path / "hub.yaml", doc)
-    plan = run_cli("plan", spec, "--json", "--cache", tmp_path / "cache", env=_env(hub, tmp_path))
-    assert plan.returncode == 0, plan.stderr
-    got = [p for m, p, _ in hub.requests if m == "GET"]
-    assert any(p.endswith("/config.json") for p in got) and any(p.endswith("/model.safetensors.index.json") for p in got)
-    assert hub.weights_got("acme/tiny/") == []  # listed (sizes, LFS sha256s), not downloaded
-    assert [p for p, _ in hub.weights_got("acme/lora/")] == [f"/acme/lora/resolve/{COMMIT}/adapter_model.safetensors"]  # MBs, the plan reads it
-    fetch = json.loads(plan.stdout)["nodes"][0]
-    assert [p.name for p in (tmp_path / "hf").rglob("*.safetensors")] == ["adapter_model.safetensors"]
-
-    # The build, in-process (huggingface_hub froze its endpoint and offline flag at import), with
-    # each request tagged by its caller: a fetch unit (FetchStage.run_unit on the stack, run by the
-    # executor's execute_unit) or not, and the thread (the local executor's pool: "unit_N").
+    # In-process (one import of torch/PEFT for plan, build and the checks; huggingface_hub froze
+    # its endpoint and offline flag at import, so they are patched), each request tagged by its
+    # caller: a fetch unit (FetchStage.run_unit under the executor's execute_unit) or not, and
+    # the thread (the local executor's pool: "unit_N").
     import huggingface_hub.constants as constants
     from huggingface_hub.utils import _http
+    from typer.testing import CliRunner
+
+    from loadgraph.cli import app
 
     monkeypatch.setattr(constants, "ENDPOINT", hub.url)
     monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", hub.url + "/{repo_id}/resolve/{revision}/{filename}")
@@ -164,13 +174,35 @@ def test_plan_downloads_no_weights_and_the_fetch_units_do(hub, models, tmp_path,
 
     _http.set_client_factory(tagged)
     try:
+        doc = {"source": {"model": "acme/tiny"}, "adapters": [{"path": "acme/lora"}], "export": {"path": str(tmp_path / "out-hub")}, "verify": False}
+        spec = write_spec(tmp_path / "hub.yaml", doc)
+        plan = CliRunner().invoke(app, ["plan", str(spec), "--json", "--cache", str(tmp_path / "cache")])
+        assert plan.exit_code == 0, plan.output
+        got = [p for m, p, _, _ in hub.requests if m == "GET"]
+        assert any(p.endswith("/config.json") for p in got) and any(p.endswith("/model.safetensors.index.json") for p in got)
+        assert hub.weights_got("acme/tiny/") == []  # listed (sizes, LFS sha256s), not downloaded
+        assert [p for p, _ in hub.weights_got("acme/lora/")] == [f"/acme/lora/resolve/{COMMIT}/adapter_model.safetensors"]  # MBs, the plan reads it
+        assert [p.name for p in (tmp_path / "hf").rglob("*.safetensors")] == ["adapter_model.safetensors"]
+        # The adapter-vs-base check read the base's headers on the hub: a byte range of each shard.
+        shards = sorted(f.name for f in models("llama").glob("*.safetensors"))
+        assert sorted(p.rsplit("/", 1)[1] for m, p, _, r in hub.requests if r and m == "GET") == shards
+        fetch = json.loads(plan.stdout)["nodes"][0]
+
+        # An adapter of other shapes is refused from those headers too, before any weight is downloaded.
+        from loadgraph.errors import InputError
+
+        wrong = write_spec(tmp_path / "wrong.yaml", {**doc, "adapters": [{"path": "acme/wrong-lora"}]})
+        with pytest.raises(InputError) as refused:
+            _build(wrong, tmp_path / "cache")
+        assert "adapter_model.safetensors" in str(refused.value) and "shape" in str(refused.value) and "\n" not in str(refused.value)
+        assert hub.weights_got("acme/tiny/") == []
+
         report = _build(spec, tmp_path / "cache")
     finally:
         _http.set_client_factory(_http.default_client_factory)
     assert report.ok
     assert (tmp_path / "cache" / "objects" / fetch["key"] / "manifest.json").is_file()  # the key the plan named, built
     weights = hub.weights_got("acme/tiny/")
-    shards = sorted(f.name for f in models("llama").glob("*.safetensors"))
     assert sorted(p.rsplit("/", 1)[1] for p, _ in weights) == shards  # each once
     assert all(who.startswith("fetch-unit:") for _, who in weights), weights
     assert any(who.startswith("fetch-unit:unit") for _, who in weights), weights  # on the pool's threads (>1 worker)

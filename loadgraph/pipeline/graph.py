@@ -117,8 +117,10 @@ def _compile_target(graph: Graph, spec: BuildSpec, cache: Cache) -> Target:
     inspected = graph.add("inspect", {}, {"model": fetched.key}, f"{spec.name}: inspect")
     # Original-format LLaVA (issue 9): convert to transformers' Llava; later stages see only that.
     current, checked_dir = _llava_convert(graph, spec, cache, runtime["path"], inspected, list(params["files"]))
-    if current is inspected and not weights_local(runtime):
-        checked_dir = None  # weights still on the hub: the units check them (no download to plan)
+    # Weights still on the hub: the adapter checks read their headers there (range requests);
+    # the quantize check, which needs the files, is left to the units (no download to plan).
+    base_hub = runtime["hub"] if current is inspected and not weights_local(runtime) else None
+    weight_files = [f for f in params["files"] if f.endswith(".safetensors")]
     base = current
     # A converted source's class is not the one in its files: its adapters' base class is not checked.
     adapters = _adapter_nodes(graph, spec, cache, runtime["path"] if current is inspected else None)
@@ -133,7 +135,8 @@ def _compile_target(graph: Graph, spec: BuildSpec, cache: Cache) -> Target:
         current = stages["merge"] = graph.add("merge", params, inputs, f"{spec.name}: merge {len(merged)} adapter(s)")
         cast_done = True
         if cache.get(current.key) is None and checked_dir:
-            graph.checks.append((current.key, partial(_preflight_adapters, checked_dir, [n for _, n in merged], [a.scale for a, _ in merged], spec.source.allow_pickle)))
+            graph.checks.append((current.key, partial(_preflight_adapters, checked_dir, [n for _, n in merged], [a.scale for a, _ in merged], spec.source.allow_pickle,
+                                                       base_hub, weight_files)))
     if spec.quantize is not None:
         from loadgraph.stages.quantize import resolve_backend, settings_params
 
@@ -141,13 +144,14 @@ def _compile_target(graph: Graph, spec: BuildSpec, cache: Cache) -> Target:
         current = stages["quantize"] = graph.add("quantize", qparams, {"model": current.key}, f"{spec.name}: quantize {spec.quantize.method}")
         cast_done = True
         if cache.get(current.key) is None:
-            graph.checks.append((current.key, partial(_preflight_quantize, qparams["settings"], checked_dir)))
+            graph.checks.append((current.key, partial(_preflight_quantize, qparams["settings"], None if base_hub else checked_dir)))
     if attached:
         params = {"scales": [a.scale for a, _ in attached], "allow_pickle": spec.source.allow_pickle}
         inputs = {"model": current.key, **{f"adapter{i}": n.key for i, (_, n) in enumerate(attached)}}
         current = graph.add("attach", params, inputs, f"{spec.name}: attach {len(attached)} adapter(s)")
         if cache.get(current.key) is None and spec.quantize is None and checked_dir:
-            graph.checks.append((current.key, partial(_preflight_adapters, checked_dir, [n for _, n in attached], [a.scale for a, _ in attached], spec.source.allow_pickle)))
+            graph.checks.append((current.key, partial(_preflight_adapters, checked_dir, [n for _, n in attached], [a.scale for a, _ in attached], spec.source.allow_pickle,
+                                                       base_hub, weight_files)))
     export_path = None
     if spec.export is not None:
         export_params = {
@@ -216,7 +220,8 @@ def _llava_convert(graph: Graph, spec: BuildSpec, cache: Cache, source_dir: str,
         fetched = graph.add("fetch", params, {}, f"{spec.name}: fetch {what} {Path(model).name}", runtime)
         inputs[name] = graph.add("inspect", {}, {"model": fetched.key}, f"{spec.name}: inspect {what}").key
         if name == "base" and options.base_adapters:
-            inputs[name] = _base_merge(graph, spec, cache, options, inputs[name], runtime["path"], weights_local(runtime)).key
+            base_hub = None if weights_local(runtime) else runtime["hub"]
+            inputs[name] = _base_merge(graph, spec, cache, options, inputs[name], runtime["path"], base_hub, [f for f in params["files"] if f.endswith(".safetensors")]).key
     # The source's files by name (a hub repo's weights may not be downloaded yet).
     names = sorted({p.name for p in Path(source_dir).iterdir()} | set(files))
     weights = [n for n in names if n.endswith((".safetensors", ".bin")) and not n.startswith("training_args")]
@@ -230,15 +235,16 @@ def _llava_convert(graph: Graph, spec: BuildSpec, cache: Cache, source_dir: str,
     return node, (str(converted.path) if converted else None)
 
 
-def _base_merge(graph: Graph, spec: BuildSpec, cache: Cache, options: ConvertSpec, base: str, base_dir: str, base_local: bool = True) -> Node:
+def _base_merge(graph: Graph, spec: BuildSpec, cache: Cache, options: ConvertSpec, base: str, base_dir: str,
+                base_hub: dict | None = None, weight_files: list[str] | None = None) -> Node:
     """convert.base_adapters merged onto model_base: the merge node a plain-LM LoRA gets."""
     adapters = _adapter_nodes(graph, spec.model_copy(update={"adapters": options.base_adapters}), cache, base_dir)
     params = {"scales": [a.scale for a in options.base_adapters], "dtype": spec.dtype, "allow_pickle": spec.source.allow_pickle,
               "base_roundtrip": spec.merge.base_roundtrip, **_rounding(spec)}
     node = graph.add("merge", params, {"model": base, **{f"adapter{i}": n.key for i, n in enumerate(adapters)}},
                      f"{spec.name}: merge {len(adapters)} adapter(s) onto convert.model_base")
-    if cache.get(node.key) is None and base_local:  # else the merge units check (no download to plan)
-        graph.checks.append((node.key, partial(_preflight_adapters, base_dir, adapters, params["scales"], spec.source.allow_pickle)))
+    if cache.get(node.key) is None:
+        graph.checks.append((node.key, partial(_preflight_adapters, base_dir, adapters, params["scales"], spec.source.allow_pickle, base_hub, weight_files)))
     return node
 
 
@@ -277,15 +283,24 @@ def _preflight_quantize(settings_params: dict, checked_dir: str | None) -> None:
         plan_quantization(checked_dir, settings)
 
 
-def _preflight_adapters(base_dir: str, adapters: list[Node], scales: list[float], allow_pickle: bool) -> None:
-    """Adapter vs base shapes, targets and types, from headers: fails in seconds, before any work."""
+def _preflight_adapters(base_dir: str, adapters: list[Node], scales: list[float], allow_pickle: bool,
+                        hub: dict | None = None, weight_files: list[str] | None = None) -> None:
+    """Adapter vs base shapes, targets and types, from headers: fails in seconds, before any work.
+    `hub`: the base's weights are not downloaded; their headers are read on the hub."""
     from loadgraph.formats.checkpoint import scan_checkpoint
     from loadgraph.stages.adapter import plan_adapters
 
-    ckpt = scan_checkpoint(base_dir, allow_pickle=allow_pickle)
-    if not ckpt.headers:
-        return  # pickled base: checked by the merge units once converted
-    tensors = {n: {"dtype": e.dtype, "shape": list(e.shape)} for n, (_, e) in ckpt.tensors.items()}
+    if hub is not None:
+        if not weight_files:
+            return  # pickled base: checked by the merge units once converted
+        from loadgraph.stages.hub import remote_tensors
+
+        tensors = remote_tensors(hub, weight_files)
+    else:
+        ckpt = scan_checkpoint(base_dir, allow_pickle=allow_pickle)
+        if not ckpt.headers:
+            return  # pickled base: checked by the merge units once converted
+        tensors = {n: {"dtype": e.dtype, "shape": list(e.shape)} for n, (_, e) in ckpt.tensors.items()}
     plan_adapters(Path(base_dir), tensors, [Path(n.runtime["path"]) for n in adapters], scales, allow_pickle)
 
 

@@ -131,3 +131,28 @@ def download(hub: dict, name: str) -> Path:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+def remote_tensors(hub: dict, files: list[str]) -> dict[str, dict]:
+    """name -> {dtype, shape} of the weight files' tensors, from their headers read on the hub
+    with range requests (the first 100 kB of each, rarely a second): what the plan's adapter
+    checks need, without downloading the weights. In checkpoint order (file, then offset)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+
+    def header(name: str):
+        try:
+            return api.parse_safetensors_file_metadata(hub["repo"], name, revision=hub["commit"])
+        except Exception as exc:
+            raise InputError(f"{hub['repo']}@{hub['commit'][:12]}: cannot read the header of {name} on the hub: {_first_line(exc)}") from None
+
+    with ThreadPoolExecutor(max_workers=min(8, len(files) or 1)) as pool:
+        metas = list(pool.map(header, files))
+    table: dict[str, dict] = {}
+    for meta in metas:
+        for name, info in sorted(meta.tensors.items(), key=lambda kv: kv[1].data_offsets[0]):
+            table[name] = {"dtype": info.dtype, "shape": list(info.shape)}
+    return table
