@@ -149,17 +149,12 @@ def test_plan_downloads_no_weights_and_the_fetch_units_do(hub, models, tmp_path,
     # its endpoint and offline flag at import, so they are patched), each request tagged by its
     # caller: a fetch unit (FetchStage.run_unit under the executor's execute_unit) or not, and
     # the thread (the local executor's pool: "unit_N").
-    import huggingface_hub.constants as constants
     from huggingface_hub.utils import _http
     from typer.testing import CliRunner
 
     from loadgraph.cli import app
 
-    monkeypatch.setattr(constants, "ENDPOINT", hub.url)
-    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", hub.url + "/{repo_id}/resolve/{revision}/{filename}")
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    _online(hub, tmp_path, monkeypatch)
     monkeypatch.setenv("LOADGRAPH_LOCAL_WORKERS", "2")  # tests/chaos sets 1 for its session
 
     def caller() -> str:
@@ -218,6 +213,43 @@ def test_plan_downloads_no_weights_and_the_fetch_units_do(hub, models, tmp_path,
     manifests = [json.loads((tmp_path / d / "manifest.json").read_text()) for d in ("out-hub", "out-local")]
     strip = [{rel: {k: v for k, v in meta.items() if k != "mtime_ns"} for rel, meta in m["files"].items()} for m in manifests]
     assert strip[0] == strip[1]
+
+
+def _online(hub: FakeHub, tmp_path: Path, monkeypatch) -> None:
+    """This process talks to the fake hub, with a fresh hub cache (huggingface_hub read its
+    endpoint, offline flag and cache dir at import: patched)."""
+    import huggingface_hub.constants as constants
+
+    monkeypatch.setattr(constants, "ENDPOINT", hub.url)
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", hub.url + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+
+
+def test_under_ray_fetch_units_download_their_file_on_whichever_node_runs_them(ray_cluster, hub, models, tmp_path, monkeypatch):
+    """Not pinned to the driver's node (as units reading a local snapshot are): on the simulated
+    cluster the weights are downloaded by units on the other nodes too."""
+    from loadgraph.pipeline.cache import Cache
+    from loadgraph.pipeline.executors.ray import RayExecutor
+    from loadgraph.pipeline.graph import compile_specs
+    from loadgraph.pipeline.runner import build
+    from loadgraph.spec import load_spec_files
+
+    _online(hub, tmp_path, monkeypatch)
+    spec = write_spec(tmp_path / "s.yaml", {"source": {"model": "acme/tiny"}, "verify": False, "export": {"path": str(tmp_path / "out")}})
+    cache = Cache(tmp_path / "cache")
+    graph = compile_specs(load_spec_files([spec]), cache)
+    assert hub.weights_got() == []
+    online = {"env_vars": {"HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_XET": "1"}}  # the workers' own hub settings
+    report = build(graph, cache, lambda: RayExecutor(runtime_env=online))
+    assert report.ok and report.executor == "ray"
+    fetch = next(n for n in report.nodes if n.stage == "fetch")
+    nodes = {u["ran_on"]["node_id"] for u in fetch.units if u["id"] != "finalize"}
+    assert nodes - {ray_cluster.head.node_id}, nodes  # some units ran off the driver's (head) node
+    shards = sorted(f.name for f in models("llama").glob("*.safetensors"))
+    assert sorted(p.rsplit("/", 1)[1] for p, _ in hub.weights_got()) == shards
+    assert (tmp_path / "out" / "manifest.json").is_file()
 
 
 def _build(spec: Path, cache_dir: Path):
