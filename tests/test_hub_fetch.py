@@ -284,3 +284,23 @@ def test_fetch_units_of_a_hub_repo_are_not_pinned_to_the_drivers_node():
     hub = {"repo": "acme/tiny", "commit": COMMIT, "cache_dir": "/home/u/.cache/huggingface/hub", "sizes": {"model.safetensors": 10}}
     assert reads_driver_paths({"runtime": snapshot}, "/shared/cache")
     assert not reads_driver_paths({"runtime": {**snapshot, "hub": hub}}, "/shared/cache")
+
+
+def test_an_unreachable_hub_reads_the_local_hub_cache_else_says_so_in_one_line(models, tmp_path):
+    """As snapshot_download does: a repo already in the local hub cache plans without the hub."""
+    import shutil
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    repo_dir = tmp_path / "hf" / "models--acme--tiny"
+    shutil.copytree(models("llama"), repo_dir / "snapshots" / COMMIT)
+    (repo_dir / "refs").mkdir()
+    (repo_dir / "refs" / "main").write_text(COMMIT)
+    env = {"HF_ENDPOINT": f"http://127.0.0.1:{port}", "HF_HUB_OFFLINE": "0", "HF_HUB_CACHE": str(tmp_path / "hf"), "HF_HUB_ETAG_TIMEOUT": "2"}
+    cached = run_cli("plan", write_spec(tmp_path / "a.yaml", {"source": {"model": "acme/tiny"}, "verify": False}), "--cache", tmp_path / "cache", env=env)
+    assert cached.returncode == 0, cached.stderr
+    missing = run_cli("plan", write_spec(tmp_path / "b.yaml", {"source": {"model": "acme/other"}, "verify": False}), "--cache", tmp_path / "cache", env=env)
+    assert missing.returncode == 2 and len(missing.stderr.strip().splitlines()) == 1, missing.stderr
+    assert "acme/other@main" in missing.stderr and "cannot list the repo on the hub" in missing.stderr
