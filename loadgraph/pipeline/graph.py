@@ -135,8 +135,8 @@ def _compile_target(graph: Graph, spec: BuildSpec, cache: Cache) -> Target:
         current = stages["merge"] = graph.add("merge", params, inputs, f"{spec.name}: merge {len(merged)} adapter(s)")
         cast_done = True
         if cache.get(current.key) is None and checked_dir:
-            graph.checks.append((current.key, partial(_preflight_adapters, checked_dir, [n for _, n in merged], [a.scale for a, _ in merged], spec.source.allow_pickle,
-                                                       base_hub, weight_files)))
+            graph.checks.append((current.key, partial(_preflight_adapters, checked_dir, [n for _, n in merged], [a.scale for a, _ in merged],
+                                                       spec.source.allow_pickle, base_hub, weight_files)))
     if spec.quantize is not None:
         from loadgraph.stages.quantize import resolve_backend, settings_params
 
@@ -150,8 +150,8 @@ def _compile_target(graph: Graph, spec: BuildSpec, cache: Cache) -> Target:
         inputs = {"model": current.key, **{f"adapter{i}": n.key for i, (_, n) in enumerate(attached)}}
         current = graph.add("attach", params, inputs, f"{spec.name}: attach {len(attached)} adapter(s)")
         if cache.get(current.key) is None and spec.quantize is None and checked_dir:
-            graph.checks.append((current.key, partial(_preflight_adapters, checked_dir, [n for _, n in attached], [a.scale for a, _ in attached], spec.source.allow_pickle,
-                                                       base_hub, weight_files)))
+            graph.checks.append((current.key, partial(_preflight_adapters, checked_dir, [n for _, n in attached], [a.scale for a, _ in attached],
+                                                       spec.source.allow_pickle, base_hub, weight_files)))
     export_path = None
     if spec.export is not None:
         export_params = {
@@ -221,7 +221,8 @@ def _llava_convert(graph: Graph, spec: BuildSpec, cache: Cache, source_dir: str,
         inputs[name] = graph.add("inspect", {}, {"model": fetched.key}, f"{spec.name}: inspect {what}").key
         if name == "base" and options.base_adapters:
             base_hub = None if weights_local(runtime) else runtime["hub"]
-            inputs[name] = _base_merge(graph, spec, cache, options, inputs[name], runtime["path"], base_hub, [f for f in params["files"] if f.endswith(".safetensors")]).key
+            weight_files = [f for f in params["files"] if f.endswith(".safetensors")]
+            inputs[name] = _base_merge(graph, spec, cache, options, inputs[name], runtime["path"], base_hub, weight_files).key
     # The source's files by name (a hub repo's weights may not be downloaded yet).
     names = sorted({p.name for p in Path(source_dir).iterdir()} | set(files))
     weights = [n for n in names if n.endswith((".safetensors", ".bin")) and not n.startswith("training_args")]
