@@ -304,3 +304,29 @@ def test_an_unreachable_hub_reads_the_local_hub_cache_else_says_so_in_one_line(m
     missing = run_cli("plan", write_spec(tmp_path / "b.yaml", {"source": {"model": "acme/other"}, "verify": False}), "--cache", tmp_path / "cache", env=env)
     assert missing.returncode == 2 and len(missing.stderr.strip().splitlines()) == 1, missing.stderr
     assert "acme/other@main" in missing.stderr and "cannot list the repo on the hub" in missing.stderr
+
+
+def test_downloads_go_to_the_users_hub_cache_else_the_loadgraph_caches_and_offline_plans_find_them_there(models, tmp_path, monkeypatch):
+    import shutil
+
+    import huggingface_hub.constants as constants
+
+    from loadgraph.stages.fetch import open_source
+    from loadgraph.stages.hub import download_dir
+
+    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_HOME"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "default-hf"))
+    monkeypatch.setattr(constants, "default_cache_path", str(tmp_path / "default-hf"))
+    cache_root = tmp_path / "cache"
+    assert download_dir(cache_root) == str(cache_root.absolute() / "hub")  # nobody said where: the cache every node reaches
+    # What an online build left there, found by an offline plan (read where it is: no download runtime).
+    snap = cache_root / "hub" / "models--acme--tiny" / "snapshots" / COMMIT
+    shutil.copytree(models("llama"), snap)
+    (snap.parents[1] / "refs").mkdir()
+    (snap.parents[1] / "refs" / "main").write_text(COMMIT)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert open_source("acme/tiny", None, "source.model", cache_root) == (snap, COMMIT, None)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "users"))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "users"))
+    assert download_dir(cache_root) == str(tmp_path / "users")  # the user's choice wins

@@ -30,7 +30,7 @@ COMMIT = re.compile(r"^[0-9a-f]{40}$")
 
 
 def locate(source_model: str, revision: str | None, what: str, allow_patterns: list[str] | None = None,
-           local_files_only: bool = False) -> tuple[Path, str | None]:
+           local_files_only: bool = False, cache_dir: str | None = None) -> tuple[Path, str | None]:
     """A local directory as is, or a hub repo downloaded whole (or found offline) at a resolved
     commit: what the loader needs; builds use `open_source`, which leaves weights to the units."""
     path = Path(source_model).expanduser()
@@ -41,7 +41,7 @@ def locate(source_model: str, revision: str | None, what: str, allow_patterns: l
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     try:
-        local = Path(snapshot_download(source_model, revision=revision, allow_patterns=allow_patterns, local_files_only=local_files_only))
+        local = Path(snapshot_download(source_model, revision=revision, allow_patterns=allow_patterns, local_files_only=local_files_only, cache_dir=cache_dir))
     except LocalEntryNotFoundError:
         raise InputError(f"{what}: {source_model}@{revision or 'main'} is not in the local hub cache and HF_HUB_OFFLINE forbids downloading; run `loadgraph prefetch` online first") from None
     except (HfHubHTTPError, OSError, ValueError) as exc:
@@ -67,16 +67,33 @@ def open_source(source_model: str, revision: str | None, what: str, cache_root: 
     from huggingface_hub import constants
 
     if constants.is_offline_mode():
-        return (*locate(source_model, revision, what, allow_patterns), None)
+        return (*_locate_local(source_model, revision, what, allow_patterns, cache_root), None)
     try:
         repo = hub.resolve(source_model, revision, what, cache_root, allow_patterns, eager)
     except hub.HubUnreachable:
         try:  # as snapshot_download does: a snapshot already in the local cache still builds
-            return (*locate(source_model, revision, what, allow_patterns, local_files_only=True), None)
+            return (*_locate_local(source_model, revision, what, allow_patterns, cache_root), None)
         except InputError:
             pass
         raise
     return repo.snapshot, repo.commit, (None if repo.whole else repo)
+
+
+def _locate_local(source_model: str, revision: str | None, what: str, allow_patterns: list[str] | None, cache_root: Path) -> tuple[Path, str | None]:
+    """The repo in the local hub cache, else in the one earlier builds downloaded into (`<cache>/hub`)."""
+    from huggingface_hub import constants
+
+    try:
+        return locate(source_model, revision, what, allow_patterns, local_files_only=True)
+    except InputError:
+        ours = hub.download_dir(cache_root)
+        if ours == str(constants.HF_HUB_CACHE):
+            raise
+        try:
+            return locate(source_model, revision, what, allow_patterns, local_files_only=True, cache_dir=ours)
+        except InputError:
+            pass
+        raise
 
 
 def resolve_source(source: Source, cache: Cache, what: str = "source.model") -> tuple[dict, dict]:
