@@ -132,8 +132,12 @@ def hub_blobs(snapshot: Path) -> Path | None:
     return repo / "blobs"
 
 
-def scan_checkpoint(root: str | os.PathLike, *, allow_pickle: bool = False, read_headers: bool = True) -> Checkpoint:
-    """List and validate a checkpoint directory (headers, index, file confinement)."""
+def scan_checkpoint(root: str | os.PathLike, *, allow_pickle: bool = False, read_headers: bool = True,
+                    remote: frozenset[str] = frozenset()) -> Checkpoint:
+    """List and validate a checkpoint directory (headers, index, file confinement).
+
+    `remote`: top-level files the checkpoint has that are not downloaded yet (a hub repo's
+    weights, fetched by the units); they count as present, and their headers are not read."""
     root = Path(root)
     if not root.exists():
         raise InputError(f"{root}: no such file or directory; give a local checkpoint directory or a hub repo id")
@@ -142,6 +146,7 @@ def scan_checkpoint(root: str | os.PathLike, *, allow_pickle: bool = False, read
     names = sorted(p.name for p in root.iterdir() if p.is_file() or p.is_symlink())
     for name in names:
         confined(root, name, str(root / name))
+    names = sorted(set(names) | remote)
     aux = [n for n in names if n in AUX_PATTERNS]
     pickles = [n for n in names if n.endswith(PICKLE_SUFFIXES) and not n.startswith("training_args")]
     if "adapter_config.json" in names:
@@ -150,7 +155,7 @@ def scan_checkpoint(root: str | os.PathLike, *, allow_pickle: bool = False, read
         pickles = [n for n in pickles if n not in ADAPTER_FILES]
     index_path = root / INDEX_NAME
     if index_path.exists():
-        weight_files = _files_from_index(root, index_path)
+        weight_files = _files_from_index(root, index_path, remote)
     else:
         weight_files = [n for n in names if n.endswith(".safetensors") and not ("adapter_config.json" in names and n in ADAPTER_FILES)]
     if not weight_files and pickles and all(n in LLAVA_SIDE_FILES for n in pickles):
@@ -171,7 +176,7 @@ def scan_checkpoint(root: str | os.PathLike, *, allow_pickle: bool = False, read
     return ckpt
 
 
-def _files_from_index(root: Path, index_path: Path) -> list[str]:
+def _files_from_index(root: Path, index_path: Path, remote: frozenset[str] = frozenset()) -> list[str]:
     index = load_json(index_path)
     weight_map = index.get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
@@ -183,7 +188,7 @@ def _files_from_index(root: Path, index_path: Path) -> list[str]:
         path = confined(root, fname, str(index_path))
         if fname not in files:
             try:
-                present = path.is_file()
+                present = fname in remote or path.is_file()
             except OSError:  # e.g. a name too long for the filesystem
                 present = False
             if not present:

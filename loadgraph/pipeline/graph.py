@@ -108,7 +108,7 @@ def compile_specs(specs: list[BuildSpec], cache: Cache, defer_checks: bool = Fal
 
 
 def _compile_target(graph: Graph, spec: BuildSpec, cache: Cache) -> Target:
-    from loadgraph.stages.fetch import resolve_source
+    from loadgraph.stages.fetch import resolve_source, weights_local
 
     params, runtime = resolve_source(spec.source, cache)
     code = ", ".join(f"{name} {digest[:12]}" for name, digest in params.get("code", {}).items())
@@ -116,7 +116,11 @@ def _compile_target(graph: Graph, spec: BuildSpec, cache: Cache) -> Target:
     fetched = graph.add("fetch", params, {}, label, runtime)
     inspected = graph.add("inspect", {}, {"model": fetched.key}, f"{spec.name}: inspect")
     # Original-format LLaVA (issue 9): convert to transformers' Llava; later stages see only that.
-    current, checked_dir = _llava_convert(graph, spec, cache, runtime["path"], inspected)
+    current, checked_dir = _llava_convert(graph, spec, cache, runtime["path"], inspected, list(params["files"]))
+    # Weights still on the hub: the adapter checks read their headers there (range requests);
+    # the quantize check, which needs the files, is left to the units (no download to plan).
+    base_hub = runtime["hub"] if current is inspected and not weights_local(runtime) else None
+    weight_files = [f for f in params["files"] if f.endswith(".safetensors")]
     base = current
     # A converted source's class is not the one in its files: its adapters' base class is not checked.
     adapters = _adapter_nodes(graph, spec, cache, runtime["path"] if current is inspected else None)
@@ -131,7 +135,8 @@ def _compile_target(graph: Graph, spec: BuildSpec, cache: Cache) -> Target:
         current = stages["merge"] = graph.add("merge", params, inputs, f"{spec.name}: merge {len(merged)} adapter(s)")
         cast_done = True
         if cache.get(current.key) is None and checked_dir:
-            graph.checks.append((current.key, partial(_preflight_adapters, checked_dir, [n for _, n in merged], [a.scale for a, _ in merged], spec.source.allow_pickle)))
+            graph.checks.append((current.key, partial(_preflight_adapters, checked_dir, [n for _, n in merged], [a.scale for a, _ in merged],
+                                                       spec.source.allow_pickle, base_hub, weight_files)))
     if spec.quantize is not None:
         from loadgraph.stages.quantize import resolve_backend, settings_params
 
@@ -139,13 +144,14 @@ def _compile_target(graph: Graph, spec: BuildSpec, cache: Cache) -> Target:
         current = stages["quantize"] = graph.add("quantize", qparams, {"model": current.key}, f"{spec.name}: quantize {spec.quantize.method}")
         cast_done = True
         if cache.get(current.key) is None:
-            graph.checks.append((current.key, partial(_preflight_quantize, qparams["settings"], checked_dir)))
+            graph.checks.append((current.key, partial(_preflight_quantize, qparams["settings"], None if base_hub else checked_dir)))
     if attached:
         params = {"scales": [a.scale for a, _ in attached], "allow_pickle": spec.source.allow_pickle}
         inputs = {"model": current.key, **{f"adapter{i}": n.key for i, (_, n) in enumerate(attached)}}
         current = graph.add("attach", params, inputs, f"{spec.name}: attach {len(attached)} adapter(s)")
         if cache.get(current.key) is None and spec.quantize is None and checked_dir:
-            graph.checks.append((current.key, partial(_preflight_adapters, checked_dir, [n for _, n in attached], [a.scale for a, _ in attached], spec.source.allow_pickle)))
+            graph.checks.append((current.key, partial(_preflight_adapters, checked_dir, [n for _, n in attached], [a.scale for a, _ in attached],
+                                                       spec.source.allow_pickle, base_hub, weight_files)))
     export_path = None
     if spec.export is not None:
         export_params = {
@@ -180,7 +186,7 @@ def chat_template(spec: BuildSpec) -> dict:
 
 
 # --- LLaVA original-format conversion (issue 9) -------------------------------------------------
-def _llava_convert(graph: Graph, spec: BuildSpec, cache: Cache, source_dir: str, inspected: Node) -> tuple[Node, str | None]:
+def _llava_convert(graph: Graph, spec: BuildSpec, cache: Cache, source_dir: str, inspected: Node, files: list[str]) -> tuple[Node, str | None]:
     """A convert node after inspect when the source is an original LLaVA checkpoint, else `inspected`.
 
     Also returns the directory preflight checks may read (the source's, or the converted
@@ -190,7 +196,7 @@ def _llava_convert(graph: Graph, spec: BuildSpec, cache: Cache, source_dir: str,
     from loadgraph.formats.checkpoint import load_json
     from loadgraph.formats.llava_original import is_original_llava, parse_original
     from loadgraph.spec import Source
-    from loadgraph.stages.fetch import resolve_source
+    from loadgraph.stages.fetch import resolve_source, weights_local
 
     config_path = Path(source_dir) / "config.json"
     config = load_json(config_path) if config_path.is_file() else {}
@@ -214,8 +220,12 @@ def _llava_convert(graph: Graph, spec: BuildSpec, cache: Cache, source_dir: str,
         fetched = graph.add("fetch", params, {}, f"{spec.name}: fetch {what} {Path(model).name}", runtime)
         inputs[name] = graph.add("inspect", {}, {"model": fetched.key}, f"{spec.name}: inspect {what}").key
         if name == "base" and options.base_adapters:
-            inputs[name] = _base_merge(graph, spec, cache, options, inputs[name], runtime["path"]).key
-    weights = [p.name for p in Path(source_dir).iterdir() if p.name.endswith((".safetensors", ".bin")) and not p.name.startswith("training_args")]
+            base_hub = None if weights_local(runtime) else runtime["hub"]
+            weight_files = [f for f in params["files"] if f.endswith(".safetensors")]
+            inputs[name] = _base_merge(graph, spec, cache, options, inputs[name], runtime["path"], base_hub, weight_files).key
+    # The source's files by name (a hub repo's weights may not be downloaded yet).
+    names = sorted({p.name for p in Path(source_dir).iterdir()} | set(files))
+    weights = [n for n in names if n.endswith((".safetensors", ".bin")) and not n.startswith("training_args")]
     if weights and all(n.startswith("mm_projector") for n in weights) and "base" not in inputs:
         raise InputError(f"{source_dir}: holds only projector weights ({', '.join(sorted(weights))}); set convert.model_base to the language model it was trained on")
     if options.base_adapters and "base" not in inputs:
@@ -226,7 +236,8 @@ def _llava_convert(graph: Graph, spec: BuildSpec, cache: Cache, source_dir: str,
     return node, (str(converted.path) if converted else None)
 
 
-def _base_merge(graph: Graph, spec: BuildSpec, cache: Cache, options: ConvertSpec, base: str, base_dir: str) -> Node:
+def _base_merge(graph: Graph, spec: BuildSpec, cache: Cache, options: ConvertSpec, base: str, base_dir: str,
+                base_hub: dict | None = None, weight_files: list[str] | None = None) -> Node:
     """convert.base_adapters merged onto model_base: the merge node a plain-LM LoRA gets."""
     adapters = _adapter_nodes(graph, spec.model_copy(update={"adapters": options.base_adapters}), cache, base_dir)
     params = {"scales": [a.scale for a in options.base_adapters], "dtype": spec.dtype, "allow_pickle": spec.source.allow_pickle,
@@ -234,7 +245,7 @@ def _base_merge(graph: Graph, spec: BuildSpec, cache: Cache, options: ConvertSpe
     node = graph.add("merge", params, {"model": base, **{f"adapter{i}": n.key for i, n in enumerate(adapters)}},
                      f"{spec.name}: merge {len(adapters)} adapter(s) onto convert.model_base")
     if cache.get(node.key) is None:
-        graph.checks.append((node.key, partial(_preflight_adapters, base_dir, adapters, params["scales"], spec.source.allow_pickle)))
+        graph.checks.append((node.key, partial(_preflight_adapters, base_dir, adapters, params["scales"], spec.source.allow_pickle, base_hub, weight_files)))
     return node
 
 
@@ -273,15 +284,24 @@ def _preflight_quantize(settings_params: dict, checked_dir: str | None) -> None:
         plan_quantization(checked_dir, settings)
 
 
-def _preflight_adapters(base_dir: str, adapters: list[Node], scales: list[float], allow_pickle: bool) -> None:
-    """Adapter vs base shapes, targets and types, from headers: fails in seconds, before any work."""
+def _preflight_adapters(base_dir: str, adapters: list[Node], scales: list[float], allow_pickle: bool,
+                        hub: dict | None = None, weight_files: list[str] | None = None) -> None:
+    """Adapter vs base shapes, targets and types, from headers: fails in seconds, before any work.
+    `hub`: the base's weights are not downloaded; their headers are read on the hub."""
     from loadgraph.formats.checkpoint import scan_checkpoint
     from loadgraph.stages.adapter import plan_adapters
 
-    ckpt = scan_checkpoint(base_dir, allow_pickle=allow_pickle)
-    if not ckpt.headers:
-        return  # pickled base: checked by the merge units once converted
-    tensors = {n: {"dtype": e.dtype, "shape": list(e.shape)} for n, (_, e) in ckpt.tensors.items()}
+    if hub is not None:
+        if not weight_files:
+            return  # pickled base: checked by the merge units once converted
+        from loadgraph.stages.hub import remote_tensors
+
+        tensors = remote_tensors(hub, weight_files)
+    else:
+        ckpt = scan_checkpoint(base_dir, allow_pickle=allow_pickle)
+        if not ckpt.headers:
+            return  # pickled base: checked by the merge units once converted
+        tensors = {n: {"dtype": e.dtype, "shape": list(e.shape)} for n, (_, e) in ckpt.tensors.items()}
     plan_adapters(Path(base_dir), tensors, [Path(n.runtime["path"]) for n in adapters], scales, allow_pickle)
 
 

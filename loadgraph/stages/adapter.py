@@ -25,7 +25,7 @@ from loadgraph.pipeline.hashing import hash_files
 from loadgraph.pipeline.stage import NodeContext, Stage, Unit
 from loadgraph.spec import AdapterSpec
 from loadgraph.stages.export import set_config_dtype
-from loadgraph.stages.fetch import locate
+from loadgraph.stages.fetch import open_source, runtime_for
 from loadgraph.stages.inspect import link_or_copy
 from loadgraph.stages.placed import output_layout, placed_result, placed_units, shard_bytes, write_index
 from loadgraph.stages.tensor_io import PINNED, ArtifactReader, grow_pinned
@@ -36,7 +36,9 @@ ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_mo
 def resolve_adapter(adapter: AdapterSpec, index: int, cache: Cache, allow_pickle: bool) -> tuple[dict, dict]:
     """An adapter directory or hub repo -> (fetch params keyed by content, runtime locator)."""
     what = f"adapters[{index}].path"
-    root, commit = locate(adapter.path, adapter.revision, what, allow_patterns=list(ADAPTER_FILES))
+    # eager: an adapter is MBs and the plan's checks (patterns, shapes vs the base) read its tensors;
+    # its units still download it on nodes whose hub cache lacks it.
+    root, commit, repo = open_source(adapter.path, adapter.revision, what, cache.root, allow_patterns=list(ADAPTER_FILES), eager=True)
     if not (root / "adapter_config.json").is_file():
         raise InputError(f"{what}: {root} has no adapter_config.json; point at a PEFT adapter directory")
     from loadgraph.formats.checkpoint import confined
@@ -47,7 +49,7 @@ def resolve_adapter(adapter: AdapterSpec, index: int, cache: Cache, allow_pickle
         raise InputError(f"{what}: {root} holds only a pickled adapter_model.bin; set source.allow_pickle: true or save it as safetensors")
     _check_config_patterns(root, files)
     digests = hash_files({n: root / n for n in files}, cache.root)
-    return {"files": digests, "commit": commit, "convert_pickle": False}, {"path": str(root)}
+    return {"files": digests, "commit": commit, "convert_pickle": False}, runtime_for(root, repo)
 
 
 def check_adapter_base(adapter_dir: Path, base_dir: Path, index: int) -> None:

@@ -18,6 +18,8 @@ from loadgraph.formats.safetensors import copy_and_hash
 from loadgraph.pipeline.cache import Cache
 from loadgraph.pipeline.hashing import hash_files, key_digest, stat_record
 from loadgraph.pipeline.stage import NodeContext, Stage, Unit
+from loadgraph.stages import hub
+from loadgraph.stages.hub import HubRepo
 from loadgraph.stages.inspect import link_or_copy
 from loadgraph.spec import Source
 
@@ -27,23 +29,71 @@ PICKLE_INDEX = "pytorch_model.bin.index.json"
 COMMIT = re.compile(r"^[0-9a-f]{40}$")
 
 
-def locate(source_model: str, revision: str | None, what: str, allow_patterns: list[str] | None = None) -> tuple[Path, str | None]:
-    """A local directory as is, or a hub repo downloaded (or found offline) at a resolved commit."""
+def locate(source_model: str, revision: str | None, what: str, allow_patterns: list[str] | None = None,
+           local_files_only: bool = False, cache_dir: str | None = None) -> tuple[Path, str | None]:
+    """A local directory as is, or a hub repo downloaded whole (or found offline) at a resolved
+    commit: what the loader needs; builds use `open_source`, which leaves weights to the units."""
     path = Path(source_model).expanduser()
     if path.exists():
         return path, None
-    if source_model.startswith((".", "/", "~")) or not REPO_ID.match(source_model):
-        raise InputError(f"{what}: {source_model}: no such directory (and not a hub repo id like org/name)")
+    _check_repo_id(source_model, what)
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     try:
-        local = Path(snapshot_download(source_model, revision=revision, allow_patterns=allow_patterns))
+        local = Path(snapshot_download(source_model, revision=revision, allow_patterns=allow_patterns, local_files_only=local_files_only, cache_dir=cache_dir))
     except LocalEntryNotFoundError:
         raise InputError(f"{what}: {source_model}@{revision or 'main'} is not in the local hub cache and HF_HUB_OFFLINE forbids downloading; run `loadgraph prefetch` online first") from None
     except (HfHubHTTPError, OSError, ValueError) as exc:
         raise InputError(f"{what}: cannot fetch {source_model}@{revision or 'main'} from the hub: {str(exc).splitlines()[0]}") from None
     return local, local.name  # snapshot directories are named by the commit they hold
+
+
+def _check_repo_id(source_model: str, what: str) -> None:
+    if source_model.startswith((".", "/", "~")) or not REPO_ID.match(source_model):
+        raise InputError(f"{what}: {source_model}: no such directory (and not a hub repo id like org/name)")
+
+
+def open_source(source_model: str, revision: str | None, what: str, cache_root: Path, allow_patterns: list[str] | None = None,
+                eager: bool = False) -> tuple[Path, str | None, HubRepo | None]:
+    """(directory the plan reads, hub commit, the hub repo when its units download their files).
+
+    Online, a hub repo is listed at its commit and only its small files are downloaded now
+    (stages/hub.py); offline, or when the hub is unreachable, the local hub cache is read as is."""
+    path = Path(source_model).expanduser()
+    if path.exists():
+        return path, None, None
+    _check_repo_id(source_model, what)
+    from huggingface_hub import constants
+
+    if constants.is_offline_mode():
+        return (*_locate_local(source_model, revision, what, allow_patterns, cache_root), None)
+    try:
+        repo = hub.resolve(source_model, revision, what, cache_root, allow_patterns, eager)
+    except hub.HubUnreachable:
+        try:  # as snapshot_download does: a snapshot already in the local cache still builds
+            return (*_locate_local(source_model, revision, what, allow_patterns, cache_root), None)
+        except InputError:
+            pass
+        raise
+    return repo.snapshot, repo.commit, (None if repo.whole else repo)
+
+
+def _locate_local(source_model: str, revision: str | None, what: str, allow_patterns: list[str] | None, cache_root: Path) -> tuple[Path, str | None]:
+    """The repo in the local hub cache, else in the one earlier builds downloaded into (`<cache>/hub`)."""
+    from huggingface_hub import constants
+
+    try:
+        return locate(source_model, revision, what, allow_patterns, local_files_only=True)
+    except InputError:
+        ours = hub.download_dir(cache_root)
+        if ours == str(constants.HF_HUB_CACHE):
+            raise
+        try:
+            return locate(source_model, revision, what, allow_patterns, local_files_only=True, cache_dir=ours)
+        except InputError:
+            pass
+        raise
 
 
 def resolve_source(source: Source, cache: Cache, what: str = "source.model") -> tuple[dict, dict]:
@@ -60,8 +110,10 @@ def resolve_source(source: Source, cache: Cache, what: str = "source.model") -> 
             f"{field}.revision: {source.revision!r} is set but {source.model} is a local directory, whose content is pinned by digest; "
             "a revision selects a hub commit: remove it (model_revision in a LLaMA-Factory YAML)"
         )
-    root, commit = locate(source.model, source.revision, what)
-    ckpt = scan_checkpoint(root, allow_pickle=source.allow_pickle)
+    root, commit, repo = open_source(source.model, source.revision, what, cache.root)
+    remote = repo.remote if repo else {}
+    # Weights still on the hub: their headers are read by the units (inspect), not here.
+    ckpt = scan_checkpoint(root, allow_pickle=source.allow_pickle, read_headers=not remote, remote=frozenset(remote))
     check_quantization(ckpt.root / "config.json", ckpt.config())
     code = custom_code_files(ckpt, field) if source.trust_remote_code else []
     if not source.trust_remote_code:
@@ -72,11 +124,23 @@ def resolve_source(source: Source, cache: Cache, what: str = "source.model") -> 
             f"set {field}.revision (model_revision) to a 40-hex commit sha (main is {commit} now)"
         )
     files = source_files(ckpt, bool(code))
-    digests = hash_files({rel: root / rel for rel in files}, cache.root)
-    params: dict = {"files": digests, "commit": commit, "convert_pickle": bool(ckpt.pickle_files)}
+    digests = hash_files({rel: root / rel for rel in files if rel not in remote}, cache.root)
+    # A hub weight is named by its LFS sha256, as hashing.hub_sha256 names a downloaded one: same key.
+    digests.update({rel: f"sha256:{remote[rel]['sha256']}" for rel in files if rel in remote})
+    params: dict = {"files": dict(sorted(digests.items())), "commit": commit, "convert_pickle": bool(ckpt.pickle_files)}
     if code:
         params["code"] = {rel: digests[rel] for rel in code}  # the trusted code, by content
-    return params, {"path": str(root)}
+    return params, runtime_for(root, repo)
+
+
+def runtime_for(root: Path, repo: HubRepo | None) -> dict:
+    """The fetch node's locator: the directory, and the hub repo when units download from it."""
+    return {"path": str(root), **({"hub": repo.runtime()} if repo is not None else {})}
+
+
+def weights_local(runtime: dict) -> bool:
+    """Whether a fetch node's weights are on this machine already (plan-time header checks)."""
+    return not (runtime.get("hub") or {}).get("sizes")
 
 
 def custom_code_files(ckpt: Checkpoint, field: str) -> list[str]:
@@ -149,17 +213,24 @@ class FetchStage(Stage):
 
     def units(self, ctx: NodeContext) -> list[Unit]:
         root = Path(ctx.runtime["path"])
+        sizes = (ctx.runtime.get("hub") or {}).get("sizes", {})
         return [
-            Unit(id=f"file-{i:05d}", payload={"file": rel}, nbytes=(root / rel).stat().st_size)
+            Unit(id=f"file-{i:05d}", payload={"file": rel}, nbytes=sizes[rel] if rel in sizes else (root / rel).stat().st_size)
             for i, rel in enumerate(sorted(ctx.params["files"]))
         ]
 
     def run_unit(self, ctx: NodeContext, unit: Unit, out: Path) -> dict:
         rel = unit.payload["file"]
-        src = Path(ctx.runtime["path"]) / rel
+        # A hub repo's file is downloaded here, on whichever node runs the unit (no request when
+        # the node's hub cache has it); a local directory's is read where it is.
+        src = hub.download(ctx.runtime["hub"], rel) if ctx.runtime.get("hub") else Path(ctx.runtime["path"]) / rel
         expected = ctx.params["files"][rel]
         if rel.endswith((".bin", ".pt", ".pth", ".ckpt")):
-            _check_unchanged(src, key_digest({"meta": digest.file_record(src)[0]}), expected)
+            if expected.startswith("sha256:"):  # a hub blob: check the bytes against its LFS sha256
+                sha = expected.removeprefix("sha256:")
+                _check_unchanged(src, expected if digest.matches(src.resolve(), {"size": src.stat().st_size, "sha256": sha}) else "", expected)
+            else:
+                _check_unchanged(src, key_digest({"meta": digest.file_record(src)[0]}), expected)
             return convert_pickle(src, out)
         linked = False
         record = stat_record(src, expected, ctx.cache.root)

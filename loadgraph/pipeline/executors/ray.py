@@ -135,7 +135,10 @@ def _watch_driver(desc: dict) -> threading.Event:
 
 def reads_driver_paths(desc: dict, cache_root: str) -> bool:
     """A node whose runtime names local paths outside the cache (a source checkpoint, a hub
-    snapshot) reads files that only the driver's machine is known to have."""
+    snapshot) reads files that only the driver's machine is known to have; one that names a hub
+    repo at a commit downloads them wherever it runs (stages/hub.py)."""
+    if desc.get("runtime", {}).get("hub"):
+        return False
     root = Path(cache_root)
     for value in desc.get("runtime", {}).values():
         if isinstance(value, str) and value.startswith("/"):
