@@ -28,7 +28,7 @@ demo: $(STAMP)
 # Suites that start their own Ray cluster run in their own pytest process: one Ray per process.
 # The rest runs on two workers (a test file stays on one): most of its time is single-threaded
 # imports and CLI subprocesses, so two cores do about twice the work.
-RAY_SUITES := tests/test_ray_cluster.py tests/chaos tests/test_integrations.py
+RAY_SUITES := tests/test_ray_cluster.py tests/chaos tests/test_integrations.py tests/test_hub_fetch.py
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests $(addprefix --ignore=,$(RAY_SUITES))
 	set -e; for suite in $(RAY_SUITES); do $(BIN)/python -m pytest -q $$suite; done
