@@ -8,7 +8,7 @@ tests/test_quant_shapes.py holds them against what the real kernels produce.
 
 One output is not fixed: the 4-bit packed quant state (`*.quant_state.bitsandbytes__nf4`) is
 JSON, and with double quant it holds a float computed from the data (`nested_offset`). It is a
-"variable" output: an estimate (for packing shards) and a maximum (for reserving header room).
+variable-length output: an estimate (for packing shards) and a maximum (for header room).
 """
 
 from __future__ import annotations
@@ -36,13 +36,13 @@ _OFFSET_TYPICAL = 0.1234567890123456  # 18 characters, as a float32 mean's repr 
 class QuantOutput:
     """One tensor a quantize function emits for a weight (its in-memory name, as convert returns it).
 
-    `variable`: its length is only known once the weight is quantized; `shape` is then an
-    estimate and `max_bytes` the most it can be."""
+    `max_bytes` > 0: packed JSON, placed as a tail once written (its length is exact without
+    double quant, but bitsandbytes owns that format); `shape` is then an estimate, `max_bytes`
+    the most it can be."""
 
     name: str
     dtype: str  # safetensors dtype
     shape: tuple[int, ...]
-    variable: bool = False
     max_bytes: int = 0
 
 
@@ -74,7 +74,7 @@ def quantized_outputs(name: str, shape: tuple[int, ...], dtype: torch.dtype, set
         out += [QuantOutput(f"{name}.absmax", "F32", (blocks,)), QuantOutput(f"{name}.quant_map", "F32", (_4BIT_CODE,))]
     typical, most = quant_state_bytes(shape, dtype, settings)
     quant_type = settings.method.removeprefix("bnb-")
-    out.append(QuantOutput(f"{name}.quant_state.bitsandbytes__{quant_type}", "U8", (typical,), variable=typical != most, max_bytes=most))
+    out.append(QuantOutput(f"{name}.quant_state.bitsandbytes__{quant_type}", "U8", (typical,), max_bytes=most))
     return out
 
 

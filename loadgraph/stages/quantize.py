@@ -100,7 +100,7 @@ def planned_outputs(plan, tensors: dict[str, dict]) -> tuple[list[PlannedTensor]
             continue
         for out in quantized_outputs(tp.memory_name, shape[::-1] if tp.transpose else shape, tp.dtype, plan.settings):
             planned.append(PlannedTensor(tp.rename[out.name], out.dtype, out.shape))
-            if out.variable or out.max_bytes:
+            if out.max_bytes:  # a JSON quant state: a tail of the layout
                 variable[tp.rename[out.name]] = out.max_bytes
     return planned, variable
 
@@ -182,7 +182,9 @@ class QuantizeStage(Stage):
         except BaseException:
             writer.abort()
             raise
-        return {**placed_result(layout, writer, reader), "tails": tails}
+        result = placed_result(layout, writer, reader)
+        # The tails' bytes are written by the runner, but they are this unit's output: counted here.
+        return {**result, "tails": tails, "written": result["written"] + sum(len(h) // 2 for h in tails.values())}
 
     def finalize(self, ctx: NodeContext, results: dict[str, dict], out: Path) -> dict:
         plan, layout = self._plan(ctx), self.layout(ctx)
