@@ -2,17 +2,21 @@
 
 A stage knows every output tensor's name, dtype and shape up front (from the input headers and,
 for bitsandbytes, the quantization plan), so the shard files' headers and every tensor's offset
-are computable before the first byte is produced. Units sized by bytes then write their tensors
+are computable before the first byte is produced. Tensors whose length only the work reveals
+(bitsandbytes' JSON quant states: a few hundred bytes each) are "tails": the header is written with
+room for each at its maximum, they go after the file's fixed tensors once every unit returned
+their bytes, and the header is rewritten then, padded to the same length (finish_files). Units sized by bytes then write their tensors
 straight into the final files with pwrite, from any process that sees the files: the layout
 never costs a second full write, and parallelism is not bounded by the number of shards.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable, Mapping
 
@@ -56,6 +60,10 @@ class Layout:
     sizes: dict[str, int]  # file -> total size
     tensors: dict[str, Placed]  # in file order, then offset order
     order: tuple[str, ...] = ()  # the planned (checkpoint) order: the manifest keeps it, exports pack by it
+    # file -> its variable-length (U8) tensors, placed after `sizes[file]` by finish_files; until
+    # then `headers` describes each at its maximum and `tensors` holds only the fixed ones.
+    tails: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    metadata: Mapping[str, str] | None = None
 
 
 def group_by_bytes(items: Iterable, nbytes: Callable, limit: int) -> list[list]:
@@ -78,20 +86,75 @@ def pack(tensors: Iterable[PlannedTensor], max_bytes: int) -> list[list[PlannedT
     return group_by_bytes(tensors, lambda t: t.nbytes, max_bytes)
 
 
-def plan_layout(groups: list[list[PlannedTensor]], names: list[str], metadata: Mapping[str, str] | None) -> Layout:
+def plan_layout(groups: list[list[PlannedTensor]], names: list[str], metadata: Mapping[str, str] | None,
+                variable: Mapping[str, int] | None = None) -> Layout:
+    """`variable`: name -> most bytes of each 1-D U8 tensor whose length is known only after the
+    units ran (its planned shape is an estimate, used for packing shards, not for placing)."""
+    variable = variable or {}
     headers: dict[str, bytes] = {}
     sizes: dict[str, int] = {}
     placed: dict[str, Placed] = {}
+    tails: dict[str, tuple[str, ...]] = {}
     for rel, group in zip(names, groups):
-        order = safetensors_order(group)
-        header = encode_header(order, metadata)
+        order = safetensors_order([t for t in group if t.name not in variable])
+        tail = [t for t in group if t.name in variable]
+        if any(t.dtype != "U8" for t in tail):
+            raise ValueError(f"{rel}: variable-length tensors must be U8 bytes")
+        # Digits only grow with the numbers: a header with every tail at its maximum is at least
+        # as long as the final one, so the final header fits the room reserved here.
+        header = encode_header(order + [PlannedTensor(t.name, "U8", (variable[t.name],)) for t in tail], metadata)
         headers[rel] = header
         offset = len(header)
         for t in order:
             placed[t.name] = Placed(t.name, t.dtype, t.shape, rel, offset, offset + t.nbytes)
             offset += t.nbytes
         sizes[rel] = offset
-    return Layout(headers, sizes, placed, tuple(t.name for group in groups for t in group))
+        if tail:
+            tails[rel] = tuple(t.name for t in tail)
+    return Layout(headers, sizes, placed, tuple(t.name for group in groups for t in group), tails, metadata)
+
+
+def finish_files(root: Path, layout: Layout, tail_bytes: Mapping[str, bytes]) -> tuple[Layout, dict[str, dict]]:
+    """Write each file's tails after its fixed tensors and its final header over the reserved one
+    (same length: data offsets stay); returns the final layout and the tails' table rows, with
+    the digests of the bytes written (nothing is read back)."""
+    headers, sizes, tensors = dict(layout.headers), dict(layout.sizes), dict(layout.tensors)
+    rows: dict[str, dict] = {}
+    for rel, names in layout.tails.items():
+        fixed = sorted((p for p in layout.tensors.values() if p.file == rel), key=lambda p: p.begin)
+        planned = [PlannedTensor(p.name, p.dtype, p.shape) for p in fixed] + [PlannedTensor(n, "U8", (len(tail_bytes[n]),)) for n in names]
+        header = encode_header(planned, layout.metadata, pad_to=len(layout.headers[rel]) - 8)
+        offset = layout.sizes[rel]
+        fd = os.open(root / rel, os.O_WRONLY)
+        try:
+            for name in names:
+                data = memoryview(tail_bytes[name])
+                tensors[name] = Placed(name, "U8", (len(data),), rel, offset, offset + len(data))
+                rows[name] = {**tensors[name].table(), "blake3": digest_bytes(data)}
+                while len(data):
+                    n = os.pwrite(fd, data, offset)
+                    data, offset = data[n:], offset + n
+            os.ftruncate(fd, offset)
+            os.pwrite(fd, header, 0)
+            if FSYNC:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        headers[rel], sizes[rel] = header, offset
+    return Layout(headers, sizes, tensors, layout.order, {}, layout.metadata), rows
+
+
+def _finished(fd: int, layout: Layout, rel: str, current: bytes) -> bool:
+    """Whether a file is `layout`'s after finish_files (a build killed between finishing and
+    publishing): same header length and fixed entries, so every fixed tensor's bytes are in place."""
+    header = layout.headers[rel]
+    if current[:8] != header[:8] or os.fstat(fd).st_size < layout.sizes[rel]:
+        return False
+    try:
+        doc, want = json.loads(current[8:]), json.loads(header[8:])
+    except ValueError:
+        return False
+    return all(doc.get(name) == entry for name, entry in want.items() if name not in layout.tails[rel])
 
 
 def unit_groups(layout: Layout, unit_bytes: int) -> list[list[str]]:
@@ -108,7 +171,12 @@ def prepare_files(root: Path, layout: Layout) -> dict[str, str]:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            if os.fstat(fd).st_size != layout.sizes[rel] or os.pread(fd, len(header), 0) != header:
+            current = os.pread(fd, len(header), 0)
+            if rel in layout.tails and current != header and _finished(fd, layout, rel, current):
+                # Back to the state the units wrote into: the tails are written again from their results.
+                os.ftruncate(fd, layout.sizes[rel])
+                os.pwrite(fd, header, 0)
+            elif os.fstat(fd).st_size != layout.sizes[rel] or current != header:
                 os.ftruncate(fd, 0)
                 try:
                     # Allocated up front: pwrite into a sparse file's holes ran at ~150 MB/s on ext4

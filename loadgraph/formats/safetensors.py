@@ -221,7 +221,9 @@ def safetensors_order(tensors: Iterable[PlannedTensor]) -> list[PlannedTensor]:
     return sorted(tensors, key=lambda t: (-_DTYPE_RANK[t.dtype], t.name))
 
 
-def encode_header(tensors: list[PlannedTensor], metadata: Mapping[str, str] | None) -> bytes:
+def encode_header(tensors: list[PlannedTensor], metadata: Mapping[str, str] | None, pad_to: int = 0) -> bytes:
+    """The length prefix and the header JSON, padded with spaces (as safetensors pads it) to a
+    multiple of 8, or to `pad_to` bytes of JSON: a header rewritten in place keeps its length."""
     doc: dict[str, object] = {}
     if metadata:
         doc["__metadata__"] = dict(sorted(metadata.items()))
@@ -231,6 +233,10 @@ def encode_header(tensors: list[PlannedTensor], metadata: Mapping[str, str] | No
         offset += t.nbytes
     raw = json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     raw += b" " * (-len(raw) % 8)
+    if pad_to:
+        if len(raw) > pad_to:
+            raise ValueError(f"safetensors header of {len(raw)} bytes does not fit the {pad_to} reserved for it")
+        raw += b" " * (pad_to - len(raw))
     return struct.pack("<Q", len(raw)) + raw
 
 

@@ -292,6 +292,20 @@ def _placed_files(layout, header_digests: dict[str, str], tensors: dict[str, dic
             for rel in layout.headers}
 
 
+def _finish_tails(node: Node, staging: Path, units: list[Unit], results: dict[str, dict], layout, tensors: dict[str, dict]):
+    """The layout's tails written from the units' results into the prepared files, and their final
+    headers; `tensors` gains the tails' rows. Returns the final layout and its headers' digests."""
+    from loadgraph.formats.layout import finish_files
+
+    tails = {n: bytes.fromhex(h) for u in units for n, h in results[u.id].get("tails", {}).items()}
+    missing = {n for names in layout.tails.values() for n in names} - set(tails)
+    if missing:
+        raise BuildError(f"{node.stage} {node.short}: {len(missing)} planned tensors were never written (e.g. {sorted(missing)[0]}); rerun the build")
+    layout, rows = finish_files(staging, layout, tails)
+    tensors.update(rows)
+    return layout, {rel: digest.digest_bytes(h) for rel, h in layout.headers.items()}
+
+
 def _assemble(node: Node, stage, ctx, units: list[Unit], results: dict[str, dict], cache: Cache, origin: dict, layout=None,
               header_digests: dict[str, str] | None = None) -> Artifact:
     """Link unit files into a staged artifact, let the stage finish it, write the manifest, publish."""
@@ -300,6 +314,8 @@ def _assemble(node: Node, stage, ctx, units: list[Unit], results: dict[str, dict
         known: dict[str, tuple[int, dict]] = {}  # relpath -> (inode of the unit's file, its record)
         tensors = {n: t for u in units for n, t in results[u.id].get("tensors", {}).items()}  # unit order, not finishing order
         if layout is not None:
+            if layout.tails:  # variable-length tensors, returned by the units as bytes: after the fixed ones, final headers
+                layout, header_digests = _finish_tails(node, ctx.staging, units, results, layout, tensors)
             missing = set(layout.tensors) - set(tensors)
             if missing:
                 raise BuildError(f"{node.stage} {node.short}: {len(missing)} planned tensors were never written (e.g. {sorted(missing)[0]}); rerun the build")

@@ -1,5 +1,11 @@
 """quantize: bitsandbytes 4/8-bit or FP8, tensor by tensor, in units of about 512 MB of input.
 
+The output is laid out in the export's shard files before any unit runs (stages/placed.py), so
+the export links them: every output tensor's size follows from the plan and the weight's shape
+(formats/quant_shapes.py), except bitsandbytes' JSON quant states, which are the layout's tails
+(formats/layout.py): returned by the units as bytes and written after the fixed tensors by the
+runner, with the header rewritten in its reserved room.
+
 What gets quantized, cast, renamed or dropped is decided once by transformers' own code on a
 meta-device model (formats/quant_plan.py), so the output tensors are those transformers writes
 after `from_pretrained(..., quantization_config=...)` + `save_pretrained`. bitsandbytes gives
@@ -14,13 +20,12 @@ import shutil
 from pathlib import Path
 
 from loadgraph.formats.checkpoint import INDEX_NAME
-from loadgraph.formats.digest import tree_record
-from loadgraph.formats.layout import group_by_bytes
-from loadgraph.formats.safetensors import PlannedTensor, ShardWriter, st_dtype
+from loadgraph.formats.digest import digest_bytes
+from loadgraph.formats.layout import Layout, PlacedWriter, group_by_bytes, pack, plan_layout, shard_names
+from loadgraph.formats.safetensors import TORCH_TO_ST, PlannedTensor
 from loadgraph.pipeline.stage import NodeContext, Stage, Unit
 from loadgraph.spec import QuantizeSpec
-from loadgraph.stages.export import ST_METADATA, shard_table
-from loadgraph.stages.placed import unit_bytes
+from loadgraph.stages.placed import ST_METADATA, placed_result, shard_bytes, unit_bytes
 from loadgraph.stages.tensor_io import ArtifactReader, grow_pinned
 
 
@@ -74,21 +79,65 @@ def resolve_backend(requested: str) -> str:
     return "cuda" if any(lib.glob("libtorch_cuda*.so")) or any(lib.glob("libtorch_hip*.so")) else "cpu"
 
 
+def _st(dtype) -> str:
+    return TORCH_TO_ST[str(dtype).removeprefix("torch.")]
+
+
+def planned_outputs(plan, tensors: dict[str, dict]) -> tuple[list[PlannedTensor], dict[str, int]]:
+    """Every output tensor in checkpoint order (a weight, then its companions as bitsandbytes
+    emits them), and the variable-length ones' maximum bytes; from headers and the plan alone."""
+    from loadgraph.formats.quant_shapes import quantized_outputs
+
+    planned: list[PlannedTensor] = []
+    variable: dict[str, int] = {}
+    for name, t in tensors.items():
+        tp = plan.tensors.get(name)
+        if tp is None or tp.kind == "drop":
+            continue
+        shape = tuple(t["shape"])
+        if tp.kind == "keep":
+            planned.append(PlannedTensor(tp.rename[tp.memory_name], _st(tp.dtype), shape))
+            continue
+        for out in quantized_outputs(tp.memory_name, shape[::-1] if tp.transpose else shape, tp.dtype, plan.settings):
+            planned.append(PlannedTensor(tp.rename[out.name], out.dtype, out.shape))
+            if out.max_bytes:  # a JSON quant state: a tail of the layout
+                variable[tp.rename[out.name]] = out.max_bytes
+    return planned, variable
+
+
+_LAYOUTS: dict[tuple, Layout] = {}
+
+
+def artifact_layout(src, settings, shard: int) -> Layout:
+    """Once per process and (input artifact, settings, shard size): units do not re-plan a 70B's
+    headers (an artifact is immutable: its path names its content)."""
+    key = (str(src.path), settings, shard)
+    if key not in _LAYOUTS:
+        if len(_LAYOUTS) >= 8:
+            _LAYOUTS.pop(next(iter(_LAYOUTS)))
+        planned, variable = planned_outputs(artifact_quant_plan(str(src.path), settings), src.tensors)
+        groups = pack(planned, shard)  # as the export packs them: its shards are these files, linked
+        _LAYOUTS[key] = plan_layout(groups, shard_names(len(groups)), ST_METADATA, variable)
+    return _LAYOUTS[key]
+
+
 class QuantizeStage(Stage):
     name = "quantize"
-    version = 2
+    version = 3  # 3: written at the export's final offsets (the export links the files), no part files
+
+    def layout(self, ctx: NodeContext) -> Layout:
+        return artifact_layout(ctx.input(), make_settings(ctx.params["settings"]), shard_bytes(ctx))
 
     def units(self, ctx: NodeContext) -> list[Unit]:
-        """Tensor groups of about UNIT_BYTES (checkpoint order), each written as its own part file:
-        bitsandbytes' quant-state tensors hold data-dependent JSON, so the final offsets are not
-        known before the weights are quantized."""
+        """Input tensor groups of about UNIT_BYTES (checkpoint order); ids carry the layout's
+        fingerprint, so a resumed build with another layout never mixes two layouts' offsets."""
         tensors = ctx.input().tensors
+        fingerprint = digest_bytes(b"".join(self.layout(ctx).headers.values()))[:8]
         groups = group_by_bytes(tensors, lambda name: tensors[name]["end"] - tensors[name]["begin"], unit_bytes())
         gpu = ctx.params["backend"] == "cuda"
-        n = len(groups)
-        return [Unit(id=f"part-{i:05d}", payload={"file": f"part-{i:05d}-of-{n:05d}.safetensors", "tensors": names},
+        return [Unit(id=f"part-{fingerprint}-{i:05d}", payload={"tensors": names},
                      nbytes=sum(tensors[x]["end"] - tensors[x]["begin"] for x in names), gpu=gpu)
-                for i, names in enumerate(groups, start=1)]
+                for i, names in enumerate(groups, start=1) if names]
 
     def thread_safe(self, ctx: NodeContext) -> bool:
         # bitsandbytes' CPU kernels are torch.compile'd, and dynamo is not thread-safe: two
@@ -99,60 +148,54 @@ class QuantizeStage(Stage):
         return artifact_quant_plan(str(ctx.input().path), make_settings(ctx.params["settings"]))
 
     def run_unit(self, ctx: NodeContext, unit: Unit, out: Path) -> dict:
-        import torch
-
         base = ctx.input()
-        rel = unit.payload["file"]
-        plan = self._plan(ctx)
+        plan, layout = self._plan(ctx), self.layout(ctx)
         backend = ctx.params["backend"]
         reader = ArtifactReader(base, trusted="model" in ctx.trusted)
-        quantized: dict[str, torch.Tensor] = {}
-        kept: dict[str, tuple[str, dict, str]] = {}  # output name -> (input name, entry, output dtype)
+        tails: dict[str, str] = {}  # variable-length outputs (JSON quant states): the runner places them
         staging = None
-        for name in unit.payload["tensors"]:
-            t = base.tensors[name]
-            tp = plan.tensors.get(name)
-            if tp is not None and tp.kind == "keep":
-                # Unquantized tensors (embeddings, lm_head, norms: most of the bytes) are not held
-                # in memory: they are streamed (or cast) into the shard at write time.
-                kept[tp.rename[tp.memory_name]] = (name, t, st_dtype(torch.empty(0, dtype=tp.dtype)))
-                continue
-            if backend == "cuda":  # pinned staging: the host-to-device copy runs at full speed
-                staging = grow_pinned(staging, t["end"] - t["begin"])
-            tensor = reader.read(name, into=staging)
-            quantized.update(plan.convert(name, tensor, device=backend))
-        planned = [PlannedTensor(n, st_dtype(v), tuple(v.shape)) for n, v in quantized.items()]
-        planned += [PlannedTensor(n, dtype, tuple(t["shape"])) for n, (_, t, dtype) in kept.items()]
-        if not planned:  # every tensor of this group was dropped (e.g. a tied lm_head alone)
-            return {"files": {}, "tensors": {}, "bytes": unit.nbytes}
-        writer = ShardWriter(out / rel, planned, ST_METADATA, on_progress=ctx.progress)
+        # Progress counts bytes written, about half of those read for a 16-bit model quantized to 4 bits
+        # (most bytes are kept embeddings); a guess is enough for a progress bar.
+        writer = PlacedWriter(ctx.staging, layout, ctx.progress, unit.nbytes // 2)
         try:
-            for p in writer.pending:
-                if p.name in quantized:
-                    writer.write_tensor(p.name, quantized.pop(p.name))
+            for name in unit.payload["tensors"]:
+                t, tp = base.tensors[name], plan.tensors.get(name)
+                if tp is None or tp.kind == "drop":
                     continue
-                name, t, dtype = kept[p.name]
-                if dtype == t["dtype"]:
-                    reader.check_copied(name, writer.copy_from(p.name, base.path / t["file"], t["begin"], t["end"] - t["begin"]))
-                else:
-                    writer.write_tensor(p.name, plan.convert(name, reader.read(name))[p.name])
-            digest = writer.close()
+                if tp.kind == "keep":
+                    # Unquantized tensors (embeddings, lm_head, norms: most of the bytes) are not held
+                    # in memory: streamed into the shard, or cast tensor by tensor.
+                    out_name = tp.rename[tp.memory_name]
+                    if layout.tensors[out_name].dtype == t["dtype"]:
+                        writer.copy(out_name, reader.chunks(name, writer.buffer()))
+                    else:
+                        writer.write_tensor(out_name, plan.convert(name, reader.read(name))[out_name])
+                    continue
+                if backend == "cuda":  # pinned staging: the host-to-device copy runs at full speed (outputs are copies)
+                    staging = grow_pinned(staging, t["end"] - t["begin"])
+                for out_name, value in plan.convert(name, reader.read(name, into=staging), device=backend).items():
+                    if out_name in layout.tensors:
+                        writer.write_tensor(out_name, value)
+                    else:
+                        tails[out_name] = value.numpy().tobytes().hex()
+            writer.close()
         except BaseException:
             writer.abort()
             raise
-        size = (out / rel).stat().st_size
-        return {"files": {rel: tree_record(size, digest)}, "tensors": shard_table(out / rel, rel, writer.tensor_digests), "bytes": reader.bytes_read,
-                "hashed": reader.bytes_hashed}
+        result = placed_result(layout, writer, reader)
+        # The tails' bytes are written by the runner, but they are this unit's output: counted here.
+        return {**result, "tails": tails, "written": result["written"] + sum(len(h) // 2 for h in tails.values())}
 
     def finalize(self, ctx: NodeContext, results: dict[str, dict], out: Path) -> dict:
-        plan = self._plan(ctx)
+        plan, layout = self._plan(ctx), self.layout(ctx)
         src = ctx.input()
-        tensors = {n: t for r in results.values() for n, t in r["tensors"].items()}
-        index = {
-            "metadata": {"total_parameters": plan.total_parameters, "total_size": sum(t["end"] - t["begin"] for t in tensors.values())},
-            "weight_map": {n: tensors[n]["file"] for n in sorted(tensors)},
-        }
-        (out / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        files = {n: p.file for n, p in layout.tensors.items()} | {n: rel for rel, names in layout.tails.items() for n in names}
+        sizes = {n: t["end"] - t["begin"] for r in results.values() for n, t in r["tensors"].items()}
+        sizes |= {n: len(h) // 2 for r in results.values() for n, h in r.get("tails", {}).items()}
+        if len(layout.headers) > 1:  # save_pretrained writes model.safetensors alone, without an index
+            index = {"metadata": {"total_parameters": plan.total_parameters, "total_size": sum(sizes.values())},
+                     "weight_map": {n: files[n] for n in sorted(files)}}
+            (out / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
         written = set(plan.write_configs(out))
         for rel in src.files:
             if rel.endswith(".safetensors") or rel == INDEX_NAME or rel in written:
