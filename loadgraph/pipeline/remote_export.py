@@ -92,6 +92,21 @@ def publish_remote(art: Artifact, dest: str, cache: Cache, executor=None) -> str
         return _publish(art, fs, root, cache, executor)
 
 
+def publish_remote_job(item: tuple[str, str, str, dict]) -> str:
+    """publish_remote where the job runs (a worker of a tier's cluster): (cache location, key,
+    destination, blob -> ETag the build verified) -> the status. The entry is this node's copy, or
+    downloaded here, verified; objects the build verified are copied within the store."""
+    from loadgraph.errors import BuildError
+
+    location, key, dest, etags = item
+    cache = Cache(location)
+    getattr(cache, "verified_etags", {}).update(etags)
+    art = cache.get(key)
+    if art is None:
+        raise BuildError(f"{cache.object_dir(key)}: gone before it could be exported to {dest}; rerun the build")
+    return publish_remote(art, dest, cache)
+
+
 def _publish(art: Artifact, fs, root: str, cache: Cache, executor) -> str:
     listing = _listing(fs, root)
     marker = _read(fs, f"{root}/{MARKER}")

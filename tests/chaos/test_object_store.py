@@ -195,6 +195,13 @@ def test_multinode_ray_with_distinct_local_caches(s3, ray_cluster, plain, tmp_pa
     finally:
         del os.environ["LOADGRAPH_LOCAL_CACHE"]
     assert report.ok
+    # Nothing heavy on the driver: the workers planned, localized, assembled and uploaded every
+    # node and published the export; the driver read manifests only (issue 14 part 3).
+    model_bytes = sum(p.stat().st_size for p in plain.ref_out.glob("*.safetensors"))
+    on_driver = [p for p in (tmp_path / "driver").rglob("*.safetensors") if p.is_file()]
+    assert sum(p.stat().st_size for p in on_driver) <= model_bytes // 100, [str(p) for p in on_driver]
+    assert report.driver_bytes_hashed <= model_bytes // 100, (report.driver_bytes_hashed, model_bytes)
+    assert {n.status for n in report.nodes} == {"built"}
     # Units ran on several nodes, each filling its own directory (inputs fetched, units published).
     used = [d for d in nodes_dir.iterdir() if any((d / "units").rglob("*.safetensors")) or any((d / "objects").iterdir())]
     assert len(used) >= 2, [d.name for d in nodes_dir.iterdir()]
