@@ -210,7 +210,8 @@ def test_multinode_ray_with_distinct_local_caches(s3, ray_cluster, plain, tmp_pa
     lost = same_files(tmp_path / "out", plain.ref_out) + tier_problems(s3.fs, url[5:], tmp_path)
     TALLY.add(ROW_TIER, runs=1, lost=len(lost))
     print(f"\n[s3 tier, Ray] {len(ray_cluster.cluster.list_all_nodes())} Ray nodes, {len(used)} local caches used + the driver's, "
-          f"{stored_bytes(s3.fs, url[5:])} bytes in the tier; lost: {len(lost)}")
+          f"{stored_bytes(s3.fs, url[5:])} bytes in the tier; driver: {report.driver_bytes_hashed} bytes hashed, "
+          f"{sum(p.stat().st_size for p in on_driver)} bytes of safetensors (model {model_bytes}); lost: {len(lost)}")
     assert not lost
 
 
