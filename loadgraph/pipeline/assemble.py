@@ -27,12 +27,14 @@ from loadgraph.pipeline.stage import Unit, get_stage, stage_version
 from loadgraph.pipeline.units import check_driver, node_context, unit_dict
 
 
-def near_driver(desc: dict, location: str) -> bool:
-    """A node that reads paths outside the cache (a source checkpoint) runs its jobs on the
-    driver's machine, the one known to have them."""
+def near_driver(desc: dict, cache: Cache) -> bool:
+    """Where a node's jobs run: on the driver's machine (in a worker process there) for a shared
+    cache, which that machine is known to see at its path (a node that does not is left out of
+    units only), and for a node that reads paths outside the cache (a source checkpoint); on any
+    node for the tier, which every node reaches by its URL."""
     from loadgraph.pipeline.executors.ray import reads_driver_paths
 
-    return reads_driver_paths(desc, location)
+    return not cache.node_local or reads_driver_paths(desc, cache.location)
 
 
 def plan_job(item: tuple[str, dict]) -> dict:

@@ -244,7 +244,7 @@ def _build_node(node: Node, cache: Cache, executor: Executor, reporter: Reporter
             # of the node: a job on a worker under Ray, while this process keeps the lock.
             job = {"location": cache.location, "desc": desc, "labels": node.labels, "units": [unit_dict(u) for u in units],
                    "results": results, "origin": origin or {}}
-            done = run_jobs(executor, assemble_job, [job], near_driver(desc, cache.location))[0]
+            done = run_jobs(executor, assemble_job, [job], near_driver(desc, cache))[0]
         except CorruptInput as exc:
             _evict(cache, exc.key)
             raise
@@ -281,7 +281,7 @@ def _plan_node(cache: Cache, executor: Executor, desc: dict) -> list[Unit]:
     A cache whose every node has its own copy (the tier) plans in a job, where the inputs are: the
     driver downloads none of them, and each node prepares its own staging files."""
     if cache.node_local:
-        plan = run_jobs(executor, plan_job, [(cache.location, desc)], near_driver(desc, cache.location))[0]
+        plan = run_jobs(executor, plan_job, [(cache.location, desc)], near_driver(desc, cache))[0]
         desc["threads_ok"] = plan["threads_ok"]
         if plan["staged"]:
             desc["staging"] = str(cache.unit_dir(desc["key"], "files"))  # not created here: each node's own
