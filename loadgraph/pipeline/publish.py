@@ -91,17 +91,28 @@ def publish_export(art: Artifact, dest: str, cache: Cache, verifier: Verifier, e
     elif jobs is not None and copies_weights(art, Path(dest)):
         status = "up-to-date" if export_intact(art, Path(dest), verifier, rehash=False) else None
         if status is None:  # copying, or checking copies whose digests are not memoised: a job's work
-            done = jobs(publish_local_job, [(cache.location, art.key, dest)])[0]
-            verifier.memo.update(done["verified"])  # what the job hashed: not hashed again here
-            verifier.dirty = True
-            status = done["status"]
+            status = _local_job(art, dest, cache, verifier, jobs)
     else:
-        status = _publish_local(art, Path(dest), verifier)
+        try:
+            status = _publish_local(art, Path(dest), verifier, copy_weights=jobs is None)
+        except _LinksRefused:  # a filesystem without hard links (an S3 FUSE mount): the job copies
+            status = _local_job(art, dest, cache, verifier, jobs)
     try:
         cache.pin(f"export-{pin_name}", art.key, dest=dest)
     except OSError:
         pass  # a read-only cache: nothing will evict the entry there anyway
     return status
+
+
+def _local_job(art: Artifact, dest: str, cache: Cache, verifier: Verifier, jobs: Callable[..., list]) -> str:
+    done = jobs(publish_local_job, [(cache.location, art.key, dest)])[0]
+    verifier.memo.update(done["verified"])  # what the job hashed: not hashed again here
+    verifier.dirty = True
+    return done["status"]
+
+
+class _LinksRefused(Exception):
+    """A weight file could not be hard-linked where the caller may not copy it (the driver)."""
 
 
 def export_intact(art: Artifact, dest: Path, verifier: Verifier, rehash: bool = True) -> bool:
@@ -176,7 +187,8 @@ def publish_local_job(item: tuple[str, str, str]) -> dict:
     return {"status": status, "verified": {p: v for p, v in verifier.memo.items() if before.get(p) != v}}
 
 
-def _publish_local(art: Artifact, dest: Path, verifier: Verifier) -> str:
+def _publish_local(art: Artifact, dest: Path, verifier: Verifier, copy_weights: bool = True) -> str:
+    """Without `copy_weights`, a weight file that cannot be linked raises _LinksRefused (nothing placed)."""
     for stale in leftovers(dest):
         remove(stale)
     if export_intact(art, dest, verifier):
@@ -200,6 +212,8 @@ def _publish_local(art: Artifact, dest: Path, verifier: Verifier) -> str:
                     continue
                 except OSError:
                     pass  # another filesystem, or links not permitted: copy
+            if not copy_weights and rel.suffix == ".safetensors":
+                raise _LinksRefused(str(rel))
             got = copy_and_hash(art.path / rel, staged / rel)[0]
             if meta and not (got == meta["blake3"] if "blake3" in meta else digest.matches(staged / rel, meta)):
                 raise BuildError(f"{art.path / rel}: bytes differ from the digest recorded in the manifest while exporting it; "

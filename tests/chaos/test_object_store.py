@@ -313,3 +313,36 @@ def test_cache_without_hard_links_copies(plain, tmp_path, monkeypatch):
     assert built.report.ok
     assert (tmp_path / "out" / "manifest.json").exists()
     assert all((tmp_path / "out" / rel).stat().st_nlink == 1 for rel in built.manifest["files"])
+
+
+def test_without_hard_links_under_ray_the_driver_copies_nothing(s3, ray_cluster, plain, tmp_path, nodes_dir, monkeypatch):
+    """Where the driver cannot hard-link (an S3 FUSE mount), assembling a node or placing its
+    export copies and hashes every byte: that runs in a job on a worker, never in the driver."""
+    import loadgraph.formats.safetensors as st
+    import loadgraph.pipeline.publish as publish
+    from loadgraph.pipeline.cache import Cache
+    from loadgraph.pipeline.executors.ray import RayExecutor
+    from loadgraph.pipeline.graph import compile_specs
+    from loadgraph.pipeline.runner import build
+    from loadgraph.spec import load_spec_files
+
+    def no_links(src, dst, *a, **kw):
+        raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP), str(src))
+
+    copied: list[str] = []
+
+    def recording(copy):
+        return lambda src, dst, *a, **kw: (copied.append(str(src)), copy(src, dst, *a, **kw))[1]
+
+    monkeypatch.setattr(os, "link", no_links)  # in this process only: the workers' jobs link
+    monkeypatch.setattr(st, "copy_and_hash", recording(st.copy_and_hash))
+    monkeypatch.setattr(publish, "copy_and_hash", recording(publish.copy_and_hash))
+    cache = Cache(tmp_path / "cache")
+    graph = compile_specs(load_spec_files([plain.spec(tmp_path / "p")]), cache)
+    report = build(graph, cache, lambda: RayExecutor(runtime_env=s3.ray_env(nodes_dir)))
+    assert report.ok and {n.status for n in report.nodes} == {"built"}
+    model_bytes = sum(p.stat().st_size for p in plain.ref_out.glob("*.safetensors"))
+    assert not [p for p in copied if p.endswith(".safetensors")], copied  # neither to assemble nor to export
+    # What the driver still hashes are the small files get() re-checks (configs, tokenizer), no weights.
+    assert report.driver_bytes_hashed < model_bytes // 2, (report.driver_bytes_hashed, model_bytes)
+    assert not same_files(tmp_path / "p" / "out", plain.ref_out)
