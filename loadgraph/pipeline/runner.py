@@ -1,7 +1,10 @@
 """Runs a compiled graph: cached nodes are skipped, the rest run unit by unit through an executor.
 
 A node is built under its key's lock (two builders compute it once), from its finished
-units (a killed build resumes), and published atomically with its manifest last.
+units (a killed build resumes), and published atomically with its manifest last. Assembling and
+publishing it is a job (pipeline/assemble.py): on a worker under Ray, so this process handles
+manifests and unit records only; with the object-store tier it plans the node there too, and
+checks and exports targets through jobs, holding no entry's files itself.
 """
 
 from __future__ import annotations
