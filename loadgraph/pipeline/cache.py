@@ -151,6 +151,10 @@ class Cache:
         driver reads manifests only); for a shared directory, the same as get()."""
         return self.get(key)
 
+    def is_here(self, key: str) -> bool:
+        """This process can read the entry's files where it is, without fetching anything."""
+        return self.get(key) is not None
+
     def touch(self, key: str) -> None:
         """Record a use (for LRU eviction). Another member's marker in a group-shared cache may not
         be ours to utime: a fresh one replaces it. A read-only cache records nothing."""

@@ -64,7 +64,7 @@ def _row(node: Node, cache: Cache, is_cached: bool, needed: bool) -> PlanRow:
     status = PARTIAL if done else TO_BUILD
     if not all(cache.lookup(k) is not None for k in node.inputs.values()):
         return PlanRow(node, status, done)
-    if cache.node_local and not all(Cache.get(cache, k) is not None for k in node.inputs.values()):
+    if cache.node_local and not all(cache.is_here(k) for k in node.inputs.values()):
         return PlanRow(node, status, done)  # units known once a worker has the inputs: none downloaded here
     units = get_stage(node.stage).units(node_context(cache, node.describe()))
     return PlanRow(node, status, done, len(units), sum(u.nbytes for u in units))

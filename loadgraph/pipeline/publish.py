@@ -78,11 +78,11 @@ def publish_export(art: Artifact, dest: str, cache: Cache, verifier: Verifier, e
     `executor`, when the build started one, uploads a remote export from its workers; `jobs`
     (pipeline/offload.py) places a local export that must copy weights there, not in this process."""
     pin_name = hashlib.sha256(dest.encode()).hexdigest()[:16]
-    if is_remote(dest) and jobs is not None and cache.node_local:
+    if is_remote(dest) and jobs is not None and cache.node_local and not cache.is_here(art.key):
         from loadgraph.pipeline.remote_export import publish_remote_job
 
-        # A tier's driver holds the manifest only: a worker publishes from its copy, copying the
-        # tier's objects server-side where the build verified them (their ETags travel along).
+        # A tier's entry this process holds the manifest of only: a worker publishes from its copy,
+        # copying the tier's objects server-side where the build verified them (ETags travel along).
         status = jobs(publish_remote_job, [(cache.location, art.key, dest, dict(getattr(cache, "verified_etags", {})))], False)[0]
     elif is_remote(dest):
         from loadgraph.pipeline.remote_export import publish_remote

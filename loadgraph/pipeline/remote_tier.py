@@ -119,6 +119,9 @@ class TieredCache(Cache):
             return None
         return Artifact(key, self.object_dir(key), doc)
 
+    def is_here(self, key: str) -> bool:
+        return super().get(key) is not None  # this node's copy; the tier is not asked
+
     def publish(self, key: str, staged: Path, manifest: dict) -> Artifact:
         art = super().publish(key, staged, manifest)
         self._upload(art.path, art.files)

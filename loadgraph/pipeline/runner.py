@@ -181,9 +181,9 @@ def _build_graph(graph: Graph, cache: Cache, executor_factory, reporter: Reporte
 
 
 def _damaged(cache: Cache, verifier: Verifier, art: Artifact, jobs) -> list[str]:
-    """A target's files whose bytes differ from its manifest. A tier's entry is checked by a job,
-    on a node that has (or downloads, verified) its files: this process holds only its manifest."""
-    if not cache.node_local:
+    """A target's files whose bytes differ from its manifest. A tier's entry this process has no
+    copy of is checked by a job, on a node that has (or downloads, verified) its files."""
+    if not cache.node_local or cache.is_here(art.key):
         return damaged_files(verifier, art.path, art.files, lambda items: jobs(file_matches, items))
     done = jobs(check_job, [(cache.location, art.key)], False)[0]
     verifier.memo.update(done["verified"])

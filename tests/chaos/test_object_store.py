@@ -175,7 +175,8 @@ def test_multinode_ray_with_distinct_local_caches(s3, ray_cluster, plain, tmp_pa
     """Every Ray node gets its own local cache dir ({node} = its node id), the driver another;
     only the S3 tier is shared. The export is byte-identical to the local build's."""
     # Units of 16 KB: a tiny model's tensors spread over every node, each writing its share of
-    # the shards into its own staging files, which reach the driver as objects of their tensors.
+    # the shards into its own staging files, which reach the node that assembles them as objects
+    # of their tensors.
     monkeypatch.setattr("loadgraph.stages.placed.UNIT_BYTES", 16 * 1024)
     from loadgraph.pipeline.cache import Cache
     from loadgraph.pipeline.executors.ray import RayExecutor
@@ -186,14 +187,18 @@ def test_multinode_ray_with_distinct_local_caches(s3, ray_cluster, plain, tmp_pa
     bucket = s3.bucket()
     url = f"s3://{bucket}/cache"
     runtime_env = s3.ray_env(nodes_dir)
-    os.environ["LOADGRAPH_LOCAL_CACHE"] = str(tmp_path / "driver")
-    try:
-        spec = plain.spec(tmp_path / "b", f"s3://{bucket}/out")  # copied within the store from the tier's objects
-        cache = Cache(url)
-        assert cache.root == tmp_path / "driver"
-        report = build(compile_specs(load_spec_files([spec]), cache), cache, lambda: RayExecutor(runtime_env=runtime_env))
-    finally:
-        del os.environ["LOADGRAPH_LOCAL_CACHE"]
+    spec = plain.spec(tmp_path / "b", f"s3://{bucket}/out")  # copied within the store from the tier's objects
+
+    def build_from(driver_dir: Path):
+        os.environ["LOADGRAPH_LOCAL_CACHE"] = str(driver_dir)
+        try:
+            cache = Cache(url)
+            assert cache.root == driver_dir
+            return build(compile_specs(load_spec_files([spec]), cache), cache, lambda: RayExecutor(runtime_env=runtime_env))
+        finally:
+            del os.environ["LOADGRAPH_LOCAL_CACHE"]
+
+    report = build_from(tmp_path / "driver")
     assert report.ok
     # Nothing heavy on the driver: the workers planned, localized, assembled and uploaded every
     # node and published the export; the driver read manifests only (issue 14 part 3).
@@ -202,6 +207,12 @@ def test_multinode_ray_with_distinct_local_caches(s3, ray_cluster, plain, tmp_pa
     assert sum(p.stat().st_size for p in on_driver) <= model_bytes // 100, [str(p) for p in on_driver]
     assert report.driver_bytes_hashed <= model_bytes // 100, (report.driver_bytes_hashed, model_bytes)
     assert {n.status for n in report.nodes} == {"built"}
+    # Again from a driver with an empty local cache: every node cached in the tier, the target
+    # checked and its export found up to date by jobs; the driver still fetches nothing.
+    again = build_from(tmp_path / "driver2")
+    assert again.ok and {n.status for n in again.nodes} == {"cached"}, [(n.stage, n.status) for n in again.nodes]
+    assert again.targets[0]["export_status"] == "up-to-date"
+    assert not list((tmp_path / "driver2").rglob("*.safetensors")) and again.driver_bytes_hashed <= model_bytes // 100
     # Units ran on several nodes, each filling its own directory (inputs fetched, units published).
     used = [d for d in nodes_dir.iterdir() if any((d / "units").rglob("*.safetensors")) or any((d / "objects").iterdir())]
     assert len(used) >= 2, [d.name for d in nodes_dir.iterdir()]
