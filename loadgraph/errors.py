@@ -34,3 +34,6 @@ class CorruptInput(BuildError):
     def __init__(self, message: str, key: str):
         super().__init__(message)
         self.key = key
+
+    def __reduce__(self):  # raised in a Ray task: rebuilt in the driver with its key
+        return (type(self), (str(self), self.key))

@@ -96,6 +96,10 @@ class Cache:
             except OSError:
                 pass  # a read-only cache still serves what it holds; writes there fail with one line
 
+    # True where every node keeps its own copy (the object-store tier): the driver then plans and
+    # assembles nodes in jobs, and holds manifests only. A shared directory is one copy for all.
+    node_local = False
+
     @property
     def location(self) -> str:
         """What work units are given to open this cache on their node (a tier's URL, or the path)."""
@@ -141,6 +145,15 @@ class Cache:
             except (OSError, KeyError, TypeError):
                 return None
         return Artifact(key, path, manifest)
+
+    def lookup(self, key: str) -> Artifact | None:
+        """The entry as its manifest describes it, without fetching its files here (the tier's
+        driver reads manifests only); for a shared directory, the same as get()."""
+        return self.get(key)
+
+    def is_here(self, key: str) -> bool:
+        """This process can read the entry's files where it is, without fetching anything."""
+        return self.get(key) is not None
 
     def touch(self, key: str) -> None:
         """Record a use (for LRU eviction). Another member's marker in a group-shared cache may not
@@ -208,6 +221,10 @@ class Cache:
             except OSError:
                 return None
         return result
+
+    def unit_record(self, key: str, unit_id: str) -> dict | None:
+        """A finished unit's record, without fetching its files here (see lookup())."""
+        return self.unit_result(key, unit_id)
 
     def publish_unit(self, key: str, unit_id: str, staged: Path, result: dict) -> None:
         write_json_atomic(staged / UNIT_RECORD, result)

@@ -134,7 +134,7 @@ def _compile_target(graph: Graph, spec: BuildSpec, cache: Cache) -> Target:
         inputs = {"model": current.key, **{f"adapter{i}": n.key for i, (_, n) in enumerate(merged)}}
         current = stages["merge"] = graph.add("merge", params, inputs, f"{spec.name}: merge {len(merged)} adapter(s)")
         cast_done = True
-        if cache.get(current.key) is None and checked_dir:
+        if cache.lookup(current.key) is None and checked_dir:
             graph.checks.append((current.key, partial(_preflight_adapters, checked_dir, [n for _, n in merged], [a.scale for a, _ in merged],
                                                        spec.source.allow_pickle, base_hub, weight_files)))
     if spec.quantize is not None:
@@ -143,13 +143,13 @@ def _compile_target(graph: Graph, spec: BuildSpec, cache: Cache) -> Target:
         qparams = {"settings": settings_params(spec.quantize, spec.dtype), "backend": resolve_backend(spec.quantize.backend)}
         current = stages["quantize"] = graph.add("quantize", qparams, {"model": current.key}, f"{spec.name}: quantize {spec.quantize.method}")
         cast_done = True
-        if cache.get(current.key) is None:
+        if cache.lookup(current.key) is None:
             graph.checks.append((current.key, partial(_preflight_quantize, qparams["settings"], None if base_hub else checked_dir)))
     if attached:
         params = {"scales": [a.scale for a, _ in attached], "allow_pickle": spec.source.allow_pickle}
         inputs = {"model": current.key, **{f"adapter{i}": n.key for i, (_, n) in enumerate(attached)}}
         current = graph.add("attach", params, inputs, f"{spec.name}: attach {len(attached)} adapter(s)")
-        if cache.get(current.key) is None and spec.quantize is None and checked_dir:
+        if cache.lookup(current.key) is None and spec.quantize is None and checked_dir:
             graph.checks.append((current.key, partial(_preflight_adapters, checked_dir, [n for _, n in attached], [a.scale for a, _ in attached],
                                                        spec.source.allow_pickle, base_hub, weight_files)))
     export_path = None
@@ -244,7 +244,7 @@ def _base_merge(graph: Graph, spec: BuildSpec, cache: Cache, options: ConvertSpe
               "base_roundtrip": spec.merge.base_roundtrip, **_rounding(spec)}
     node = graph.add("merge", params, {"model": base, **{f"adapter{i}": n.key for i, n in enumerate(adapters)}},
                      f"{spec.name}: merge {len(adapters)} adapter(s) onto convert.model_base")
-    if cache.get(node.key) is None:
+    if cache.lookup(node.key) is None:
         graph.checks.append((node.key, partial(_preflight_adapters, base_dir, adapters, params["scales"], spec.source.allow_pickle, base_hub, weight_files)))
     return node
 

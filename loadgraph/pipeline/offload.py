@@ -1,5 +1,6 @@
 """The driver's heavy chores handed to the executor: hashing a source's files at plan time,
-re-checking a target's files before they leave the cache, placing a local export by copy.
+assembling and publishing a built node (pipeline/assemble.py), re-checking a target's files
+before they leave the cache, placing an export by copy.
 
 Under the Ray executor each runs as Ray tasks (RayExecutor.run_jobs), so the driver process of a
 build reads no model bytes and its memory stays flat for any model size; under the local

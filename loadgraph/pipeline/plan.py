@@ -44,7 +44,8 @@ def needed_keys(graph: Graph, cached: set[str]) -> set[str]:
 
 
 def cached_keys(graph: Graph, cache: Cache) -> set[str]:
-    return {k for k in graph.nodes if cache.get(k) is not None}
+    # lookup: a tier's entries by their manifests, none downloaded here (whoever reads one, verifies it)
+    return {k for k in graph.nodes if cache.lookup(k) is not None}
 
 
 def node_status(graph: Graph, node: Node, cache: Cache) -> tuple[str, int, int | None]:
@@ -61,8 +62,10 @@ def _row(node: Node, cache: Cache, is_cached: bool, needed: bool) -> PlanRow:
     unit_root = cache.root / "units" / node.key
     done = sum(1 for _ in unit_root.glob(f"*/{UNIT_RECORD}")) if unit_root.exists() else 0
     status = PARTIAL if done else TO_BUILD
-    if not all(cache.get(k) is not None for k in node.inputs.values()):
+    if not all(cache.lookup(k) is not None for k in node.inputs.values()):
         return PlanRow(node, status, done)
+    if cache.node_local and not all(cache.is_here(k) for k in node.inputs.values()):
+        return PlanRow(node, status, done)  # units known once a worker has the inputs: none downloaded here
     units = get_stage(node.stage).units(node_context(cache, node.describe()))
     return PlanRow(node, status, done, len(units), sum(u.nbytes for u in units))
 

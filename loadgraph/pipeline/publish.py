@@ -78,24 +78,41 @@ def publish_export(art: Artifact, dest: str, cache: Cache, verifier: Verifier, e
     `executor`, when the build started one, uploads a remote export from its workers; `jobs`
     (pipeline/offload.py) places a local export that must copy weights there, not in this process."""
     pin_name = hashlib.sha256(dest.encode()).hexdigest()[:16]
-    if is_remote(dest):
+    if is_remote(dest) and jobs is not None and cache.node_local and not cache.is_here(art.key):
+        from loadgraph.pipeline.remote_export import publish_remote_job
+
+        # A tier's entry this process holds the manifest of only: a worker publishes from its copy,
+        # copying the tier's objects server-side where the build verified them (ETags travel along).
+        status = jobs(publish_remote_job, [(cache.location, art.key, dest, dict(getattr(cache, "verified_etags", {})))], False)[0]
+    elif is_remote(dest):
         from loadgraph.pipeline.remote_export import publish_remote
 
         status = publish_remote(art, dest, cache, executor)
     elif jobs is not None and copies_weights(art, Path(dest)):
         status = "up-to-date" if export_intact(art, Path(dest), verifier, rehash=False) else None
         if status is None:  # copying, or checking copies whose digests are not memoised: a job's work
-            done = jobs(publish_local_job, [(cache.location, art.key, dest)])[0]
-            verifier.memo.update(done["verified"])  # what the job hashed: not hashed again here
-            verifier.dirty = True
-            status = done["status"]
+            status = _local_job(art, dest, cache, verifier, jobs)
     else:
-        status = _publish_local(art, Path(dest), verifier)
+        try:
+            status = _publish_local(art, Path(dest), verifier, copy_weights=jobs is None)
+        except _LinksRefused:  # a filesystem without hard links (an S3 FUSE mount): the job copies
+            status = _local_job(art, dest, cache, verifier, jobs)
     try:
         cache.pin(f"export-{pin_name}", art.key, dest=dest)
     except OSError:
         pass  # a read-only cache: nothing will evict the entry there anyway
     return status
+
+
+def _local_job(art: Artifact, dest: str, cache: Cache, verifier: Verifier, jobs: Callable[..., list]) -> str:
+    done = jobs(publish_local_job, [(cache.location, art.key, dest)])[0]
+    verifier.memo.update(done["verified"])  # what the job hashed: not hashed again here
+    verifier.dirty = True
+    return done["status"]
+
+
+class _LinksRefused(Exception):
+    """A weight file could not be hard-linked where the caller may not copy it (the driver)."""
 
 
 def export_intact(art: Artifact, dest: Path, verifier: Verifier, rehash: bool = True) -> bool:
@@ -170,7 +187,8 @@ def publish_local_job(item: tuple[str, str, str]) -> dict:
     return {"status": status, "verified": {p: v for p, v in verifier.memo.items() if before.get(p) != v}}
 
 
-def _publish_local(art: Artifact, dest: Path, verifier: Verifier) -> str:
+def _publish_local(art: Artifact, dest: Path, verifier: Verifier, copy_weights: bool = True) -> str:
+    """Without `copy_weights`, a weight file that cannot be linked raises _LinksRefused (nothing placed)."""
     for stale in leftovers(dest):
         remove(stale)
     if export_intact(art, dest, verifier):
@@ -194,6 +212,8 @@ def _publish_local(art: Artifact, dest: Path, verifier: Verifier) -> str:
                     continue
                 except OSError:
                     pass  # another filesystem, or links not permitted: copy
+            if not copy_weights and rel.suffix == ".safetensors":
+                raise _LinksRefused(str(rel))
             got = copy_and_hash(art.path / rel, staged / rel)[0]
             if meta and not (got == meta["blake3"] if "blake3" in meta else digest.matches(staged / rel, meta)):
                 raise BuildError(f"{art.path / rel}: bytes differ from the digest recorded in the manifest while exporting it; "

@@ -13,11 +13,12 @@ in the bucket since then is uploaded again.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from loadgraph.errors import InputError
 from loadgraph.pipeline.cache import MANIFEST, MANIFEST_FORMAT, Artifact, Cache
-from loadgraph.formats.digest import blake3_file
+from loadgraph.formats.digest import digest_bytes
 from loadgraph.pipeline.objstore import check_reachable, file_digest, open_store, parallel, put_file, put_json, read_json, url_of
 from loadgraph.pipeline.remote_lease import RemoteLease
 
@@ -65,11 +66,21 @@ def check_remote_destination(dest: str, cache: Cache, overwrite: bool) -> None:
                          f"(e.g. {sorted(listing)[0]}); choose an empty prefix or pass --overwrite")
 
 
-def _wanted(art: Artifact) -> dict[str, dict]:
+def _manifest_bytes(art: Artifact, cache: Cache) -> bytes:
+    """The export's manifest.json. A tier's entry: its manifest without what describes one node's
+    copy (mtimes), so that whichever node publishes it writes the same bytes (and a rerun from
+    another node finds the export up to date)."""
+    if cache.node_local:
+        from loadgraph.pipeline.remote_tier import portable
+
+        return json.dumps({**art.manifest, "files": portable(art.files)}, indent=1, sort_keys=True).encode()
+    return (art.path / MANIFEST).read_bytes()
+
+
+def _wanted(art: Artifact, manifest: bytes) -> dict[str, dict]:
     """rel -> {"digest": "alg:hex", "size"} for every file of the export, the manifest included."""
     files = {rel: {"digest": "%s:%s" % file_digest(meta), "size": meta["size"]} for rel, meta in art.files.items()}
-    manifest = art.path / MANIFEST
-    files[MANIFEST] = {"digest": "blake3:" + blake3_file(manifest), "size": manifest.stat().st_size}
+    files[MANIFEST] = {"digest": "blake3:" + digest_bytes(manifest), "size": len(manifest)}
     return files
 
 
@@ -92,10 +103,26 @@ def publish_remote(art: Artifact, dest: str, cache: Cache, executor=None) -> str
         return _publish(art, fs, root, cache, executor)
 
 
+def publish_remote_job(item: tuple[str, str, str, dict]) -> str:
+    """publish_remote where the job runs (a worker of a tier's cluster): (cache location, key,
+    destination, blob -> ETag the build verified) -> the status. The entry is this node's copy, or
+    downloaded here, verified; objects the build verified are copied within the store."""
+    from loadgraph.errors import BuildError
+
+    location, key, dest, etags = item
+    cache = Cache(location)
+    getattr(cache, "verified_etags", {}).update(etags)
+    art = cache.get(key)
+    if art is None:
+        raise BuildError(f"{cache.object_dir(key)}: gone before it could be exported to {dest}; rerun the build")
+    return publish_remote(art, dest, cache)
+
+
 def _publish(art: Artifact, fs, root: str, cache: Cache, executor) -> str:
     listing = _listing(fs, root)
     marker = _read(fs, f"{root}/{MARKER}")
-    wanted = _wanted(art)
+    manifest = _manifest_bytes(art, cache)
+    wanted = _wanted(art, manifest)
     kept = _kept(wanted, marker, listing)
     stale = sorted(set(listing) - set(wanted) - {MARKER})
     if len(kept) == len(wanted) and marker.get("key") == art.key:
@@ -108,7 +135,8 @@ def _publish(art: Artifact, fs, root: str, cache: Cache, executor) -> str:
         fs.rm_file(f"{root}/{MANIFEST}")
     todo = sorted(rel for rel in wanted if rel not in kept and rel != MANIFEST)
     etags = dict(zip(todo, _transfer(art, fs, root, todo, cache, executor)))
-    etags[MANIFEST] = _upload_one(str(art.path / MANIFEST), f"{root}/{MANIFEST}", fs)  # the commit marker, last
+    fs.pipe_file(f"{root}/{MANIFEST}", manifest)  # the commit marker, last
+    etags[MANIFEST] = fs.info(f"{root}/{MANIFEST}")["ETag"]
     files = {**kept, **{rel: {**wanted[rel], "etag": etag} for rel, etag in etags.items()}}
     put_json(fs, f"{root}/{MARKER}", {"format": MARKER_FORMAT, "key": art.key, "complete": True, "files": files})
     _remove(fs, root, stale)

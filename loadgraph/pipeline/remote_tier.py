@@ -68,6 +68,8 @@ def _placed(result: dict) -> dict[str, dict]:
 
 
 class TieredCache(Cache):
+    node_local = True
+
     def __init__(self, root: str | os.PathLike | None = None):
         self.url = url_of(root if root is not None else os.environ.get("LOADGRAPH_CACHE"))
         self.fs, self.base = open_store(self.url, "--cache")
@@ -105,6 +107,20 @@ class TieredCache(Cache):
             self._ensure_remote(art)
             return art
         return self._fetch(key)
+
+    def lookup(self, key: str) -> Artifact | None:
+        """This node's copy, else the tier's manifest alone: an Artifact whose files are not here
+        (what a driver reports, checks through a job, exports through a job)."""
+        art = super().get(key)
+        if art is not None or self._local_only:
+            return art
+        doc = read_json(self.fs, self._manifest_path(key))
+        if not isinstance(doc, dict) or doc.get("key") != key or doc.get("format") != MANIFEST_FORMAT:
+            return None
+        return Artifact(key, self.object_dir(key), doc)
+
+    def is_here(self, key: str) -> bool:
+        return super().get(key) is not None  # this node's copy; the tier is not asked
 
     def publish(self, key: str, staged: Path, manifest: dict) -> Artifact:
         art = super().publish(key, staged, manifest)
@@ -178,6 +194,13 @@ class TieredCache(Cache):
             raise
         return record
 
+    def unit_record(self, key: str, unit_id: str) -> dict | None:
+        local = super().unit_result(key, unit_id)
+        if local is not None or self._local_only:
+            return local
+        record = read_json(self.fs, self._unit_path(key, unit_id))
+        return record if isinstance(record, dict) else None  # its files: fetched by the node that assembles
+
     def publish_unit(self, key: str, unit_id: str, staged: Path, result: dict) -> None:
         # Remote record before the local rename: a retry that finds the unit done here can rely on
         # the tier having it too, and a kill before the record leaves only unnamed blobs.
@@ -195,8 +218,9 @@ class TieredCache(Cache):
     def prepare_staging(self, ctx, stage) -> None:
         """A stage with a layout writes into the node's prepared files: on this node, its own."""
         local = self.unit_dir(ctx.key, "files")
-        if ctx.staging is None or ctx.staging == local:
+        if ctx.staging is None:
             return
+        # Prepared here even where the path is the driver's: the driver of a tier creates none.
         from loadgraph.formats.layout import prepare_files
 
         with FileLock(str(self.root / "locks" / f"staging-{ctx.key}.lock")):  # units of one node share the files

@@ -1,16 +1,17 @@
 """Runs a compiled graph: cached nodes are skipped, the rest run unit by unit through an executor.
 
 A node is built under its key's lock (two builders compute it once), from its finished
-units (a killed build resumes), and published atomically with its manifest last.
+units (a killed build resumes), and published atomically with its manifest last. Assembling and
+publishing it is a job (pipeline/assemble.py): on a worker under Ray, so this process handles
+manifests and unit records only; with the object-store tier it plans the node there too, and
+checks and exports targets through jobs, holding no entry's files itself.
 """
 
 from __future__ import annotations
 
 import errno
 import os
-import platform
 import resource
-import shutil
 import time
 from pathlib import Path
 
@@ -20,15 +21,16 @@ from loadgraph.formats import digest
 from loadgraph.pipeline.cache import Artifact, Cache
 from loadgraph.pipeline.executors.base import Executor
 from loadgraph.pipeline.graph import Graph, Node
-from loadgraph.pipeline.integrity import Verifier, damaged_files, file_matches, record_files
+from loadgraph.pipeline.assemble import assemble_job, check_job, near_driver, plan_job
+from loadgraph.pipeline.integrity import Verifier, damaged_files, file_matches
 from loadgraph.pipeline.leases import BuildLease, claim_exports
 from loadgraph.pipeline.offload import run_jobs
 from loadgraph.pipeline.plan import NOT_NEEDED, PlanRow, cached_keys, needed_keys, node_status, plan_rows  # noqa: F401 - node_status, PlanRow: public here too
 from loadgraph.pipeline.publish import check_destination, is_remote, publish_export
 from loadgraph.pipeline.report import BuildReport, NodeReport, NullReporter, Reporter  # noqa: F401 - public here too
 from loadgraph.pipeline.schedule import SerialReporter, run_when_ready
-from loadgraph.pipeline.stage import Unit, get_stage, stage_version
-from loadgraph.pipeline.units import node_context
+from loadgraph.pipeline.stage import Unit, get_stage
+from loadgraph.pipeline.units import node_context, unit_dict
 
 
 def input_dirs(graph: Graph) -> list[str]:
@@ -127,7 +129,7 @@ def _build_graph(graph: Graph, cache: Cache, executor_factory, reporter: Reporte
     reports: dict[str, NodeReport] = {}
     todo: list[Node] = []
     for node in graph.nodes.values():
-        art = cache.get(node.key) if node.key in cached else None
+        art = cache.lookup(node.key) if node.key in cached else None
         if art is None and node.key in needed:
             todo.append(node)
             continue
@@ -156,18 +158,18 @@ def _build_graph(graph: Graph, cache: Cache, executor_factory, reporter: Reporte
     for node in graph.nodes.values():
         nr = reports[node.key]
         nr.inputs = list(node.inputs.values())
-        final = cache.get(node.key)
+        final = cache.lookup(node.key)  # its manifest: a tier's driver downloads no entry
         if final is not None:
             nr.details = {k: v for k, v in final.manifest.items() if k in ("verify", "quantization")}
         report.nodes.append(nr)
     for target in graph.targets:
         entry: dict = {"name": target.name, "key": target.final, "path": str(cache.object_dir(target.final))}
-        final = cache.get(target.final)
+        final = cache.lookup(target.final)
         if final is None:  # damaged since it was built or found: walk the graph again
             raise CorruptInput(f"{cache.object_dir(target.final)}: damaged after it was built", target.final)
         # What is exported or loaded is checked whole (digest, memoised by ctime): a flip that
         # keeps size and mtime passes get()'s stat but must never leave the cache.
-        damaged = damaged_files(verifier, final.path, final.files, lambda items: jobs(file_matches, items))
+        damaged = _damaged(cache, verifier, final, jobs)
         if damaged:
             _evict(cache, final.key)
             raise CorruptInput(f"{final.path / damaged[0]}: digest differs from the manifest; cache entry {final.key[:12]} evicted", final.key)
@@ -176,6 +178,17 @@ def _build_graph(graph: Graph, cache: Cache, executor_factory, reporter: Reporte
             entry["export_status"] = publish_export(final, target.export_path, cache, verifier, holder[0] if holder else None, jobs)
             entry["holds"] = artifact_contents(final)
         report.targets.append(entry)
+
+
+def _damaged(cache: Cache, verifier: Verifier, art: Artifact, jobs) -> list[str]:
+    """A target's files whose bytes differ from its manifest. A tier's entry this process has no
+    copy of is checked by a job, on a node that has (or downloads, verified) its files."""
+    if not cache.node_local or cache.is_here(art.key):
+        return damaged_files(verifier, art.path, art.files, lambda items: jobs(file_matches, items))
+    done = jobs(check_job, [(cache.location, art.key)], False)[0]
+    verifier.memo.update(done["verified"])
+    verifier.dirty = verifier.dirty or bool(done["verified"])
+    return done["damaged"]
 
 
 def artifact_contents(art: Artifact) -> dict:
@@ -206,26 +219,14 @@ def _build_node(node: Node, cache: Cache, executor: Executor, reporter: Reporter
                 origin: dict | None = None, built: set[str] | frozenset = frozenset()) -> NodeReport:
     t0, began = time.perf_counter(), time.time()
     with cache.lock(node.key):
-        art = cache.get(node.key)
-        if art is not None:  # another builder finished it while we waited for the lock
+        if cache.lookup(node.key) is not None:  # another builder finished it while we waited for the lock
             return NodeReport(node.key, node.stage, node.labels, "cached")
-        stage = get_stage(node.stage)
         desc = {**node.describe(), "lease": str(lease.path) if lease.path else None,
                 "trusted": sorted(name for name, key in node.inputs.items() if key in built)}
-        ctx = node_context(cache, desc)
-        desc["threads_ok"] = stage.thread_safe(ctx)
-        layout = stage.layout(ctx)
-        header_digests: dict[str, str] = {}
-        if layout is not None:
-            from loadgraph.formats.layout import prepare_files
-
-            ctx.staging = cache.unit_dir(node.key, "files")
-            header_digests = prepare_files(ctx.staging, layout)
-            desc["staging"] = str(ctx.staging)
-        units = stage.units(ctx)
+        units = _plan_node(cache, executor, desc)
         results: dict[str, dict] = {}
         for unit in units:
-            done = cache.unit_result(node.key, unit.id)
+            done = cache.unit_record(node.key, unit.id)
             if done is not None:
                 results[unit.id] = {**done, "reused": True}
         reporter.node_started(node, units, len(results))
@@ -242,8 +243,11 @@ def _build_node(node: Node, cache: Cache, executor: Executor, reporter: Reporter
         try:
             if todo:
                 executor.run_units(cache.location, desc, todo, on_result, on_progress)
-                cache.localize_units(node.key, [u.id for u in todo])
-            art = _assemble(node, stage, ctx, units, results, cache, origin or {}, layout, header_digests)
+            # Localizing, linking (or copying), finishing and publishing read and write every byte
+            # of the node: a job on a worker under Ray, while this process keeps the lock.
+            job = {"location": cache.location, "desc": desc, "labels": node.labels, "units": [unit_dict(u) for u in units],
+                   "results": results, "origin": origin or {}}
+            done = run_jobs(executor, assemble_job, [job], near_driver(desc, cache))[0]
         except CorruptInput as exc:
             _evict(cache, exc.key)
             raise
@@ -251,9 +255,9 @@ def _build_node(node: Node, cache: Cache, executor: Executor, reporter: Reporter
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise BuildError(disk_full_message(cache.root, f"{node.stage} {node.short}")) from None
             raise
-        cache.drop_units(node.key)
-        # Digests were computed from the bytes as they were written: trust them until the inode changes.
-        record_files(verifier, art.path, art.files)
+        verifier.memo.update(done["verified"])  # hashed as written there: not hashed again here
+        verifier.dirty = verifier.dirty or bool(done["verified"])
+        getattr(cache, "verified_etags", {}).update(done["etags"])  # what an s3:// export may copy server-side
     fresh = [r for r in results.values() if not r.get("reused")]
     nr = NodeReport(
         node.key,
@@ -275,113 +279,32 @@ def _build_node(node: Node, cache: Cache, executor: Executor, reporter: Reporter
     return nr
 
 
+def _plan_node(cache: Cache, executor: Executor, desc: dict) -> list[Unit]:
+    """The node's units; sets desc's threads_ok and, for a stage with a layout, its staging files.
+    A cache whose every node has its own copy (the tier) plans in a job, where the inputs are: the
+    driver downloads none of them, and each node prepares its own staging files."""
+    if cache.node_local:
+        plan = run_jobs(executor, plan_job, [(cache.location, desc)], near_driver(desc, cache))[0]
+        desc["threads_ok"] = plan["threads_ok"]
+        if plan["staged"]:
+            desc["staging"] = str(cache.unit_dir(desc["key"], "files"))  # not created here: each node's own
+        return [Unit(**u) for u in plan["units"]]
+    stage = get_stage(desc["stage"])
+    ctx = node_context(cache, desc)
+    desc["threads_ok"] = stage.thread_safe(ctx)
+    layout = stage.layout(ctx)
+    if layout is not None:
+        from loadgraph.formats.layout import prepare_files
+
+        ctx.staging = cache.unit_dir(desc["key"], "files")  # one shared copy the units write into
+        prepare_files(ctx.staging, layout)
+        desc["staging"] = str(ctx.staging)
+    return stage.units(ctx)
+
+
 def _sum_timings(results: list[dict]) -> dict[str, float]:
     out: dict[str, float] = {}
     for r in results:
         for what, seconds in {"wall": r.get("wall", 0.0), **r.get("timings", {})}.items():
             out[what] = round(out.get(what, 0.0) + seconds, 3)
     return out
-
-
-def _placed_files(layout, header_digests: dict[str, str], tensors: dict[str, dict]) -> dict[str, dict]:
-    """Each prepared file's record, from its header's and its tensors' digests (never re-read)."""
-    by_file: dict[str, list[tuple[int, str]]] = {rel: [] for rel in layout.headers}
-    for name, t in tensors.items():
-        by_file[t["file"]].append((t["begin"], t["blake3"]))
-    return {rel: digest.tree_record(layout.sizes[rel], digest.tree_digest(header_digests[rel], [d for _, d in sorted(by_file[rel])]))
-            for rel in layout.headers}
-
-
-def _finish_tails(node: Node, staging: Path, units: list[Unit], results: dict[str, dict], layout, tensors: dict[str, dict]):
-    """The layout's tails written from the units' results into the prepared files, and their final
-    headers; `tensors` gains the tails' rows. Returns the final layout and its headers' digests."""
-    from loadgraph.formats.layout import finish_files
-
-    tails = {n: bytes.fromhex(h) for u in units for n, h in results[u.id].get("tails", {}).items()}
-    missing = {n for names in layout.tails.values() for n in names} - set(tails)
-    if missing:
-        raise BuildError(f"{node.stage} {node.short}: {len(missing)} planned tensors were never written (e.g. {sorted(missing)[0]}); rerun the build")
-    layout, rows = finish_files(staging, layout, tails)
-    tensors.update(rows)
-    return layout, {rel: digest.digest_bytes(h) for rel, h in layout.headers.items()}
-
-
-def _assemble(node: Node, stage, ctx, units: list[Unit], results: dict[str, dict], cache: Cache, origin: dict, layout=None,
-              header_digests: dict[str, str] | None = None) -> Artifact:
-    """Link unit files into a staged artifact, let the stage finish it, write the manifest, publish."""
-    staged = cache.new_tmp_dir(f"node-{node.short}")
-    try:
-        known: dict[str, tuple[int, dict]] = {}  # relpath -> (inode of the unit's file, its record)
-        tensors = {n: t for u in units for n, t in results[u.id].get("tensors", {}).items()}  # unit order, not finishing order
-        if layout is not None:
-            if layout.tails:  # variable-length tensors, returned by the units as bytes: after the fixed ones, final headers
-                layout, header_digests = _finish_tails(node, ctx.staging, units, results, layout, tensors)
-            missing = set(layout.tensors) - set(tensors)
-            if missing:
-                raise BuildError(f"{node.stage} {node.short}: {len(missing)} planned tensors were never written (e.g. {sorted(missing)[0]}); rerun the build")
-            tensors = {n: tensors[n] for n in layout.order}  # the planned order, whatever order the units finished in
-            for rel, meta in _placed_files(layout, header_digests or {}, tensors).items():
-                (staged / rel).parent.mkdir(parents=True, exist_ok=True)
-                _link_unit_file(ctx.staging / rel, staged / rel, meta)  # a copy where links are not supported
-                known[rel] = ((staged / rel).stat().st_ino, meta)
-        for unit in units:
-            unit_dir = cache.unit_dir(node.key, unit.id)
-            for rel, meta in results[unit.id].get("files", {}).items():
-                (staged / rel).parent.mkdir(parents=True, exist_ok=True)
-                _link_unit_file(unit_dir / rel, staged / rel, meta)
-                known[rel] = ((staged / rel).stat().st_ino, meta)
-        extras = stage.finalize(ctx, results, staged)
-        for rel, meta in extras.pop("files", {}).items():
-            known[rel] = ((staged / rel).stat().st_ino, meta)
-        files = {}
-        for p in sorted(staged.rglob("*")):
-            if not p.is_file():
-                continue
-            rel = str(p.relative_to(staged))
-            hit = known.get(rel)
-            # A file the stage did not replace keeps the digest computed while it was written.
-            files[rel] = hit[1] if hit and hit[0] == p.stat().st_ino else digest.file_record(p)[0]
-        tensors = extras.pop("tensors", None) or tensors
-        manifest = {
-            "stage": node.stage,
-            "stage_version": stage_version(node.stage),
-            "params": node.params,
-            "inputs": node.inputs,
-            "files": files,
-            "tensors": tensors,
-            "tool_versions": tool_versions(),
-            "provenance": {"host": platform.node(), "pid": os.getpid(), "created": time.time(), **extras.pop("provenance", {})},
-            "labels": node.labels,  # what it was built for, as the plan says it; `cache ls` shows it
-            "built_for": origin,
-            **extras,
-        }
-        return cache.publish(node.key, staged, manifest)
-    except BaseException:
-        shutil.rmtree(staged, ignore_errors=True)
-        raise
-
-
-def _link_unit_file(src: Path, dst: Path, meta: dict) -> None:
-    """A unit's file into the staged artifact: a hardlink, or a verified copy where linking is not
-    permitted (another member's file in a group-shared cache, under fs.protected_hardlinks)."""
-    try:
-        os.link(src, dst)
-    except OSError:  # EPERM, and EOPNOTSUPP/EXDEV/EMLINK on filesystems without (enough) hard links
-        from loadgraph.formats.safetensors import copy_and_hash
-
-        got = copy_and_hash(src, dst)[0]
-        if got != (digest.recorded(meta) or got):
-            raise BuildError(f"{src}: digest {got[:12]} != recorded {digest.recorded(meta)[:12]}; delete {src.parent} and rerun") from None
-
-
-def tool_versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for pkg in ("loadgraph", "torch", "transformers", "safetensors", "peft", "bitsandbytes", "ray"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            continue
-    return out
-

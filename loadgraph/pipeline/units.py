@@ -13,7 +13,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from loadgraph import faults
-from loadgraph.errors import BuildError
+from loadgraph.errors import BuildError, CorruptInput
 from loadgraph.pipeline.cache import Cache
 from loadgraph.pipeline.stage import NodeContext, Unit, get_stage
 from loadgraph.pipeline.unit_progress import ProgressFn, Throttled
@@ -24,7 +24,9 @@ def node_context(cache: Cache, desc: dict) -> NodeContext:
     for name, key in desc["inputs"].items():
         art = cache.get(key)
         if art is None:
-            raise RuntimeError(f"input {name} ({key[:12]}) of {desc['stage']} is missing from the cache at {cache.root}")
+            # Gone, or it failed verification on its way here (a tier's node): the runner evicts
+            # it and walks the graph again, so it is rebuilt from its own inputs.
+            raise CorruptInput(f"input {name} ({key[:12]}) of {desc['stage']} is missing from the cache at {cache.root}", key)
         inputs[name] = art
     staging = desc.get("staging")
     return NodeContext(desc["key"], desc["params"], desc["runtime"], inputs, cache, trusted=frozenset(desc.get("trusted", ())),

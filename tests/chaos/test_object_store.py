@@ -175,7 +175,8 @@ def test_multinode_ray_with_distinct_local_caches(s3, ray_cluster, plain, tmp_pa
     """Every Ray node gets its own local cache dir ({node} = its node id), the driver another;
     only the S3 tier is shared. The export is byte-identical to the local build's."""
     # Units of 16 KB: a tiny model's tensors spread over every node, each writing its share of
-    # the shards into its own staging files, which reach the driver as objects of their tensors.
+    # the shards into its own staging files, which reach the node that assembles them as objects
+    # of their tensors.
     monkeypatch.setattr("loadgraph.stages.placed.UNIT_BYTES", 16 * 1024)
     from loadgraph.pipeline.cache import Cache
     from loadgraph.pipeline.executors.ray import RayExecutor
@@ -186,15 +187,32 @@ def test_multinode_ray_with_distinct_local_caches(s3, ray_cluster, plain, tmp_pa
     bucket = s3.bucket()
     url = f"s3://{bucket}/cache"
     runtime_env = s3.ray_env(nodes_dir)
-    os.environ["LOADGRAPH_LOCAL_CACHE"] = str(tmp_path / "driver")
-    try:
-        spec = plain.spec(tmp_path / "b", f"s3://{bucket}/out")  # copied within the store from the tier's objects
-        cache = Cache(url)
-        assert cache.root == tmp_path / "driver"
-        report = build(compile_specs(load_spec_files([spec]), cache), cache, lambda: RayExecutor(runtime_env=runtime_env))
-    finally:
-        del os.environ["LOADGRAPH_LOCAL_CACHE"]
+    spec = plain.spec(tmp_path / "b", f"s3://{bucket}/out")  # copied within the store from the tier's objects
+
+    def build_from(driver_dir: Path):
+        os.environ["LOADGRAPH_LOCAL_CACHE"] = str(driver_dir)
+        try:
+            cache = Cache(url)
+            assert cache.root == driver_dir
+            return build(compile_specs(load_spec_files([spec]), cache), cache, lambda: RayExecutor(runtime_env=runtime_env))
+        finally:
+            del os.environ["LOADGRAPH_LOCAL_CACHE"]
+
+    report = build_from(tmp_path / "driver")
     assert report.ok
+    # Nothing heavy on the driver: the workers planned, localized, assembled and uploaded every
+    # node and published the export; the driver read manifests only (issue 14 part 3).
+    model_bytes = sum(p.stat().st_size for p in plain.ref_out.glob("*.safetensors"))
+    on_driver = [p for p in (tmp_path / "driver").rglob("*.safetensors") if p.is_file()]
+    assert sum(p.stat().st_size for p in on_driver) <= model_bytes // 100, [str(p) for p in on_driver]
+    assert report.driver_bytes_hashed <= model_bytes // 100, (report.driver_bytes_hashed, model_bytes)
+    assert {n.status for n in report.nodes} == {"built"}
+    # Again from a driver with an empty local cache: every node cached in the tier, the target
+    # checked and its export found up to date by jobs; the driver still fetches nothing.
+    again = build_from(tmp_path / "driver2")
+    assert again.ok and {n.status for n in again.nodes} == {"cached"}, [(n.stage, n.status) for n in again.nodes]
+    assert again.targets[0]["export_status"] == "up-to-date"
+    assert not list((tmp_path / "driver2").rglob("*.safetensors")) and again.driver_bytes_hashed <= model_bytes // 100
     # Units ran on several nodes, each filling its own directory (inputs fetched, units published).
     used = [d for d in nodes_dir.iterdir() if any((d / "units").rglob("*.safetensors")) or any((d / "objects").iterdir())]
     assert len(used) >= 2, [d.name for d in nodes_dir.iterdir()]
@@ -203,7 +221,8 @@ def test_multinode_ray_with_distinct_local_caches(s3, ray_cluster, plain, tmp_pa
     lost = same_files(tmp_path / "out", plain.ref_out) + tier_problems(s3.fs, url[5:], tmp_path)
     TALLY.add(ROW_TIER, runs=1, lost=len(lost))
     print(f"\n[s3 tier, Ray] {len(ray_cluster.cluster.list_all_nodes())} Ray nodes, {len(used)} local caches used + the driver's, "
-          f"{stored_bytes(s3.fs, url[5:])} bytes in the tier; lost: {len(lost)}")
+          f"{stored_bytes(s3.fs, url[5:])} bytes in the tier; driver: {report.driver_bytes_hashed} bytes hashed, "
+          f"{sum(p.stat().st_size for p in on_driver)} bytes of safetensors (model {model_bytes}); lost: {len(lost)}")
     assert not lost
 
 
@@ -305,3 +324,36 @@ def test_cache_without_hard_links_copies(plain, tmp_path, monkeypatch):
     assert built.report.ok
     assert (tmp_path / "out" / "manifest.json").exists()
     assert all((tmp_path / "out" / rel).stat().st_nlink == 1 for rel in built.manifest["files"])
+
+
+def test_without_hard_links_under_ray_the_driver_copies_nothing(s3, ray_cluster, plain, tmp_path, nodes_dir, monkeypatch):
+    """Where the driver cannot hard-link (an S3 FUSE mount), assembling a node or placing its
+    export copies and hashes every byte: that runs in a job on a worker, never in the driver."""
+    import loadgraph.formats.safetensors as st
+    import loadgraph.pipeline.publish as publish
+    from loadgraph.pipeline.cache import Cache
+    from loadgraph.pipeline.executors.ray import RayExecutor
+    from loadgraph.pipeline.graph import compile_specs
+    from loadgraph.pipeline.runner import build
+    from loadgraph.spec import load_spec_files
+
+    def no_links(src, dst, *a, **kw):
+        raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP), str(src))
+
+    copied: list[str] = []
+
+    def recording(copy):
+        return lambda src, dst, *a, **kw: (copied.append(str(src)), copy(src, dst, *a, **kw))[1]
+
+    monkeypatch.setattr(os, "link", no_links)  # in this process only: the workers' jobs link
+    monkeypatch.setattr(st, "copy_and_hash", recording(st.copy_and_hash))
+    monkeypatch.setattr(publish, "copy_and_hash", recording(publish.copy_and_hash))
+    cache = Cache(tmp_path / "cache")
+    graph = compile_specs(load_spec_files([plain.spec(tmp_path / "p")]), cache)
+    report = build(graph, cache, lambda: RayExecutor(runtime_env=s3.ray_env(nodes_dir)))
+    assert report.ok and {n.status for n in report.nodes} == {"built"}
+    model_bytes = sum(p.stat().st_size for p in plain.ref_out.glob("*.safetensors"))
+    assert not [p for p in copied if p.endswith(".safetensors")], copied  # neither to assemble nor to export
+    # What the driver still hashes are the small files get() re-checks (configs, tokenizer), no weights.
+    assert report.driver_bytes_hashed < model_bytes // 2, (report.driver_bytes_hashed, model_bytes)
+    assert not same_files(tmp_path / "p" / "out", plain.ref_out)
