@@ -171,13 +171,38 @@ def _build_graph(graph: Graph, cache: Cache, executor_factory, reporter: Reporte
         # keeps size and mtime passes get()'s stat but must never leave the cache.
         damaged = _damaged(cache, verifier, final, jobs)
         if damaged:
-            _evict(cache, final.key)
+            for key in [final.key, *_sharing_inputs(cache, final, damaged)]:
+                _evict(cache, key)
             raise CorruptInput(f"{final.path / damaged[0]}: digest differs from the manifest; cache entry {final.key[:12]} evicted", final.key)
         if target.export_path:
             entry["export"] = target.export_path
             entry["export_status"] = publish_export(final, target.export_path, cache, verifier, holder[0] if holder else None, jobs)
             entry["holds"] = artifact_contents(final)
         report.targets.append(entry)
+
+
+def _inode(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _sharing_inputs(cache: Cache, art: Artifact, damaged: list[str]) -> list[str]:
+    """The input entries, up the graph, whose files are the damaged files' own inodes (a stage that
+    links its input's files, as the export does): they hold the same flipped bytes and are rebuilt too."""
+    inodes = {ino for rel in damaged if (ino := _inode(art.path / rel))}
+    found, todo, seen = [], list(art.manifest.get("inputs", {}).values()), set()
+    while todo:
+        key = todo.pop()
+        entry = None if key in seen else cache.lookup(key)
+        seen.add(key)
+        if entry is None or not any(_inode(entry.path / rel) in inodes for rel in entry.files if rel.endswith(".safetensors")):
+            continue
+        found.append(key)
+        todo += list(entry.manifest.get("inputs", {}).values())
+    return found
 
 
 def _damaged(cache: Cache, verifier: Verifier, art: Artifact, jobs) -> list[str]:

@@ -79,13 +79,19 @@ class ExportStage(Stage):
         src = ctx.input()
         if "source" in unit.payload:
             rel, whole = unit.payload["file"], unit.payload["source"]
+            # A link passes the input's bytes on unread, and the runner trusts what it publishes: an
+            # input this build did not write is checked first (a flipped byte that kept size and mtime
+            # would otherwise be exported under the input's digest).
+            checker = ArtifactReader(src, trusted="model" in ctx.trusted)
+            checker.check_file(whole)
             linked = link_or_copy(src.path / whole, out / rel)
             meta = src.files[whole]
             # A link to a user's source file stays marked so that nobody chmods or exports that inode.
             shared = {"shared": True} if linked and meta.get("shared") else {}
             record = {k: v for k, v in meta.items() if k not in ("shared", "mtime_ns")}
             digests = {n: t["blake3"] for n, t in src.tensors.items() if t["file"] == whole and "blake3" in t}
-            return {"files": {rel: {**record, **shared}}, "tensors": shard_table(out / rel, rel, digests), "bytes": 0, "written": 0 if linked else meta["size"]}
+            return {"files": {rel: {**record, **shared}}, "tensors": shard_table(out / rel, rel, digests), "bytes": checker.bytes_hashed,
+                    "hashed": checker.bytes_hashed, "written": 0 if linked else meta["size"]}
         layout = self._layout(ctx)
         reader = ArtifactReader(src, trusted="model" in ctx.trusted)
         writer = PlacedWriter(ctx.staging, layout, ctx.progress, unit.nbytes)
