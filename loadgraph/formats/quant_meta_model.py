@@ -144,4 +144,3 @@ def is_conv1d(model, memory_name: str) -> bool:
 
     module = model.get_submodule(memory_name.rsplit(".", 1)[0])
     return isinstance(getattr(module, "source_cls", None), type) and issubclass(module.source_cls, Conv1D)
-

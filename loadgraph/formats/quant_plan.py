@@ -270,7 +270,6 @@ def _converter_plan(
     return TensorPlan(disk_name, "quantize", load_dtype, disk_name, {n: n for n in names}, reason=f"merged into {memory_name}")
 
 
-
 def _refuse_missing(base_dir: str, meta_sd: Mapping, groups: Mapping, kept: set[str], model, quantizer) -> None:
     """transformers would fill parameters absent from the checkpoint with random values: refuse.
 
@@ -287,7 +286,6 @@ def _refuse_missing(base_dir: str, meta_sd: Mapping, groups: Mapping, kept: set[
             f"{base_dir}: checkpoint lacks {len(missing)} parameter(s) the model needs (e.g. {missing[0]}); "
             "transformers would initialise them randomly; fix the checkpoint or pass the right model_class"
         )
-
 
 
 def _refuse_untileable(disk_name: str, shape: tuple[int, ...], block: tuple[int, int]) -> None:

@@ -112,4 +112,3 @@ def refuse_unsupported(method: str, *, cuda_available: bool) -> None:
             "with its CUDA kernel at load time); load with transformers' EetqConfig instead, or use bnb-int8"
         )
     raise QuantizeError(f"quantize.method={method!r} is unknown; use one of {', '.join(SUPPORTED_METHODS)}")
-
