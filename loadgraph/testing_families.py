@@ -11,7 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from loadgraph.testing import _seeded, _text_kwargs, _torch_dtype, make_tokenizer
+from loadgraph.testing import make_tokenizer
+from loadgraph.testing.determinism import _seeded, _torch_dtype
+from loadgraph.testing.tiny_models import _text_kwargs
 
 FAMILIES = ("qwen3", "qwen3_moe", "qwen3_5", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
 _MOE = {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32}

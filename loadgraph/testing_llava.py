@@ -160,7 +160,7 @@ def sentencepiece_tokenizer(out: Path, vocab: int = VOCAB) -> None:
 
     import sentencepiece as spm
 
-    from loadgraph.testing import _corpus
+    from loadgraph.testing.tokenizer import _corpus
 
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(

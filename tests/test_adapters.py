@@ -103,7 +103,8 @@ def test_scale_multiplies_the_delta(models, tmp_path, cache_dir):
 
 def test_delta_rounding_twice_rounds_the_delta_first_and_verifies(models, tmp_path, cache_dir):
     """PEFT 0.10's fp16 merge (LLaVA's builder): `W += delta.to(fp16)`; its own key; verify's bound holds."""
-    from loadgraph.formats.lora import LoraAdapter, plan_merge
+    from loadgraph.formats.lora import LoraAdapter
+    from loadgraph.formats.lora_plan import plan_merge
     from loadgraph.formats.lora_merge import lora_delta
     from loadgraph.formats.names import inspect_checkpoint_names
 

@@ -24,7 +24,8 @@ peft = pytest.importorskip("peft")
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
-from loadgraph.formats.lora import AdapterError, LoraAdapter, plan_merge  # noqa: E402
+from loadgraph.formats.lora import AdapterError, LoraAdapter  # noqa: E402
+from loadgraph.formats.lora_plan import plan_merge  # noqa: E402
 from loadgraph.formats.lora_merge import merge_shard  # noqa: E402
 from loadgraph.formats.names import inspect_checkpoint_names  # noqa: E402
 

@@ -24,14 +24,9 @@ from safetensors.torch import save_file  # noqa: E402
 
 from loadgraph.formats.bnb import dequantize, quantize_tensor_4bit, quantize_tensor_int8  # noqa: E402
 from loadgraph.formats.fp8 import dequantize_fp8, fp8_quantization_config, quantize_tensor_fp8  # noqa: E402
-from loadgraph.formats.quant_plan import (  # noqa: E402
-    QuantizeError,
-    QuantSettings,
-    plan_quantization,
-    quantizable_tensors,
-    quantization_config,
-    refuse_unsupported,
-)
+from loadgraph.formats.quant_config import quantization_config  # noqa: E402
+from loadgraph.formats.quant_plan import plan_quantization, quantizable_tensors  # noqa: E402
+from loadgraph.formats.quant_settings import QuantizeError, QuantSettings, refuse_unsupported  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("bitsandbytes")

@@ -12,7 +12,8 @@ from safetensors import safe_open
 
 from conftest import run_cli, write_spec
 from loadgraph.formats.layout import PlacedWriter, finish_files, plan_layout, prepare_files
-from loadgraph.formats.quant_plan import QuantSettings, _quantize
+from loadgraph.formats.quant_plan import _quantize
+from loadgraph.formats.quant_settings import QuantSettings
 from loadgraph.formats.quant_shapes import quantized_outputs
 from loadgraph.formats.safetensors import PlannedTensor, read_header, st_dtype
 from loadgraph.testing import make_lora_adapter

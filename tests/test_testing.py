@@ -15,6 +15,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from loadgraph import testing as lt  # noqa: E402
+from loadgraph.testing.tiny_models import _auto_model_class  # noqa: E402
 
 SENTENCE = "The engineer merges the weights before lunch."
 
@@ -24,7 +25,7 @@ def _files(d: Path) -> dict[str, bytes]:
 
 
 def _load(d: Path, kind: str, **kwargs):
-    cls = lt._auto_model_class(lt.tiny_config(kind).model_type)
+    cls = _auto_model_class(lt.tiny_config(kind).model_type)
     return cls.from_pretrained(d, output_loading_info=True, **kwargs)
 
 

@@ -174,7 +174,8 @@ def swap_with(other: torch.Tensor):
 
 
 def wrong_alpha(cache: Cache, node, name: str):
-    from loadgraph.formats.lora import LoraAdapter, plan_merge
+    from loadgraph.formats.lora import LoraAdapter
+    from loadgraph.formats.lora_plan import plan_merge
     from loadgraph.formats.lora_merge import merge_shard
     from loadgraph.formats.names import inspect_checkpoint_names
     from loadgraph.stages.adapter import base_headers

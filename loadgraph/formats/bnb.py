@@ -14,7 +14,7 @@ from collections.abc import Mapping
 
 import torch
 
-from .quant_plan import QuantizeError, QuantSettings
+from .quant_settings import QuantizeError, QuantSettings
 
 _4BIT_STATE_PREFIX = ".quant_state.bitsandbytes__"
 

@@ -21,7 +21,8 @@ from typing import Any
 
 import torch
 
-from .quant_plan import QuantizeError, QuantSettings, quantization_config
+from .quant_config import quantization_config
+from .quant_settings import QuantizeError, QuantSettings
 
 
 def _fp8_op(block_size: tuple[int, int], kind: str):

@@ -1,4 +1,4 @@
-"""PEFT's merge arithmetic, operation for operation (see formats/lora.py for what is parsed and planned).
+"""PEFT's merge arithmetic, operation for operation (formats/lora.py parses, formats/lora_plan.py plans).
 
 Every formula repeats what peft 0.21 does (`peft/tuners/lora/layer.py` `Linear.merge` /
 `Embedding.merge` / `get_delta_weight`, `variants.py` `DoraLinearVariant.merge_unsafe`,
@@ -11,7 +11,8 @@ from collections.abc import Mapping
 
 import torch
 
-from loadgraph.formats.lora import AdapterError, LoraTarget, MergePlan, TensorOp
+from loadgraph.formats.lora import AdapterError, LoraTarget
+from loadgraph.formats.lora_plan import MergePlan, TensorOp
 from loadgraph.formats.names import KIND_EMBEDDING
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .quant_plan import QuantSettings
+from .quant_settings import QuantSettings
 
 # bitsandbytes' 4-bit code books: 16 values (nf4/fp4); the double-quant absmax uses its 256-value
 # dynamic map in blocks of 256 (functional.quantize_4bit: quantize_blockwise(..., blocksize=256)).

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import time
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from typing import Iterator
 from filelock import FileLock
 
 from loadgraph.errors import InputError
+from loadgraph.pipeline.cache_gc import collect_garbage
 
 MANIFEST = "manifest.json"
 UNIT_RECORD = "unit.json"
@@ -301,89 +301,9 @@ class Cache:
         (self.root / "used" / key).unlink(missing_ok=True)
 
     def gc(self, budget_bytes: int, *, min_tmp_age_s: float = 3600.0) -> dict:
-        """Drop leftovers, invalid entries, then unpinned entries LRU-first until under budget.
-
-        Never touches what a running build holds: keys in a live lease (its inputs and outputs),
-        keys whose build lock is held, and staging dirs whose owner is alive. One gc at a time.
-        """
-        from filelock import Timeout
-
-        from loadgraph.pipeline.fsops import owner_gone, remove
-        from loadgraph.pipeline.leases import leased_keys
-
-        try:
-            gc_lock = FileLock(str(self.root / "locks" / "gc.lock"))
-            gc_lock.acquire(timeout=0)
-        except Timeout:
-            raise InputError(f"cache gc: another `cache gc` is running on {self.root}; wait for it") from None
-        except OSError as exc:
-            raise InputError(f"cache gc: the cache {self.root} is not writable here ({os.strerror(exc.errno or 0)}); run gc as a user who may write it") from None
-        try:
-            held = leased_keys(self.root)
-            removed_tmp = 0
-            now = time.time()
-            for leftover in (self.root / "tmp").iterdir():
-                if owner_gone(leftover.name, leftover) or now - leftover.lstat().st_mtime >= min_tmp_age_s:
-                    remove(leftover)
-                    removed_tmp += 1
-            removed_tmp += self._gc_units(held)
-            removed_tmp += _gc_export_leftovers(self)
-            entries = self.entries()
-            evicted = []
-            for e in entries:
-                if not e["valid"] and e["key"] not in held and self._evict_unlocked(e["key"]):
-                    evicted.append(e["key"])
-            live = [e for e in entries if e["valid"]]
-            total = sum(e["size"] for e in live)
-            for e in sorted((e for e in live if not e["pinned"] and e["key"] not in held), key=lambda e: e["last_used"]):
-                if total <= budget_bytes:
-                    break
-                if self._evict_unlocked(e["key"]):
-                    evicted.append(e["key"])
-                    total -= e["size"]
-        finally:
-            gc_lock.release()
-        return {"evicted": evicted, "removed_tmp": removed_tmp, "size_after": total}
-
-    def _try_lock(self, key: str):
-        from filelock import Timeout
-
-        lock = FileLock(str(self.root / "locks" / f"{key}.lock"))
-        try:
-            lock.acquire(timeout=0)
-        except Timeout:
-            return None
-        return lock
-
-    def _evict_unlocked(self, key: str) -> bool:
-        """Evict unless a builder holds the key's lock (it may be publishing or reading it)."""
-        lock = self._try_lock(key)
-        if lock is None:
-            return False
-        try:
-            self.evict(key)
-        except FileNotFoundError:
-            return False
-        finally:
-            lock.release()
-        return True
-
-    def _gc_units(self, held: set[str]) -> int:
-        """Finished units of a key already published are dead weight (a kill during clean-up)."""
-        removed = 0
-        for unit_root in (self.root / "units").iterdir():
-            key = unit_root.name
-            if key in held or self.get(key) is None:
-                continue  # a resume point, or in use
-            lock = self._try_lock(key)
-            if lock is None:
-                continue
-            try:
-                shutil.rmtree(unit_root, ignore_errors=True)
-                removed += 1
-            finally:
-                lock.release()
-        return removed
+        """Drop leftovers, invalid entries, then unpinned entries LRU-first until under budget
+        (pipeline/cache_gc.py); never what a running build holds. One gc at a time."""
+        return collect_garbage(self, budget_bytes, min_tmp_age_s=min_tmp_age_s)
 
     def unit_dirs_size(self) -> tuple[int, int]:
         """(unit dirs, bytes): resume points and orphans, which `cache ls` reports apart."""
@@ -392,26 +312,6 @@ class Cache:
         except OSError:
             return 0, 0
         return len(dirs), sum(dir_size(p) for p in dirs)
-
-
-def _gc_export_leftovers(cache: "Cache") -> int:
-    """Staging dirs and moved-aside exports beside each pinned export path, whose builder ended."""
-    from loadgraph.pipeline.fsops import remove
-    from loadgraph.pipeline.leases import export_claimed
-    from loadgraph.pipeline.publish import is_remote, leftovers
-
-    removed = 0
-    for pin in (cache.root / "pins").glob("*.json"):
-        try:
-            dest = json.loads(pin.read_text()).get("dest")
-        except (OSError, ValueError):
-            continue
-        if not dest or is_remote(dest) or export_claimed(cache.root, dest):
-            continue
-        for stale in leftovers(Path(dest)):
-            remove(stale)
-            removed += 1
-    return removed
 
 
 def dir_size(path: Path) -> int:

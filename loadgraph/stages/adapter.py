@@ -104,7 +104,8 @@ def artifact_plans(base, adapter_dirs: list[Path], scales: list[float], allow_pi
 
 def plan_adapters(base_dir: Path, tensors: dict[str, dict], adapter_dirs: list[Path], scales: list[float], allow_pickle: bool = False):
     """Validate every adapter against the base (raises AdapterError) and return their merge plans."""
-    from loadgraph.formats.lora import LoraAdapter, plan_merge
+    from loadgraph.formats.lora import LoraAdapter
+    from loadgraph.formats.lora_plan import plan_merge
     from loadgraph.formats.names import inspect_checkpoint_names
 
     names = inspect_checkpoint_names(base_dir, keys=list(tensors))

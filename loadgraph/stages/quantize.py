@@ -44,7 +44,7 @@ def settings_params(q: QuantizeSpec, dtype: str) -> dict:
 
 
 def make_settings(params: dict):
-    from loadgraph.formats.quant_plan import QuantSettings
+    from loadgraph.formats.quant_settings import QuantSettings
 
     return QuantSettings(**{**params, "skip_modules": tuple(params["skip_modules"]), "fp8_block_size": tuple(params["fp8_block_size"])})
 

@@ -39,7 +39,7 @@ class MergeStep:
 
 
 def merge_steps(name: str, plans: list, adapter_tensors: list[Mapping[str, torch.Tensor]]) -> list[MergeStep]:
-    """The steps every adapter plan (formats/lora.MergePlan) applies to tensor `name`, in order."""
+    """The steps every adapter plan (formats/lora_plan.MergePlan) applies to tensor `name`, in order."""
     steps: list[MergeStep] = []
     for plan, tensors in zip(plans, adapter_tensors):
         op = plan.ops.get(name)

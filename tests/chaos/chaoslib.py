@@ -42,6 +42,7 @@ PRELOAD = [
     "loadgraph.stages.export",
     "loadgraph.formats.quant_plan",
     "loadgraph.formats.lora",
+    "loadgraph.formats.lora_plan",
     "loadgraph.formats.names",
     # The object-store tests' builds: botocore + aiobotocore + s3fs cost ~1 s per fresh import.
     "s3fs",
