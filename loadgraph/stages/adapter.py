@@ -2,8 +2,9 @@
 
 merge: units are tensor groups of about 512 MB (stages/placed.py) writing into the output's final
 shard files. Tensors no adapter touches are copied byte for byte (or cast); touched ones are read,
-merged in fp32 with PEFT's exact arithmetic (formats/lora.py) for each adapter in order (on the
-GPU when there is one), cast once, and written. Peak memory is a few tensors plus the adapters.
+merged in fp32 with PEFT's exact arithmetic (formats/lora_merge.py) for each adapter in order
+(on the GPU with merge.backend: cuda), cast once, and written. Peak memory is a few tensors plus
+the adapters.
 attach: no merge; the base's files plus the validated adapter directories under adapters/N/,
 recorded in the manifest so the loader returns a PeftModel.
 """
