@@ -83,6 +83,7 @@ def _child(args: list[str], env: dict[str, str], log: str) -> None:
         code = 3
     sys.stdout.flush()
     sys.stderr.flush()
+    Path(log + ".rc").write_text(str(code))  # see finish(): the forkserver may lose the status
     os._exit(code)
 
 
@@ -137,7 +138,15 @@ def finish(handle, timeout: float = 240, row: str | None = None) -> Run:
     if proc.exitcode is None:
         proc.kill()
         proc.join()
-    run = Run(args, proc.exitcode, log.read_text(errors="replace"), time.perf_counter() - t0)
+    rc = proc.exitcode
+    recorded = log.with_name(log.name + ".rc")
+    if rc == 255 and recorded.exists():
+        # multiprocessing's forkserver answers 255 when it cannot read a child's status back
+        # (popen_forkserver: "perhaps the forkserver process itself got killed"; seen about once
+        # per chaos suite here): the code the child recorded just before exiting is the answer.
+        # A child killed by a signal records nothing and stays a failure.
+        rc = int(recorded.read_text())
+    run = Run(args, rc, log.read_text(errors="replace"), time.perf_counter() - t0)
     if row:
         TALLY.add(row, runs=1, failed_runs=int(run.rc != 0), crashes=int(run.crashed))
     return run
