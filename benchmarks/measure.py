@@ -39,8 +39,14 @@ def measure(cmd: list[str], env: dict | None = None, quiet: bool = True, period:
     `period` s, and never below the child's own ru_maxrss from wait4)."""
     import threading
 
+    import resource
+
     out = subprocess.DEVNULL if quiet else None
     subprocess.run(["sync"], check=False)  # earlier runs' dirty pages must not be flushed on this run's clock
+    # A forked child's ru_maxrss starts from this process's own high-water mark (Linux copies it with
+    # the address space and keeps it across exec): once this process has compared two outputs, every
+    # child would report at least that. Then only the sampled peak of the tree counts.
+    inherited = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stdout=out, stderr=out)
     peak = [0]
@@ -58,7 +64,8 @@ def measure(cmd: list[str], env: dict | None = None, quiet: bool = True, period:
     done.set()
     sampler.join()
     proc.returncode = os.waitstatus_to_exitcode(status)
-    return Measurement(seconds, max(peak[0], usage.ru_maxrss * 1024) / 2**30, proc.returncode)
+    own = usage.ru_maxrss * 1024
+    return Measurement(seconds, max(peak[0], own if own > inherited else 0) / 2**30, proc.returncode)
 
 
 def median(runs: list[Measurement]) -> Measurement:
