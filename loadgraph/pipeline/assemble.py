@@ -82,10 +82,9 @@ def assemble_job(item: dict) -> dict:
     cache.drop_units(key)
     # Digests were computed from the bytes as they were written: trust them until the inode changes.
     verifier = Verifier(cache.root)
-    before = dict(verifier.memo)
     record_files(verifier, art.path, art.files)
     verifier.save()
-    return {"key": key, "verified": {p: v for p, v in verifier.memo.items() if before.get(p) != v},
+    return {"key": key, "verified": verifier.made(),
             "etags": dict(getattr(cache, "verified_etags", {}))}
 
 
@@ -99,7 +98,6 @@ def check_job(item: tuple[str, str]) -> dict:
     if art is None:  # gone, or failed verification on download (then dropped from the tier)
         return {"damaged": ["manifest.json"], "verified": {}}
     verifier = Verifier(cache.root)
-    before = dict(verifier.memo)
     damaged = damaged_files(verifier, art.path, art.files)
     verifier.save()
     if damaged:
@@ -107,7 +105,7 @@ def check_job(item: tuple[str, str]) -> dict:
             cache.evict(key)
         except OSError:
             pass
-    return {"damaged": damaged, "verified": {p: v for p, v in verifier.memo.items() if before.get(p) != v}}
+    return {"damaged": damaged, "verified": verifier.made()}
 
 
 def _placed_files(layout, header_digests: dict[str, str], tensors: dict[str, dict]) -> dict[str, dict]:
@@ -119,15 +117,19 @@ def _placed_files(layout, header_digests: dict[str, str], tensors: dict[str, dic
             for rel in layout.headers}
 
 
+def _require_written(what: str, planned: set[str], written) -> None:
+    missing = planned - set(written)
+    if missing:
+        raise BuildError(f"{what}: {len(missing)} planned tensors were never written (e.g. {sorted(missing)[0]}); rerun the build")
+
+
 def _finish_tails(what: str, staging: Path, units: list[Unit], results: dict[str, dict], layout, tensors: dict[str, dict]):
     """The layout's tails written from the units' results into the prepared files, and their final
     headers; `tensors` gains the tails' rows. Returns the final layout and its headers' digests."""
     from loadgraph.formats.layout import finish_files
 
     tails = {n: bytes.fromhex(h) for u in units for n, h in results[u.id].get("tails", {}).items()}
-    missing = {n for names in layout.tails.values() for n in names} - set(tails)
-    if missing:
-        raise BuildError(f"{what}: {len(missing)} planned tensors were never written (e.g. {sorted(missing)[0]}); rerun the build")
+    _require_written(what, {n for names in layout.tails.values() for n in names}, tails)
     layout, rows = finish_files(staging, layout, tails)
     tensors.update(rows)
     return layout, {rel: digest.digest_bytes(h) for rel, h in layout.headers.items()}
@@ -144,9 +146,7 @@ def assemble(desc: dict, labels: list[str], stage, ctx, units: list[Unit], resul
         if layout is not None:
             if layout.tails:  # variable-length tensors, returned by the units as bytes: after the fixed ones, final headers
                 layout, header_digests = _finish_tails(f"{desc['stage']} {key[:12]}", ctx.staging, units, results, layout, tensors)
-            missing = set(layout.tensors) - set(tensors)
-            if missing:
-                raise BuildError(f"{desc['stage']} {key[:12]}: {len(missing)} planned tensors were never written (e.g. {sorted(missing)[0]}); rerun the build")
+            _require_written(f"{desc['stage']} {key[:12]}", set(layout.tensors), tensors)
             tensors = {n: tensors[n] for n in layout.order}  # the planned order, whatever order the units finished in
             for rel, meta in _placed_files(layout, header_digests or {}, tensors).items():
                 (staged / rel).parent.mkdir(parents=True, exist_ok=True)

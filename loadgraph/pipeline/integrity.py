@@ -37,7 +37,17 @@ class Verifier:
             self.memo: dict[str, dict] = memo if isinstance(memo, dict) else {}
         except (OSError, ValueError):
             self.memo = {}
+        self._loaded = dict(self.memo)
         self.dirty = False
+
+    def made(self) -> dict[str, dict]:
+        """The entries this process made or changed since it loaded the memo: what a job hands back."""
+        return {p: v for p, v in self.memo.items() if self._loaded.get(p) != v}
+
+    def adopt(self, entries: dict[str, dict]) -> None:
+        """Entries another process made (a job, hashing or writing where the files are): trusted here too."""
+        self.memo.update(entries)
+        self.dirty = self.dirty or bool(entries)
 
     def matches(self, path: Path, meta: dict) -> bool:
         """True if `path` holds the bytes `meta` records (hashes it unless provably unchanged)."""

@@ -106,8 +106,7 @@ def publish_export(art: Artifact, dest: str, cache: Cache, verifier: Verifier, e
 
 def _local_job(art: Artifact, dest: str, cache: Cache, verifier: Verifier, jobs: Callable[..., list]) -> str:
     done = jobs(publish_local_job, [(cache.location, art.key, dest)])[0]
-    verifier.memo.update(done["verified"])  # what the job hashed: not hashed again here
-    verifier.dirty = True
+    verifier.adopt(done["verified"])  # what the job hashed: not hashed again here
     return done["status"]
 
 
@@ -182,9 +181,8 @@ def publish_local_job(item: tuple[str, str, str]) -> dict:
     if art is None:
         raise BuildError(f"{cache.object_dir(key)}: gone before it could be exported to {dest}; rerun the build")
     verifier = Verifier(cache.root)
-    before = dict(verifier.memo)
     status = _publish_local(art, Path(dest), verifier)
-    return {"status": status, "verified": {p: v for p, v in verifier.memo.items() if before.get(p) != v}}
+    return {"status": status, "verified": verifier.made()}
 
 
 def _publish_local(art: Artifact, dest: Path, verifier: Verifier, copy_weights: bool = True) -> str:

@@ -211,8 +211,7 @@ def _damaged(cache: Cache, verifier: Verifier, art: Artifact, jobs) -> list[str]
     if not cache.node_local or cache.is_here(art.key):
         return damaged_files(verifier, art.path, art.files, lambda items: jobs(file_matches, items))
     done = jobs(check_job, [(cache.location, art.key)], False)[0]
-    verifier.memo.update(done["verified"])
-    verifier.dirty = verifier.dirty or bool(done["verified"])
+    verifier.adopt(done["verified"])
     return done["damaged"]
 
 
@@ -280,8 +279,7 @@ def _build_node(node: Node, cache: Cache, executor: Executor, reporter: Reporter
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise BuildError(disk_full_message(cache.root, f"{node.stage} {node.short}")) from None
             raise
-        verifier.memo.update(done["verified"])  # hashed as written there: not hashed again here
-        verifier.dirty = verifier.dirty or bool(done["verified"])
+        verifier.adopt(done["verified"])  # hashed as written there: not hashed again here
         getattr(cache, "verified_etags", {}).update(done["etags"])  # what an s3:// export may copy server-side
     fresh = [r for r in results.values() if not r.get("reused")]
     nr = NodeReport(
