@@ -122,10 +122,15 @@ def plan(
     dot: bool = typer.Option(False, "--dot", help="print the DAG as Graphviz DOT instead of the table"),
     as_json: bool = typer.Option(False, "--json", help="print the plan as JSON (one record per node) instead of the table"),
     svg: Optional[Path] = typer.Option(None, "--svg", help="render the DAG to this SVG file (needs Graphviz's dot)"),
+    check: bool = typer.Option(False, "--check", help="also run the checks against transformers' model (adapter targets and shapes, the quantization plan) that build runs before any work"),
     verbose: bool = VerboseOpt,
 ) -> None:
-    """Show the DAG: each node's stage, short key, status and work, without building or starting Ray."""
-    from loadgraph.pipeline.plan import plan_rows
+    """Show the DAG: each node's stage, short key, status and work, without building or starting Ray.
+
+    The spec, the files and the adapters' configs are checked here. The checks that need
+    transformers' meta-device model (seconds of imports) run with --check, and always at build,
+    before any work."""
+    from loadgraph.pipeline.plan import keys_to_build, plan_rows
     from loadgraph.quiet import NoiseFilter, new_log_path
     from loadgraph.render.plan import plan_record, plan_table, to_dot
 
@@ -137,10 +142,17 @@ def plan(
     try:
         # The checks import transformers and bitsandbytes, which print: that goes to the log.
         with NoiseFilter(log, console, verbose):
-            cache, graph = _compile(specs, cache_dir)
+            cache, graph = _compile(specs, cache_dir, defer_checks=True)
             rows = plan_rows(graph, cache)
+            to_build = keys_to_build(rows)
+            if check:
+                graph.run_checks(to_build)
+            pending = graph.pending_checks(to_build)
     except Exception as exc:  # noqa: BLE001
         fail(exc, log)
+    if pending and not (dot or as_json):
+        console.print(f"not yet checked (build checks them before any work; plan --check now): {', '.join(sorted(set(pending)))}",
+                      highlight=False, soft_wrap=True)
     text = to_dot(rows)
     if svg is not None:
         proc = subprocess.run([dot_exe, "-Tsvg", "-o", str(svg)], input=text, text=True, capture_output=True)
@@ -151,7 +163,7 @@ def plan(
         out.out(text, end="", highlight=False)
         return
     if as_json:
-        out.out(json.dumps({"nodes": [plan_record(r) for r in rows], "targets": [{"name": t.name, "key": t.final, "export": t.export_path} for t in graph.targets]}, indent=1), highlight=False)
+        out.out(json.dumps({"nodes": [plan_record(r) for r in rows], "checks_pending": sorted(set(pending)), "targets": [{"name": t.name, "key": t.final, "export": t.export_path} for t in graph.targets]}, indent=1), highlight=False)
         return
     out.print(plan_table(rows, f"plan: {', '.join(map(str, specs))}"))
     if explain:

@@ -59,6 +59,11 @@ def test_blocked_merge_equals_whole_matrix_merge():
         lora_merge.ROW_BLOCK = 10**9  # every row in one product: the whole-matrix path
         whole = lora_merge.merge_weight(weight, target, tensors)
         assert blocked.dtype == dtype and torch.equal(blocked.view(-1).view(torch.uint8), whole.view(-1).view(torch.uint8)), dtype
+        # In place (the merge stage's reused read buffers): the weight's own storage holds the result.
+        lora_merge.ROW_BLOCK = 256
+        owned = weight.clone()
+        in_place = lora_merge.merge_weight(owned, target, tensors, in_place=True)
+        assert in_place.data_ptr() == owned.data_ptr() and torch.equal(in_place.view(-1).view(torch.uint8), whole.view(-1).view(torch.uint8)), dtype
 
 
 # -- tiny models ----------------------------------------------------------------------------------

@@ -207,7 +207,7 @@ class PlacedWriter:
         self._fds: dict[str, int] = {}
         self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="placed-writer")
         self._pending: list = []
-        self._max_pending = max_pending
+        self.max_pending = max_pending
         self._on_progress, self._total, self._handed = on_progress, total or 1, 0
         self._buf: memoryview | None = None
 
@@ -239,7 +239,7 @@ class PlacedWriter:
     def write_tensor(self, name: str, tensor: "torch.Tensor") -> None:
         data = tensor_bytes(tensor)  # a view: keeps the tensor alive until written
         p = self._place(name, len(data))
-        while len(self._pending) >= self._max_pending:
+        while len(self._pending) >= self.max_pending:
             self._pending.pop(0).result()
         self._pending.append(self._io.submit(self._write_one, p, data))
         self._progress(len(data))

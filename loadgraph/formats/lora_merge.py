@@ -42,12 +42,14 @@ def merge_weight(
     *,
     scale_multiplier: float = 1.0,
     round_delta: bool = False,
+    in_place: bool = False,
 ) -> torch.Tensor:
-    """The merged weight, same dtype and shape as `weight`; `weight` itself is left untouched.
+    """The merged weight, same dtype and shape as `weight`; `weight` itself is left untouched
+    unless `in_place` (the caller owns it), which the blocked merge then overwrites (the result).
     `round_delta`: PEFT 0.10's Linear.merge of fp16 weights on the CPU, `weight += delta.to(fp16)`."""
     if (target.kind != KIND_EMBEDDING and not target.use_dora and not round_delta and not target.fan_in_fan_out
             and weight.device.type == "cpu" and weight.dim() == 2 and weight.shape[0] >= 2 * ROW_BLOCK):
-        return _blocked_linear_merge(weight, target, tensors, scale_multiplier)
+        return _blocked_linear_merge(weight, target, tensors, scale_multiplier, weight if in_place else None)
     delta = lora_delta(target, tensors, scale_multiplier=scale_multiplier)
     if target.use_dora:
         return _merge_dora(weight, target, delta, tensors)
@@ -70,19 +72,22 @@ def merge_weight(
 ROW_BLOCK = 256
 
 
-def _blocked_linear_merge(weight: torch.Tensor, target: LoraTarget, tensors: Mapping[str, torch.Tensor], scale_multiplier: float) -> torch.Tensor:
+def _blocked_linear_merge(weight: torch.Tensor, target: LoraTarget, tensors: Mapping[str, torch.Tensor], scale_multiplier: float,
+                          out: torch.Tensor | None = None) -> torch.Tensor:
     """Linear.merge, ROW_BLOCK rows at a time: the same float32 operations per element as the whole-matrix
     path (each product element is a dot product over the rank, whatever rows are computed with it), but
     without full-size float32 temporaries: 3-6x faster per core, and a unit holds no delta of model size.
     Blocks are near-equal and never fewer rows than ROW_BLOCK, so the product stays a matrix product (a
-    one-row product takes another kernel, a matrix-vector one, whose summation order differs)."""
+    one-row product takes another kernel, a matrix-vector one, whose summation order differs).
+    `out` may be `weight` itself: a block's rows are read into the float32 scratch before they are
+    overwritten, and no block reads another's rows."""
     weight_a = tensors[target.lora_A].float()
     weight_b = tensors[target.lora_B].float()
     scaling = target.scaling(scale_multiplier)
     rows = weight.shape[0]
     blocks = rows // ROW_BLOCK
     bounds = [rows * i // blocks for i in range(blocks + 1)]
-    merged = torch.empty_like(weight)
+    merged = torch.empty_like(weight) if out is None else out
     scratch = torch.empty(max(b - a for a, b in zip(bounds, bounds[1:])), weight.shape[1], dtype=torch.float32)
     for lo, hi in zip(bounds, bounds[1:]):
         delta = scratch[: hi - lo]
@@ -136,25 +141,31 @@ def merge_shard(
     shard_tensors: Mapping[str, torch.Tensor],
     adapter_tensors: Mapping[str, torch.Tensor],
     round_delta: bool = False,
+    in_place: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """One base shard in, the same names out; untouched tensors are passed through as they are."""
+    """One base shard in, the same names out; untouched tensors are passed through as they are.
+    `in_place`: the shard's tensors are the caller's to overwrite (a merged one may be its input)."""
     out: dict[str, torch.Tensor] = {}
     for name, tensor in shard_tensors.items():
         op = plan.ops.get(name)
-        out[name] = tensor if op is None else _apply(plan, name, op, tensor, adapter_tensors, round_delta)
+        out[name] = tensor if op is None else _apply(plan, name, op, tensor, adapter_tensors, round_delta, in_place)
     return out
 
 
 def _apply(
-    plan: MergePlan, name: str, op: TensorOp, tensor: torch.Tensor, adapter_tensors: Mapping[str, torch.Tensor], round_delta: bool = False
+    plan: MergePlan, name: str, op: TensorOp, tensor: torch.Tensor, adapter_tensors: Mapping[str, torch.Tensor], round_delta: bool = False,
+    in_place: bool = False,
 ) -> torch.Tensor:
     _require(plan, name, op, adapter_tensors)
     if op.replace_from is not None:
         # PEFT's load_state_dict copies into the existing parameter: a cast to the base dtype.
         tensor = adapter_tensors[op.replace_from].to(dtype=tensor.dtype, copy=True)
+        in_place = True  # the copy is ours
     for what, target in op.merges:
         if what == "weight":
-            tensor = merge_weight(tensor, target, adapter_tensors, scale_multiplier=plan.scale_multiplier, round_delta=round_delta)
+            tensor = merge_weight(tensor, target, adapter_tensors, scale_multiplier=plan.scale_multiplier, round_delta=round_delta,
+                                  in_place=in_place)
+            in_place = True  # a merge's result is a new tensor or the caller's own
         else:
             tensor = merge_bias(tensor, target, adapter_tensors, scale_multiplier=plan.scale_multiplier)
     return tensor

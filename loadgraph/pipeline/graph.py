@@ -72,6 +72,11 @@ class Graph:
                     except OSError:
                         pass  # a read-only cache: the next plan checks again
 
+    def pending_checks(self, keys: set[str]) -> list[str]:
+        """Names of the checks of `keys` not yet passed (by this cache's memo)."""
+        return [CHECK_LABELS.get(getattr(check, "func", check).__name__, "checks") for key, check in self.checks
+                if key in keys and not ((memo := self._memo(key, check)) is not None and memo.exists())]
+
     def _memo(self, key: str, check: Callable[[], None]) -> Path | None:
         if self.memo_dir is None:
             return None
@@ -95,6 +100,10 @@ class Graph:
         if label not in node.labels:
             node.labels.append(label)
         return node
+
+
+# What each deferred check judges, as `plan` lists the ones still pending.
+CHECK_LABELS = {"_preflight_adapters": "adapters against the base model", "_preflight_quantize": "the quantization plan"}
 
 
 def compile_specs(specs: list[BuildSpec], cache: Cache, defer_checks: bool = False) -> Graph:

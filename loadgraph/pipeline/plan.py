@@ -75,3 +75,8 @@ def plan_rows(graph: Graph, cache: Cache) -> list[PlanRow]:
     cached = cached_keys(graph, cache)
     needed = needed_keys(graph, cached)
     return [_row(n, cache, n.key in cached, n.key in needed) for n in graph.nodes.values()]
+
+
+def keys_to_build(rows: list[PlanRow]) -> set[str]:
+    """The nodes a build of `rows` computes (neither cached nor unneeded): the ones checked first."""
+    return {r.node.key for r in rows if r.status not in ("cached", NOT_NEEDED)}

@@ -25,7 +25,7 @@ from loadgraph.pipeline.assemble import assemble_job, check_job, near_driver, pl
 from loadgraph.pipeline.integrity import Verifier, damaged_files, file_matches
 from loadgraph.pipeline.leases import BuildLease, claim_exports
 from loadgraph.pipeline.offload import run_jobs
-from loadgraph.pipeline.plan import NOT_NEEDED, PlanRow, cached_keys, needed_keys, node_status, plan_rows  # noqa: F401 - node_status, PlanRow: public here too
+from loadgraph.pipeline.plan import NOT_NEEDED, PlanRow, cached_keys, keys_to_build, needed_keys, node_status, plan_rows  # noqa: F401 - node_status, PlanRow: public here too
 from loadgraph.pipeline.publish import check_destination, is_remote, publish_export
 from loadgraph.pipeline.report import BuildReport, NodeReport, NullReporter, Reporter  # noqa: F401 - public here too
 from loadgraph.pipeline.schedule import SerialReporter, run_when_ready
@@ -82,7 +82,7 @@ def build(graph: Graph, cache: Cache, executor_factory, reporter: Reporter | Non
     preflight(graph, cache, overwrite)
     if graph.checks:  # deferred by compile_specs(defer_checks=True) so the plan shows first
         reporter.phase("checking adapters and quantization against the checkpoint headers")
-        graph.run_checks({r.node.key for r in rows if r.status not in ("cached", NOT_NEEDED)})
+        graph.run_checks(keys_to_build(rows))
     holder: list[Executor] = []
     corrupt = 0
     verifier = Verifier(cache.root)

@@ -29,7 +29,7 @@ from loadgraph.stages.export import set_config_dtype
 from loadgraph.stages.fetch import open_source, runtime_for
 from loadgraph.stages.inspect import link_or_copy
 from loadgraph.stages.placed import output_layout, placed_result, placed_units, shard_bytes, write_index
-from loadgraph.stages.tensor_io import PINNED, ArtifactReader, grow_pinned
+from loadgraph.stages.tensor_io import PINNED, ArtifactReader, ScratchRing, grow_pinned
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
 
@@ -190,6 +190,7 @@ class MergeStage(Stage):
         round_delta = ctx.params.get("delta_rounding") == "twice"
         reader = ArtifactReader(base, trusted="model" in ctx.trusted)
         writer = PlacedWriter(ctx.staging, layout, ctx.progress, unit.nbytes)
+        scratch = ScratchRing(writer.max_pending)
         try:
             for name in names:
                 t, p = base.tensors[name], layout.tensors[name]
@@ -204,14 +205,15 @@ class MergeStage(Stage):
                 if merged and device == "cuda" and not roundtrip and not any(_uses_dora(plan, name) for _, plan in plans):
                     _merge_on_gpu(name, t, p.nbytes, out_dtype, plans, reader, writer, round_delta)
                     continue
-                # PEFT merges into a base already loaded in the spec's dtype: cast first.
-                tensor = reader.read(name).to(out_dtype)
+                # PEFT merges into a base already loaded in the spec's dtype: cast first. The tensor
+                # is read into a reused buffer and merged there (it is the unit's own).
+                tensor = reader.read(name, into=scratch.take(t["end"] - t["begin"])).to(out_dtype)
                 if merged:
                     if roundtrip:
                         tensor = nf4_roundtrip(tensor)
                     for adapter, plan in plans:
                         if name in plan.ops:
-                            tensor = merge_shard(plan, {name: tensor}, adapter_tensors(adapter, "cpu"), round_delta)[name]
+                            tensor = merge_shard(plan, {name: tensor}, adapter_tensors(adapter, "cpu"), round_delta, in_place=True)[name]
                 writer.write_tensor(name, tensor)
             writer.close()
         except BaseException:

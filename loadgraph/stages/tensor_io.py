@@ -59,6 +59,26 @@ class PinnedPairs:
 PINNED = PinnedPairs(int(os.environ.get("LOADGRAPH_PINNED_PAIRS", 4)))
 
 
+class ScratchRing:
+    """A unit's reusable read buffers. A fresh buffer per tensor costs its page faults (measured:
+    a 90 MB read at 0.9 GB/s into a new bytearray, 5 GB/s into a reused one). A tensor read into
+    one, processed in place and handed to a PlacedWriter keeps it until written: with one more
+    buffer than the writer's `max_pending`, a buffer comes round only once its write is done."""
+
+    def __init__(self, writer_max_pending: int):
+        self._bufs: list = [None] * (writer_max_pending + 1)
+        self._next = 0
+
+    def take(self, nbytes: int) -> "torch.Tensor":
+        import torch
+
+        i, self._next = self._next, (self._next + 1) % len(self._bufs)
+        if self._bufs[i] is None or self._bufs[i].numel() < nbytes:
+            self._bufs[i] = None  # the old one goes before its replacement is allocated
+            self._bufs[i] = torch.empty(max(nbytes, 1), dtype=torch.uint8)
+        return self._bufs[i]
+
+
 def entry(t: dict) -> TensorEntry:
     return TensorEntry(t["dtype"], tuple(t["shape"]), t["begin"], t["end"])
 
