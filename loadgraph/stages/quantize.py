@@ -26,7 +26,7 @@ from loadgraph.formats.safetensors import TORCH_TO_ST, PlannedTensor
 from loadgraph.pipeline.stage import NodeContext, Stage, Unit
 from loadgraph.spec import QuantizeSpec
 from loadgraph.stages.placed import ST_METADATA, placed_result, shard_bytes, unit_bytes
-from loadgraph.stages.tensor_io import ArtifactReader, grow_pinned
+from loadgraph.stages.tensor_io import ArtifactReader, ScratchRing, grow_pinned
 
 
 def settings_params(q: QuantizeSpec, dtype: str) -> dict:
@@ -157,6 +157,7 @@ class QuantizeStage(Stage):
         # Progress counts bytes written, about half of those read for a 16-bit model quantized to 4 bits
         # (most bytes are kept embeddings); a guess is enough for a progress bar.
         writer = PlacedWriter(ctx.staging, layout, ctx.progress, unit.nbytes // 2)
+        scratch = ScratchRing(writer.max_pending)
         try:
             for name in unit.payload["tensors"]:
                 t, tp = base.tensors[name], plan.tensors.get(name)
@@ -173,6 +174,8 @@ class QuantizeStage(Stage):
                     continue
                 if backend == "cuda":  # pinned staging: the host-to-device copy runs at full speed (outputs are copies)
                     staging = grow_pinned(staging, t["end"] - t["begin"])
+                else:  # a reused buffer: no page faults per tensor (kept until written, should an output be a view)
+                    staging = scratch.take(t["end"] - t["begin"])
                 for out_name, value in plan.convert(name, reader.read(name, into=staging), device=backend).items():
                     if out_name in layout.tensors:
                         writer.write_tensor(out_name, value)
