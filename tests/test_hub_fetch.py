@@ -178,10 +178,16 @@ def test_plan_downloads_no_weights_and_the_fetch_units_do(hub, models, tmp_path,
         assert hub.weights_got("acme/tiny/") == []  # listed (sizes, LFS sha256s), not downloaded
         assert [p for p, _ in hub.weights_got("acme/lora/")] == [f"/acme/lora/resolve/{COMMIT}/adapter_model.safetensors"]  # MBs, the plan reads it
         assert [p.name for p in (tmp_path / "hf").rglob("*.safetensors")] == ["adapter_model.safetensors"]
-        # The adapter-vs-base check read the base's headers on the hub: a byte range of each shard.
+        # Plain plan leaves the adapter-vs-base check to --check and to build, and says so.
+        assert [p for m, p, _, r in hub.requests if r and m == "GET"] == []
+        assert json.loads(plan.stdout)["checks_pending"] == ["adapters against the base model"]
+        checked = CliRunner().invoke(app, ["plan", str(spec), "--json", "--check", "--cache", str(tmp_path / "cache")])
+        assert checked.exit_code == 0, checked.output
+        # That check read the base's headers on the hub: a byte range of each shard.
         shards = sorted(f.name for f in models("llama").glob("*.safetensors"))
         assert sorted(p.rsplit("/", 1)[1] for m, p, _, r in hub.requests if r and m == "GET") == shards
-        fetch = json.loads(plan.stdout)["nodes"][0]
+        assert hub.weights_got("acme/tiny/") == []
+        fetch = json.loads(checked.stdout)["nodes"][0]
 
         # An adapter of other shapes is refused from those headers too, before any weight is downloaded.
         from loadgraph.errors import InputError
