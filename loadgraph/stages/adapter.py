@@ -189,8 +189,8 @@ class MergeStage(Stage):
         device = merge_device(ctx)
         round_delta = ctx.params.get("delta_rounding") == "twice"
         reader = ArtifactReader(base, trusted="model" in ctx.trusted)
-        writer = PlacedWriter(ctx.staging, layout, ctx.progress, unit.nbytes)
-        scratch = ScratchRing(writer.max_pending)
+        writer = PlacedWriter(ctx.staging, layout, ctx.progress, unit.nbytes, max_pending=ScratchRing.WRITES_PENDING)
+        scratch = ScratchRing()
         try:
             for name in names:
                 t, p = base.tensors[name], layout.tensors[name]

@@ -156,8 +156,8 @@ class QuantizeStage(Stage):
         staging = None
         # Progress counts bytes written, about half of those read for a 16-bit model quantized to 4 bits
         # (most bytes are kept embeddings); a guess is enough for a progress bar.
-        writer = PlacedWriter(ctx.staging, layout, ctx.progress, unit.nbytes // 2)
-        scratch = ScratchRing(writer.max_pending)
+        writer = PlacedWriter(ctx.staging, layout, ctx.progress, unit.nbytes // 2, max_pending=ScratchRing.WRITES_PENDING)
+        scratch = ScratchRing()
         try:
             for name in unit.payload["tensors"]:
                 t, tp = base.tensors[name], plan.tensors.get(name)

@@ -63,10 +63,17 @@ class ScratchRing:
     """A unit's reusable read buffers. A fresh buffer per tensor costs its page faults (measured:
     a 90 MB read at 0.9 GB/s into a new bytearray, 5 GB/s into a reused one). A tensor read into
     one, processed in place and handed to a PlacedWriter keeps it until written: with one more
-    buffer than the writer's `max_pending`, a buffer comes round only once its write is done."""
+    buffer than the writer's `max_pending`, a buffer comes round only once its write is done.
 
-    def __init__(self, writer_max_pending: int):
-        self._bufs: list = [None] * (writer_max_pending + 1)
+    Its writer keeps WRITES_PENDING = 1 write waiting: one tensor is written while the next is read
+    and computed, which is all the overlap one writer thread gives, and every buffer grows to the
+    largest tensor it held, for each of 16 threaded units (with three buffers each, the 7B merge
+    peaked at 5.41 GiB of RSS, against 3.65 with a fresh buffer per tensor)."""
+
+    WRITES_PENDING = 1
+
+    def __init__(self):
+        self._bufs: list = [None] * (self.WRITES_PENDING + 1)
         self._next = 0
 
     def take(self, nbytes: int) -> "torch.Tensor":
