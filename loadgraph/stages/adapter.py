@@ -191,6 +191,7 @@ class MergeStage(Stage):
         reader = ArtifactReader(base, trusted="model" in ctx.trusted)
         writer = PlacedWriter(ctx.staging, layout, ctx.progress, unit.nbytes, max_pending=ScratchRing.WRITES_PENDING)
         scratch = ScratchRing()
+        rows_buf, delta_buf = ScratchRing(slots=1), ScratchRing(slots=1)  # a streamed weight's block and its float32 delta
         try:
             for name in names:
                 t, p = base.tensors[name], layout.tensors[name]
@@ -204,6 +205,10 @@ class MergeStage(Stage):
                 roundtrip = ctx.params.get("base_roundtrip") == "nf4" and any(_lora_target(plan, name) for _, plan in plans)
                 if merged and device == "cuda" and not roundtrip and not any(_uses_dora(plan, name) for _, plan in plans):
                     _merge_on_gpu(name, t, p.nbytes, out_dtype, plans, reader, writer, round_delta)
+                    continue
+                mergers = None if roundtrip else _row_mergers(plans, name, tuple(t["shape"]), round_delta)
+                if mergers:
+                    writer.copy(name, _merged_rows(reader, name, t, out_dtype, mergers, rows_buf, delta_buf))
                     continue
                 # PEFT merges into a base already loaded in the spec's dtype: cast first. The tensor
                 # is read into a reused buffer and merged there (it is the unit's own).
@@ -245,6 +250,50 @@ def _merge_on_gpu(name: str, t: dict, out_bytes: int, out_dtype, plans, reader: 
         host.copy_(tensor)  # synchronous: the pinned pair is reused as soon as the write is done
         writer.write_tensor(name, host)
         writer.drain()
+
+
+def _row_mergers(plans, name: str, shape: tuple[int, ...], round_delta: bool) -> list | None:
+    """A RowMerger per LoRA merged into `name`, in order, when every merge it gets can run by
+    blocks of rows (plain Linear.merge: no DoRA, embedding, fan_in_fan_out, bias or replaced
+    weight); None otherwise."""
+    from loadgraph.formats.lora_merge import RowMerger, blockable, require_tensors
+
+    mergers = []
+    for adapter, plan in plans:
+        op = plan.ops.get(name)
+        if op is None:
+            continue
+        if op.replace_from is not None or any(what != "weight" or not blockable(target, shape, round_delta) for what, target in op.merges):
+            return None
+        tensors = adapter_tensors(adapter, "cpu")
+        require_tensors(plan, name, op, tensors)
+        mergers += [RowMerger(target, tensors, plan.scale_multiplier) for _, target in op.merges]
+    return mergers
+
+
+def _merged_rows(reader: ArtifactReader, name: str, t: dict, out_dtype, mergers: list, rows_buf: ScratchRing, delta_buf: ScratchRing):
+    """The merged weight's bytes, a few MB of rows at a time: read, cast to the spec's dtype (as
+    PEFT loads the base), merged by each adapter in turn (each rounds to the dtype, as PEFT's
+    successive merges do) and handed on, so a unit holds no tensor of model size."""
+    import torch
+
+    from loadgraph.formats.lora_merge import row_blocks
+    from loadgraph.formats.safetensors import tensor_bytes
+
+    rows, cols = t["shape"]
+    in_dtype = getattr(torch, DTYPES[t["dtype"]][1])
+    row_bytes = (t["end"] - t["begin"]) // rows
+    bounds = row_blocks(rows)
+    sizes = [(hi - lo) * row_bytes for lo, hi in bounds]
+    most = max(hi - lo for lo, hi in bounds) * cols
+    buf = memoryview(rows_buf.take(max(sizes)).numpy())
+    scratch = delta_buf.take(most * 4).view(torch.float32)
+    for i, raw in enumerate(reader.chunks(name, buf, sizes)):  # to its end: the input's digest is checked there
+        lo, hi = bounds[i]
+        block = torch.frombuffer(raw, dtype=in_dtype).view(hi - lo, cols).to(out_dtype)
+        for merger in mergers:
+            merger.merge(block, lo, hi, block, scratch)
+        yield tensor_bytes(block)
 
 
 def _uses_dora(plan, name: str) -> bool:

@@ -72,8 +72,8 @@ class ScratchRing:
 
     WRITES_PENDING = 1
 
-    def __init__(self):
-        self._bufs: list = [None] * (self.WRITES_PENDING + 1)
+    def __init__(self, slots: int = WRITES_PENDING + 1):
+        self._bufs: list = [None] * slots
         self._next = 0
 
     def take(self, nbytes: int) -> "torch.Tensor":
@@ -152,22 +152,27 @@ class ArtifactReader:
                 raise self._corrupt(f"{self.path(name)}: tensor {name}")
             self.bytes_hashed += t["end"] - t["begin"]
 
-    def chunks(self, name: str, buf: memoryview | None = None) -> Iterator[memoryview]:
-        """The tensor's bytes as chunks of one reused buffer, checked when the last chunk is out
-        (a consumer that writes them stages its output, so a mismatch publishes nothing)."""
+    def chunks(self, name: str, buf: memoryview | None = None, sizes: list[int] | None = None) -> Iterator[memoryview]:
+        """The tensor's bytes as chunks of one reused buffer (of `sizes` bytes each, when given),
+        checked when the last chunk is out (a consumer that writes them stages its output, so a
+        mismatch publishes nothing): iterate to the end, or the check never runs."""
         t = self.art.tensors[name]
         check = self._check_file(name)
         h = digest.hasher(t["end"] - t["begin"]) if check else None
         buf = buf if buf is not None else memoryview(bytearray(COPY_CHUNK))
         with open(self.path(name), "rb", buffering=0) as f:
             pos, end = t["begin"], t["end"]
+            pieces = iter(sizes) if sizes is not None else None
             while pos < end:
-                t0 = time.perf_counter()
-                got = os.preadv(f.fileno(), [buf[: min(len(buf), end - pos)]], pos)
+                size = next(pieces) if pieces is not None else min(len(buf), end - pos)
+                t0, got = time.perf_counter(), 0
+                while got < size:  # a piece is filled whole: its consumer reads it as rows of a tensor
+                    n = os.preadv(f.fileno(), [buf[got:size]], pos + got)
+                    if n <= 0:
+                        raise self._corrupt(f"{self.path(name)}: tensor {name} (file truncated)")
+                    got += n
                 t1 = time.perf_counter()
                 self.seconds["read"] += t1 - t0
-                if got <= 0:
-                    raise self._corrupt(f"{self.path(name)}: tensor {name} (file truncated)")
                 if h is not None:
                     h.update(buf[:got])
                     self.seconds["hash"] += time.perf_counter() - t1
