@@ -179,7 +179,7 @@ class MergeStage(Stage):
     def run_unit(self, ctx: NodeContext, unit: Unit, out: Path) -> dict:
         import torch
 
-        from loadgraph.formats.lora_merge import merge_shard
+        from loadgraph.formats.lora_merge import merge_shard, row_mergers
 
         base = ctx.input()
         layout = self.layout(ctx)
@@ -206,7 +206,8 @@ class MergeStage(Stage):
                 if merged and device == "cuda" and not roundtrip and not any(_uses_dora(plan, name) for _, plan in plans):
                     _merge_on_gpu(name, t, p.nbytes, out_dtype, plans, reader, writer, round_delta)
                     continue
-                mergers = None if roundtrip else _row_mergers(plans, name, tuple(t["shape"]), round_delta)
+                mergers = None if roundtrip else row_mergers([(plan, adapter_tensors(adapter, "cpu")) for adapter, plan in plans if name in plan.ops],
+                                                             name, tuple(t["shape"]), round_delta)
                 if mergers:
                     writer.copy(name, _merged_rows(reader, name, t, out_dtype, mergers, rows_buf, delta_buf))
                     continue
@@ -250,25 +251,6 @@ def _merge_on_gpu(name: str, t: dict, out_bytes: int, out_dtype, plans, reader: 
         host.copy_(tensor)  # synchronous: the pinned pair is reused as soon as the write is done
         writer.write_tensor(name, host)
         writer.drain()
-
-
-def _row_mergers(plans, name: str, shape: tuple[int, ...], round_delta: bool) -> list | None:
-    """A RowMerger per LoRA merged into `name`, in order, when every merge it gets can run by
-    blocks of rows (plain Linear.merge: no DoRA, embedding, fan_in_fan_out, bias or replaced
-    weight); None otherwise."""
-    from loadgraph.formats.lora_merge import RowMerger, blockable, require_tensors
-
-    mergers = []
-    for adapter, plan in plans:
-        op = plan.ops.get(name)
-        if op is None:
-            continue
-        if op.replace_from is not None or any(what != "weight" or not blockable(target, shape, round_delta) for what, target in op.merges):
-            return None
-        tensors = adapter_tensors(adapter, "cpu")
-        require_tensors(plan, name, op, tensors)
-        mergers += [RowMerger(target, tensors, plan.scale_multiplier) for _, target in op.merges]
-    return mergers
 
 
 def _merged_rows(reader: ArtifactReader, name: str, t: dict, out_dtype, mergers: list, rows_buf: ScratchRing, delta_buf: ScratchRing):
