@@ -18,7 +18,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Mapping
 
 from loadgraph import faults
 from loadgraph.formats.digest import digest_bytes, hasher
@@ -252,6 +252,12 @@ class PlacedWriter:
 
     def copy(self, name: str, chunks: Iterable[memoryview]) -> str:
         """Write a tensor from a stream of byte chunks (a verbatim copy); returns its digest."""
+        for _ in self.tee(name, chunks):
+            pass
+        return self.digests[name]
+
+    def tee(self, name: str, chunks: Iterable[memoryview]) -> Iterator[memoryview]:
+        """copy() as a stream: each chunk is passed on once written (to a second writer, fused)."""
         self.drain()
         p = self.layout.tensors[name]
         h, offset = hasher(p.nbytes), p.begin
@@ -262,10 +268,10 @@ class PlacedWriter:
             self._pwrite(self._fd(p.file), chunk, offset)
             offset += len(chunk)
             self._progress(len(chunk))
+            yield chunk
         if offset != p.end:
             raise RuntimeError(f"{p.file}: {name} copied {offset - p.begin} B where the layout planned {p.nbytes} B")
         self.digests[name] = h.hexdigest()
-        return self.digests[name]
 
     def buffer(self) -> memoryview:
         if self._buf is None:

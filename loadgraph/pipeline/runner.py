@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import os
+from contextlib import ExitStack
 import resource
 import time
 from pathlib import Path
@@ -20,6 +21,7 @@ from loadgraph.errors import BuildError, CorruptInput, InputError, disk_full_mes
 from loadgraph.formats import digest
 from loadgraph.pipeline.cache import Artifact, Cache
 from loadgraph.pipeline.executors.base import Executor
+from loadgraph.pipeline.fusion import consumers_to_fuse, plan_fused
 from loadgraph.pipeline.graph import Graph, Node
 from loadgraph.pipeline.assemble import assemble_job, check_job, near_driver, plan_job
 from loadgraph.pipeline.integrity import Verifier, damaged_files, file_matches
@@ -145,9 +147,12 @@ def _build_graph(graph: Graph, cache: Cache, executor_factory, reporter: Reporte
         concurrency = getattr(runner, "node_concurrency", 1)
         shown = SerialReporter(reporter) if concurrency > 1 else reporter
         built: set[str] = set()  # nodes this build produced: their digests were computed as they were written
+        fuse = consumers_to_fuse(graph, todo, cache)
+        fed: dict[str, list[str]] = {}  # consumer key -> its units the producer's units ran (fusion)
 
         def build_one(node: Node) -> NodeReport:
-            nr = _build_node(node, cache, runner, shown, verifier, lease, built_for(graph, node), frozenset(built))
+            nr = _build_node(node, cache, runner, shown, verifier, lease, built_for(graph, node), frozenset(built),
+                             consumer=fuse.get(node.key), fed=fed)
             built.add(node.key)
             return nr
 
@@ -240,9 +245,13 @@ def built_for(graph: Graph, node: Node) -> dict:
 
 
 def _build_node(node: Node, cache: Cache, executor: Executor, reporter: Reporter, verifier: Verifier, lease: BuildLease,
-                origin: dict | None = None, built: set[str] | frozenset = frozenset()) -> NodeReport:
+                origin: dict | None = None, built: set[str] | frozenset = frozenset(), consumer: Node | None = None,
+                fed: dict[str, list[str]] | None = None) -> NodeReport:
+    """Build one node; with a `consumer`, its units also run that node's units (pipeline/fusion.py),
+    whose ids are recorded in `fed` under the consumer's key for its own build to count as fresh."""
     t0, began = time.perf_counter(), time.time()
-    with cache.lock(node.key):
+    fed = {} if fed is None else fed
+    with cache.lock(node.key), ExitStack() as consumer_lock:
         if cache.lookup(node.key) is not None:  # another builder finished it while we waited for the lock
             return NodeReport(node.key, node.stage, node.labels, "cached")
         desc = {**node.describe(), "lease": str(lease.path) if lease.path else None,
@@ -252,7 +261,10 @@ def _build_node(node: Node, cache: Cache, executor: Executor, reporter: Reporter
         for unit in units:
             done = cache.unit_record(node.key, unit.id)
             if done is not None:
-                results[unit.id] = {**done, "reused": True}
+                results[unit.id] = {**done, "reused": unit.id not in fed.get(node.key, ())}
+        if consumer is not None:
+            units, fed[consumer.key] = plan_fused(cache, desc, units, set(results), consumer,
+                                                  lambda theirs: _plan_node(cache, executor, theirs), consumer_lock, executor.name == "local")
         reporter.node_started(node, units, len(results))
         todo = [u for u in units if u.id not in results]
 

@@ -13,7 +13,7 @@ import importlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Iterable, Protocol
 
 from loadgraph.pipeline.cache import Artifact, Cache
 
@@ -57,9 +57,30 @@ class NodeContext:
     # For a stage with a layout: the directory holding the node's prepared output files, which
     # its units fill at the planned offsets (shared by the units, kept for resume).
     staging: Path | None = None
+    # Fused with the next stage (pipeline/fusion.py): where a unit hands each output tensor, in
+    # memory, so the consumer's units never read back what this one wrote.
+    downstream: "TensorSink | None" = None
 
     def input(self, name: str = "model") -> Artifact:
         return self.inputs[name]
+
+
+class TensorSink(Protocol):
+    """A consumer stage's fused units, fed by the producer's unit tensor by tensor (in its order)."""
+
+    def verbatim(self, name: str) -> bool:
+        """Whether the consumer keeps the tensor's bytes as they are (it then takes them by `copy`)."""
+
+    def take(self, name: str, tensor: Any) -> None:
+        """Consume one finished output tensor of the producer (synchronously: the caller reuses it)."""
+
+    def copy(self, name: str, chunks: Iterable[memoryview]) -> Iterable[memoryview]:
+        """Pass a verbatim tensor's byte chunks through, writing them on the way."""
+
+    def finish(self) -> dict[str, dict]:
+        """The consumer units' results (unit id -> result), once every tensor was taken."""
+
+    def abort(self) -> None: ...
 
 
 class Stage:
@@ -92,6 +113,17 @@ class Stage:
     def finalize(self, ctx: NodeContext, results: dict[str, dict], out: Path) -> dict:
         """Write the artifact's remaining files (index, config...) into `out`; return manifest extras."""
         return {}
+
+    def prospect(self, ctx: NodeContext, out: Path) -> dict | None:
+        """Before any unit runs, what a consumer plans from: the small files the artifact will
+        carry (written into `out`) and its tensor table without digests ({"tensors": ...});
+        None for a stage whose output cannot be known up front (it is then never fused)."""
+        return None
+
+    def sink(self, ctx: NodeContext, units: list[Unit]) -> TensorSink | None:
+        """These units of this node fed in memory by the producer's unit that makes their input
+        tensors (ctx.inputs["model"] is then the producer's prospect); None if the stage cannot."""
+        return None
 
 
 _STAGE_MODULES = {

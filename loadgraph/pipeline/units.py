@@ -6,6 +6,7 @@ result; tensor bytes go from the cache to the cache, never through the caller.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
@@ -14,14 +15,18 @@ from pathlib import Path
 
 from loadgraph import faults
 from loadgraph.errors import BuildError, CorruptInput
-from loadgraph.pipeline.cache import Cache
+from loadgraph.pipeline.cache import MANIFEST, Artifact, Cache
 from loadgraph.pipeline.stage import NodeContext, Unit, get_stage
 from loadgraph.pipeline.unit_progress import ProgressFn, Throttled
 
 
 def node_context(cache: Cache, desc: dict) -> NodeContext:
     inputs = {}
+    prospects = desc.get("prospect", {})  # an input being built by the unit that feeds this one (fusion)
     for name, key in desc["inputs"].items():
+        if name in prospects:
+            inputs[name] = Artifact(key, Path(prospects[name]), json.loads((Path(prospects[name]) / MANIFEST).read_text()))
+            continue
         art = cache.get(key)
         if art is None:
             # Gone, or it failed verification on its way here (a tier's node): the runner evicts
@@ -48,17 +53,40 @@ def execute_unit(cache_root: str, desc: dict, unit: dict, progress: ProgressFn |
     if progress is not None:
         ctx.progress = progress if isinstance(progress, Throttled) else Throttled(progress, period=0.0)
     staged = cache.new_tmp_dir(f"unit-{desc['key'][:12]}-{unit['id']}")
+    consumer = _fused_consumer(cache, desc, unit, ctx)
     started = time.perf_counter()
     try:
         result = stage.run_unit(ctx, Unit(**unit), staged)
         result.setdefault("wall", time.perf_counter() - started)
+        if consumer is not None:
+            _publish_fused(cache, desc["fused"], consumer.finish(), time.perf_counter() - started)
         faults.unit_staged(desc["key"], unit["id"])
         check_driver(desc)  # a unit of a dead build is not published: nobody would use it
         cache.publish_unit(desc["key"], unit["id"], staged, result)
     except BaseException:
+        if consumer is not None:
+            consumer.abort()
         shutil.rmtree(staged, ignore_errors=True)
         raise
     return {**result, "reused": False}
+
+
+def _fused_consumer(cache: Cache, desc: dict, unit: dict, ctx: NodeContext):
+    """The next node's units this unit feeds in memory (pipeline/fusion.py), as a TensorSink."""
+    fed = unit.get("payload", {}).get("fused")
+    if not fed:
+        return None
+    consumer = desc["fused"]
+    ctx.downstream = get_stage(consumer["stage"]).sink(node_context(cache, consumer), [Unit(**u) for u in fed])
+    return ctx.downstream
+
+
+def _publish_fused(cache: Cache, consumer: dict, results: dict[str, dict], wall: float) -> None:
+    """The consumer's unit records, before the producer's own: a unit found done is done whole."""
+    for unit_id, result in results.items():
+        staged = cache.new_tmp_dir(f"unit-{consumer['key'][:12]}-{unit_id}")
+        faults.unit_staged(consumer["key"], unit_id)
+        cache.publish_unit(consumer["key"], unit_id, staged, {**result, "fused": True, "wall": result.get("wall", wall / len(results))})
 
 
 def check_driver(desc: dict) -> None:

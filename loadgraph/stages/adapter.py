@@ -190,13 +190,22 @@ class MergeStage(Stage):
         round_delta = ctx.params.get("delta_rounding") == "twice"
         reader = ArtifactReader(base, trusted="model" in ctx.trusted)
         writer = PlacedWriter(ctx.staging, layout, ctx.progress, unit.nbytes, max_pending=ScratchRing.WRITES_PENDING)
+        # Fused with quantize (pipeline/fusion.py), each output tensor is also handed to its unit.
+        sink = ctx.downstream
         scratch = ScratchRing()
         rows_buf, delta_buf = ScratchRing(slots=1), ScratchRing(slots=1)  # a streamed weight's block and its float32 delta
+        whole = ScratchRing(slots=1)  # fused: a streamed weight gathered whole for the consumer (written synchronously)
         try:
             for name in names:
                 t, p = base.tensors[name], layout.tensors[name]
                 if name not in touched and p.dtype == t["dtype"]:
-                    writer.copy(name, reader.chunks(name, writer.buffer()))
+                    chunks = reader.chunks(name, writer.buffer())
+                    if sink is None or sink.verbatim(name):
+                        writer.copy(name, chunks if sink is None else sink.copy(name, chunks))
+                    else:
+                        tensor = reader.read(name, into=scratch.take(t["end"] - t["begin"]))
+                        writer.write_tensor(name, tensor)
+                        sink.take(name, tensor)
                     continue
                 out_dtype = getattr(torch, DTYPES[p.dtype][1])
                 merged = any(name in plan.ops for _, plan in plans)
@@ -204,12 +213,15 @@ class MergeStage(Stage):
                 # ones), and so does DoRA (its norm reduces in another order on the GPU).
                 roundtrip = ctx.params.get("base_roundtrip") == "nf4" and any(_lora_target(plan, name) for _, plan in plans)
                 if merged and device == "cuda" and not roundtrip and not any(_uses_dora(plan, name) for _, plan in plans):
-                    _merge_on_gpu(name, t, p.nbytes, out_dtype, plans, reader, writer, round_delta)
+                    _merge_on_gpu(name, t, p.nbytes, out_dtype, plans, reader, writer, round_delta, sink)
                     continue
                 mergers = None if roundtrip else row_mergers([(plan, adapter_tensors(adapter, "cpu")) for adapter, plan in plans if name in plan.ops],
                                                              name, tuple(t["shape"]), round_delta)
                 if mergers:
-                    writer.copy(name, _merged_rows(reader, name, t, out_dtype, mergers, rows_buf, delta_buf))
+                    dest = None if sink is None else whole.take(p.nbytes)[: p.nbytes].view(out_dtype).view(tuple(t["shape"]))
+                    writer.copy(name, _merged_rows(reader, name, t, out_dtype, mergers, rows_buf, delta_buf, dest))
+                    if sink is not None:
+                        sink.take(name, dest)
                     continue
                 # PEFT merges into a base already loaded in the spec's dtype: cast first. The tensor
                 # is read into a reused buffer and merged there (it is the unit's own).
@@ -221,11 +233,24 @@ class MergeStage(Stage):
                         if name in plan.ops:
                             tensor = merge_shard(plan, {name: tensor}, adapter_tensors(adapter, "cpu"), round_delta, in_place=True)[name]
                 writer.write_tensor(name, tensor)
+                if sink is not None:
+                    sink.take(name, tensor)
             writer.close()
         except BaseException:
             writer.abort()
             raise
         return placed_result(layout, writer, reader)
+
+    def prospect(self, ctx: NodeContext, out: Path) -> dict:
+        """The configs this node will carry, its shard files (prepared with their final headers:
+        links to the staging copies) and its tensor table: the layout is planned up front."""
+        copy_aux(ctx.input(), out, ctx.params["dtype"])
+        layout = self.layout(ctx)
+        tensors = {n: layout.tensors[n].table() for n in layout.order}
+        for rel in layout.headers:
+            (out / rel).symlink_to(ctx.staging / rel)
+        write_index(out, {"all": {"tensors": tensors}})
+        return {"tensors": tensors, "files": {rel: {"size": (out / rel).stat().st_size} for rel in ctx.input().files if (out / rel).is_file()}}
 
     def finalize(self, ctx: NodeContext, results: dict[str, dict], out: Path) -> dict:
         copy_aux(ctx.input(), out, ctx.params["dtype"])
@@ -234,7 +259,7 @@ class MergeStage(Stage):
 
 
 def _merge_on_gpu(name: str, t: dict, out_bytes: int, out_dtype, plans, reader: ArtifactReader, writer: PlacedWriter,
-                  round_delta: bool = False) -> None:
+                  round_delta: bool = False, sink=None) -> None:
     """Read into pinned memory, merge on the GPU (PEFT's float32 arithmetic; cuBLAS rounds its
     products differently, hence the backend in the key), copy back into pinned memory and write
     it before the pair is handed to the next tensor."""
@@ -251,12 +276,16 @@ def _merge_on_gpu(name: str, t: dict, out_bytes: int, out_dtype, plans, reader: 
         host.copy_(tensor)  # synchronous: the pinned pair is reused as soon as the write is done
         writer.write_tensor(name, host)
         writer.drain()
+        if sink is not None:
+            sink.take(name, host)
 
 
-def _merged_rows(reader: ArtifactReader, name: str, t: dict, out_dtype, mergers: list, rows_buf: ScratchRing, delta_buf: ScratchRing):
+def _merged_rows(reader: ArtifactReader, name: str, t: dict, out_dtype, mergers: list, rows_buf: ScratchRing, delta_buf: ScratchRing,
+                 dest=None):
     """The merged weight's bytes, a few MB of rows at a time: read, cast to the spec's dtype (as
     PEFT loads the base), merged by each adapter in turn (each rounds to the dtype, as PEFT's
-    successive merges do) and handed on, so a unit holds no tensor of model size."""
+    successive merges do) and handed on, so a unit holds no tensor of model size. With `dest`
+    (the whole weight's buffer, for a fused consumer) each block is merged in its rows there."""
     import torch
 
     from loadgraph.formats.lora_merge import row_blocks
@@ -272,7 +301,8 @@ def _merged_rows(reader: ArtifactReader, name: str, t: dict, out_dtype, mergers:
     scratch = delta_buf.take(most * 4).view(torch.float32)
     for i, raw in enumerate(reader.chunks(name, buf, sizes)):  # to its end: the input's digest is checked there
         lo, hi = bounds[i]
-        block = torch.frombuffer(raw, dtype=in_dtype).view(hi - lo, cols).to(out_dtype)
+        block = torch.frombuffer(raw, dtype=in_dtype).view(hi - lo, cols)
+        block = block.to(out_dtype) if dest is None else dest[lo:hi].copy_(block)
         for merger in mergers:
             merger.merge(block, lo, hi, block, scratch)
         yield tensor_bytes(block)

@@ -50,10 +50,12 @@ def placed_units(layout: Layout, gpu: bool = False, size: int | None = None) -> 
     ]
 
 
-def placed_result(layout: Layout, writer, reader) -> dict:
-    """A unit's result: its tensors' table rows with digests, and what it read, hashed and wrote."""
-    return {"tensors": {n: {**layout.tensors[n].table(), "blake3": d} for n, d in writer.digests.items()}, "bytes": reader.bytes_read,
-            "written": writer.written, "hashed": reader.bytes_hashed, "timings": {**reader.seconds, **writer.seconds}}
+def placed_result(layout: Layout, writer, reader=None) -> dict:
+    """A unit's result: its tensors' table rows with digests, and what it read (nothing without a
+    reader: a fused unit is handed its tensors), hashed and wrote."""
+    return {"tensors": {n: {**layout.tensors[n].table(), "blake3": d} for n, d in writer.digests.items()},
+            "bytes": reader.bytes_read if reader else 0, "written": writer.written, "hashed": reader.bytes_hashed if reader else 0,
+            "timings": {**(reader.seconds if reader else {}), **writer.seconds}}
 
 
 def write_index(out: Path, results: dict[str, dict]) -> None:

@@ -14,7 +14,6 @@ different bytes on CPU and CUDA, so the backend is a param (part of the key).
 
 from __future__ import annotations
 
-import functools
 import json
 import shutil
 from pathlib import Path
@@ -49,13 +48,21 @@ def make_settings(params: dict):
     return QuantSettings(**{**params, "skip_modules": tuple(params["skip_modules"]), "fp8_block_size": tuple(params["fp8_block_size"])})
 
 
-@functools.lru_cache(maxsize=4)
-def artifact_quant_plan(artifact_dir: str, settings):
-    """plan_quantization of a cache artifact, once per process (immutable: its path names its
-    content); every quantize unit and verify's quantize check reuse it."""
+_QUANT_PLANS: dict[tuple, object] = {}
+
+
+def artifact_quant_plan(artifact_dir: str, settings, key: str | None = None):
+    """plan_quantization of a cache artifact, once per process (immutable: its key, else its path,
+    names its content; a fused quantize plans from its input's prospect, then from the published
+    input, with one plan); every quantize unit and verify's quantize check reuse it."""
     from loadgraph.formats.quant_plan import plan_quantization
 
-    return plan_quantization(artifact_dir, settings)
+    memo = (key or artifact_dir, settings)
+    if memo not in _QUANT_PLANS:
+        if len(_QUANT_PLANS) >= 4:
+            _QUANT_PLANS.pop(next(iter(_QUANT_PLANS)))
+        _QUANT_PLANS[memo] = plan_quantization(artifact_dir, settings)
+    return _QUANT_PLANS[memo]
 
 
 def resolve_backend(requested: str) -> str:
@@ -111,11 +118,11 @@ _LAYOUTS: dict[tuple, Layout] = {}
 def artifact_layout(src, settings, shard: int) -> Layout:
     """Once per process and (input artifact, settings, shard size): units do not re-plan a 70B's
     headers (an artifact is immutable: its path names its content)."""
-    key = (str(src.path), settings, shard)
+    key = (src.key, settings, shard)
     if key not in _LAYOUTS:
         if len(_LAYOUTS) >= 8:
             _LAYOUTS.pop(next(iter(_LAYOUTS)))
-        planned, variable = planned_outputs(artifact_quant_plan(str(src.path), settings), src.tensors)
+        planned, variable = planned_outputs(artifact_quant_plan(str(src.path), settings, src.key), src.tensors)
         groups = pack(planned, shard)  # as the export packs them: its shards are these files, linked
         _LAYOUTS[key] = plan_layout(groups, shard_names(len(groups)), ST_METADATA, variable)
     return _LAYOUTS[key]
@@ -145,49 +152,28 @@ class QuantizeStage(Stage):
         return ctx.params["backend"] != "cpu"
 
     def _plan(self, ctx: NodeContext):
-        return artifact_quant_plan(str(ctx.input().path), make_settings(ctx.params["settings"]))
+        return artifact_quant_plan(str(ctx.input().path), make_settings(ctx.params["settings"]), ctx.input().key)
 
     def run_unit(self, ctx: NodeContext, unit: Unit, out: Path) -> dict:
         base = ctx.input()
-        plan, layout = self._plan(ctx), self.layout(ctx)
-        backend = ctx.params["backend"]
         reader = ArtifactReader(base, trusted="model" in ctx.trusted)
-        tails: dict[str, str] = {}  # variable-length outputs (JSON quant states): the runner places them
-        staging = None
-        # Progress counts bytes written, about half of those read for a 16-bit model quantized to 4 bits
-        # (most bytes are kept embeddings); a guess is enough for a progress bar.
-        writer = PlacedWriter(ctx.staging, layout, ctx.progress, unit.nbytes // 2, max_pending=ScratchRing.WRITES_PENDING)
-        scratch = ScratchRing()
+        quantizer = _UnitQuantizer(ctx, unit, self._plan(ctx), self.layout(ctx))
         try:
             for name in unit.payload["tensors"]:
-                t, tp = base.tensors[name], plan.tensors.get(name)
-                if tp is None or tp.kind == "drop":
-                    continue
-                if tp.kind == "keep":
+                t = base.tensors[name]
+                if quantizer.verbatim(name):
                     # Unquantized tensors (embeddings, lm_head, norms: most of the bytes) are not held
-                    # in memory: streamed into the shard, or cast tensor by tensor.
-                    out_name = tp.rename[tp.memory_name]
-                    if layout.tensors[out_name].dtype == t["dtype"]:
-                        writer.copy(out_name, reader.chunks(name, writer.buffer()))
-                    else:
-                        writer.write_tensor(out_name, plan.convert(name, reader.read(name))[out_name])
-                    continue
-                if backend == "cuda":  # pinned staging: the host-to-device copy runs at full speed (outputs are copies)
-                    staging = grow_pinned(staging, t["end"] - t["begin"])
-                else:  # a reused buffer: no page faults per tensor (kept until written, should an output be a view)
-                    staging = scratch.take(t["end"] - t["begin"])
-                for out_name, value in plan.convert(name, reader.read(name, into=staging), device=backend).items():
-                    if out_name in layout.tensors:
-                        writer.write_tensor(out_name, value)
-                    else:
-                        tails[out_name] = value.numpy().tobytes().hex()
-            writer.close()
+                    # in memory: streamed into the shard.
+                    quantizer.writer.copy(quantizer.out_name(name), reader.chunks(name, quantizer.writer.buffer()))
+                elif not quantizer.drops(name):
+                    quantizer.take(name, reader.read(name, into=quantizer.buffer(t["end"] - t["begin"])))
         except BaseException:
-            writer.abort()
+            quantizer.abort()
             raise
-        result = placed_result(layout, writer, reader)
-        # The tails' bytes are written by the runner, but they are this unit's output: counted here.
-        return {**result, "tails": tails, "written": result["written"] + sum(len(h) // 2 for h in tails.values())}
+        return quantizer.finish(reader)
+
+    def sink(self, ctx: NodeContext, units: list[Unit]) -> "FusedQuantize":
+        return FusedQuantize(ctx, units, self._plan(ctx), self.layout(ctx))
 
     def finalize(self, ctx: NodeContext, results: dict[str, dict], out: Path) -> dict:
         plan, layout = self._plan(ctx), self.layout(ctx)
@@ -206,6 +192,92 @@ class QuantizeStage(Stage):
             (out / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(src.path / rel, out / rel)
         return {"quantization": plan.quant_config, "adapters": src.manifest.get("adapters", [])}
+
+
+class _UnitQuantizer:
+    """One unit's outputs: each input tensor quantized (or cast, renamed, dropped) as the plan
+    says and written at its planned offsets; bitsandbytes' JSON quant states kept as tails."""
+
+    def __init__(self, ctx: NodeContext, unit: Unit, plan, layout: Layout):
+        self.unit, self.plan, self.layout, self.backend = unit, plan, layout, ctx.params["backend"]
+        self.src = ctx.input().tensors
+        # Progress counts bytes written, about half of those read for a 16-bit model quantized to 4 bits
+        # (most bytes are kept embeddings); a guess is enough for a progress bar.
+        self.writer = PlacedWriter(ctx.staging, layout, ctx.progress, unit.nbytes // 2, max_pending=ScratchRing.WRITES_PENDING)
+        self.tails: dict[str, str] = {}  # variable-length outputs (JSON quant states): the runner places them
+        self._scratch = ScratchRing()
+        self._pinned = None
+
+    def drops(self, name: str) -> bool:
+        tp = self.plan.tensors.get(name)
+        return tp is None or tp.kind == "drop"
+
+    def out_name(self, name: str) -> str:
+        tp = self.plan.tensors[name]
+        return tp.rename[tp.memory_name]
+
+    def verbatim(self, name: str) -> bool:
+        tp = self.plan.tensors.get(name)
+        return tp is not None and tp.kind == "keep" and self.layout.tensors[self.out_name(name)].dtype == self.src[name]["dtype"]
+
+    def buffer(self, nbytes: int):
+        """Where to read a tensor to quantize: pinned on CUDA (the host-to-device copy runs at full
+        speed), else a reused buffer (no page faults per tensor; kept until written, should an
+        output be a view of it)."""
+        if self.backend == "cuda":
+            self._pinned = grow_pinned(self._pinned, nbytes)
+            return self._pinned
+        return self._scratch.take(nbytes)
+
+    def take(self, name: str, tensor) -> None:
+        if self.drops(name):
+            return
+        for out_name, value in self.plan.convert(name, tensor, device=self.backend).items():
+            if out_name in self.layout.tensors:
+                self.writer.write_tensor(out_name, value)
+            else:
+                self.tails[out_name] = value.numpy().tobytes().hex()
+
+    def finish(self, reader=None) -> dict:
+        self.writer.close()
+        result = placed_result(self.layout, self.writer, reader)
+        # The tails' bytes are written by the runner, but they are this unit's output: counted here.
+        return {**result, "tails": self.tails, "written": result["written"] + sum(len(h) // 2 for h in self.tails.values())}
+
+    def abort(self) -> None:
+        self.writer.abort()
+
+
+class FusedQuantize:
+    """Quantize units fed in memory by the merge unit that produces their tensors (a TensorSink,
+    pipeline/fusion.py): nothing of the merged model is read back."""
+
+    def __init__(self, ctx: NodeContext, units: list[Unit], plan, layout: Layout):
+        self._units = [_UnitQuantizer(ctx, unit, plan, layout) for unit in units]
+        self._of = {name: q for q in self._units for name in q.unit.payload["tensors"]}
+
+    def verbatim(self, name: str) -> bool:
+        return self._of[name].verbatim(name)
+
+    def copy(self, name: str, chunks):
+        q = self._of[name]
+        return q.writer.tee(q.out_name(name), chunks)
+
+    def take(self, name: str, tensor) -> None:
+        q = self._of[name]
+        if q.drops(name):
+            return
+        if q.backend == "cuda":  # the caller's tensor is pageable memory: through the pinned buffer
+            tensor = q.buffer(tensor.numel() * tensor.element_size())[: tensor.numel() * tensor.element_size()].view(tensor.dtype).view(tensor.shape).copy_(tensor)
+        q.take(name, tensor)
+        q.writer.drain()  # a kept tensor may be written from the caller's buffer, which it reuses
+
+    def finish(self) -> dict[str, dict]:
+        return {q.unit.id: q.finish() for q in self._units}
+
+    def abort(self) -> None:
+        for q in self._units:
+            q.abort()
 
 
 STAGES = {"quantize": QuantizeStage}
