@@ -92,6 +92,10 @@ def build(
             reporter.phase(f"planning {', '.join(map(str, specs))}")
             with hashed_by(remote_hasher(factory) if executor == "ray" else None):
                 cache, graph = _compile(specs, cache_dir, defer_checks=True)
+            if not graph.loads_bitsandbytes():
+                from loadgraph.peft_import import without_bitsandbytes
+
+                without_bitsandbytes()  # PEFT imported without it: seconds off a merge (peft_import.py)
             from loadgraph.pipeline.runner import build as run_build
 
             report = run_build(graph, cache, factory, reporter, overwrite=overwrite)

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from loadgraph.errors import InputError
+from loadgraph.peft_import import import_peft
 from loadgraph.formats.names import KIND_EMBEDDING, KIND_LINEAR
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -267,6 +268,7 @@ def _matches_module_suffix(module: str, wanted: str) -> bool:
 
 def _rank_and_alpha(config: Mapping[str, Any], module: str) -> tuple[int, float]:
     """r and alpha for `module`, matching pattern keys exactly as `peft.utils.other.get_pattern_key`."""
+    import_peft()
     from peft.utils.other import get_pattern_key
 
     rank_pattern = config.get("rank_pattern") or {}
@@ -320,6 +322,7 @@ def check_peft_accepts(path: Path):  # -> peft.LoraConfig
     """PEFT's own LoraConfig validation: what it refuses to build, it cannot merge either."""
     import warnings
 
+    import_peft()
     from peft import PeftConfig
 
     try:

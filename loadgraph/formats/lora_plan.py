@@ -248,6 +248,9 @@ def _check_config_targets_have_weights(
     """
     if not names.module_kinds or adapter.config.get("target_modules") in (None, "all-linear"):
         return
+    from loadgraph.peft_import import import_peft
+
+    import_peft()
     from peft.tuners.tuners_utils import check_target_module_exists
 
     peft_config = check_peft_accepts(adapter.path)

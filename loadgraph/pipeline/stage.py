@@ -71,6 +71,9 @@ class TensorSink(Protocol):
     def verbatim(self, name: str) -> bool:
         """Whether the consumer keeps the tensor's bytes as they are (it then takes them by `copy`)."""
 
+    def buffer(self, nbytes: int) -> Any:
+        """Where the producer may build a tensor it then hands over (pinned for a GPU consumer)."""
+
     def take(self, name: str, tensor: Any) -> None:
         """Consume one finished output tensor of the producer (synchronously: the caller reuses it)."""
 

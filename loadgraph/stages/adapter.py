@@ -194,7 +194,6 @@ class MergeStage(Stage):
         sink = ctx.downstream
         scratch = ScratchRing()
         rows_buf, delta_buf = ScratchRing(slots=1), ScratchRing(slots=1)  # a streamed weight's block and its float32 delta
-        whole = ScratchRing(slots=1)  # fused: a streamed weight gathered whole for the consumer (written synchronously)
         try:
             for name in names:
                 t, p = base.tensors[name], layout.tensors[name]
@@ -218,7 +217,8 @@ class MergeStage(Stage):
                 mergers = None if roundtrip else row_mergers([(plan, adapter_tensors(adapter, "cpu")) for adapter, plan in plans if name in plan.ops],
                                                              name, tuple(t["shape"]), round_delta)
                 if mergers:
-                    dest = None if sink is None else whole.take(p.nbytes)[: p.nbytes].view(out_dtype).view(tuple(t["shape"]))
+                    # Fused, the blocks are gathered whole for the consumer, in its buffer (written synchronously).
+                    dest = None if sink is None else sink.buffer(p.nbytes)[: p.nbytes].view(out_dtype).view(tuple(t["shape"]))
                     writer.copy(name, _merged_rows(reader, name, t, out_dtype, mergers, rows_buf, delta_buf, dest))
                     if sink is not None:
                         sink.take(name, dest)

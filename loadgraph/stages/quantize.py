@@ -255,6 +255,16 @@ class FusedQuantize:
     def __init__(self, ctx: NodeContext, units: list[Unit], plan, layout: Layout):
         self._units = [_UnitQuantizer(ctx, unit, plan, layout) for unit in units]
         self._of = {name: q for q in self._units for name in q.unit.payload["tensors"]}
+        self._handed = ScratchRing(slots=1) if ctx.params["backend"] != "cuda" else None
+        self._pinned = None
+
+    def buffer(self, nbytes: int):
+        """The producer builds a tensor here, then hands it over: pinned for CUDA, so nothing is copied
+        on the host before its host-to-device copy."""
+        if self._handed is not None:
+            return self._handed.take(nbytes)
+        self._pinned = grow_pinned(self._pinned, nbytes)
+        return self._pinned
 
     def verbatim(self, name: str) -> bool:
         return self._of[name].verbatim(name)
@@ -267,8 +277,9 @@ class FusedQuantize:
         q = self._of[name]
         if q.drops(name):
             return
-        if q.backend == "cuda":  # the caller's tensor is pageable memory: through the pinned buffer
-            tensor = q.buffer(tensor.numel() * tensor.element_size())[: tensor.numel() * tensor.element_size()].view(tensor.dtype).view(tensor.shape).copy_(tensor)
+        if q.backend == "cuda" and not tensor.is_pinned():  # pageable (not built in buffer()): through it
+            nbytes = tensor.numel() * tensor.element_size()
+            tensor = self.buffer(nbytes)[:nbytes].view(tensor.dtype).view(tensor.shape).copy_(tensor)
         q.take(name, tensor)
         q.writer.drain()  # a kept tensor may be written from the caller's buffer, which it reuses
 
