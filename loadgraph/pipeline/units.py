@@ -52,10 +52,13 @@ def execute_unit(cache_root: str, desc: dict, unit: dict, progress: ProgressFn |
     cache.prepare_staging(ctx, stage)
     if progress is not None:
         ctx.progress = progress if isinstance(progress, Throttled) else Throttled(progress, period=0.0)
-    staged = cache.new_tmp_dir(f"unit-{desc['key'][:12]}-{unit['id']}")
+    # The consumer first: its planning is the slow part of a fused unit's start, and a cancel
+    # (Ray's KeyboardInterrupt) landing there must find no staging dir of this unit to leave behind.
     consumer = _fused_consumer(cache, desc, unit, ctx)
     started = time.perf_counter()
+    staged: Path | None = None
     try:
+        staged = cache.new_tmp_dir(f"unit-{desc['key'][:12]}-{unit['id']}")
         result = stage.run_unit(ctx, Unit(**unit), staged)
         result.setdefault("wall", time.perf_counter() - started)
         if consumer is not None:
@@ -64,9 +67,10 @@ def execute_unit(cache_root: str, desc: dict, unit: dict, progress: ProgressFn |
         check_driver(desc)  # a unit of a dead build is not published: nobody would use it
         cache.publish_unit(desc["key"], unit["id"], staged, result)
     except BaseException:
+        if staged is not None:
+            shutil.rmtree(staged, ignore_errors=True)
         if consumer is not None:
             consumer.abort()
-        shutil.rmtree(staged, ignore_errors=True)
         raise
     return {**result, "reused": False}
 
@@ -85,8 +89,12 @@ def _publish_fused(cache: Cache, consumer: dict, results: dict[str, dict], wall:
     """The consumer's unit records, before the producer's own: a unit found done is done whole."""
     for unit_id, result in results.items():
         staged = cache.new_tmp_dir(f"unit-{consumer['key'][:12]}-{unit_id}")
-        faults.unit_staged(consumer["key"], unit_id)
-        cache.publish_unit(consumer["key"], unit_id, staged, {**result, "fused": True, "wall": result.get("wall", wall / len(results))})
+        try:
+            faults.unit_staged(consumer["key"], unit_id)
+            cache.publish_unit(consumer["key"], unit_id, staged, {**result, "fused": True, "wall": result.get("wall", wall / len(results))})
+        except BaseException:
+            shutil.rmtree(staged, ignore_errors=True)
+            raise
 
 
 def check_driver(desc: dict) -> None:

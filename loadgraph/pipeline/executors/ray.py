@@ -57,7 +57,7 @@ NODE_LABEL = "ray.io/node-id"
 NODE_CONCURRENCY_ENV = "LOADGRAPH_RAY_NODES"
 
 
-def _inject_fault(unit_id: str) -> None:
+def _inject_fault(unit_ids: list[str]) -> None:
     """`LOADGRAPH_FAULT=slow-units:S` delays every unit by S seconds and, with LOADGRAPH_FAULT_LOG
     set, appends where it started: the node-loss test needs units in flight on the node it kills."""
     spec = os.environ.get("LOADGRAPH_FAULT", "")
@@ -65,8 +65,8 @@ def _inject_fault(unit_id: str) -> None:
         return
     log = os.environ.get("LOADGRAPH_FAULT_LOG")
     if log:
-        with open(log, "a", encoding="utf-8") as f:
-            f.write(f"{where_am_i()['node_id']} {unit_id} {os.getpid()}\n")
+        with open(log, "a", encoding="utf-8") as f:  # fused units (pipeline/fusion.py) start with their producer
+            f.writelines(f"{where_am_i()['node_id']} {uid} {os.getpid()}\n" for uid in unit_ids)
     time.sleep(float(spec.split(":", 1)[1]))
 
 
@@ -92,7 +92,7 @@ def _remote_execute(cache_root: str, identity: str, desc: dict, unit: dict) -> d
                 "no_cache_on": here}
     stop = _watch_driver(desc)
     try:
-        _inject_fault(unit["id"])
+        _inject_fault([unit["id"], *(u["id"] for u in unit.get("payload", {}).get("fused", ()))])
         _use_assigned_cpus()
         result = execute_unit(cache_root, desc, unit, file_reporter(cache_root, desc["key"], unit["id"]))
     except LoadgraphError as exc:
