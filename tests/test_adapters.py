@@ -252,3 +252,35 @@ def test_attach_exports_base_plus_adapter_for_peft(models, tmp_path, cache_dir):
     ids = torch.arange(4, 20)[None]
     with torch.no_grad():
         assert torch.equal(ours(input_ids=ids).logits, ref(input_ids=ids).logits)
+
+
+# The CLI's build in this process, then which of PEFT and bitsandbytes it imported.
+BUILD_THEN_MODULES = """
+import sys
+from loadgraph.cli import main
+sys.argv = ["loadgraph", "build", *sys.argv[1:]]
+try:
+    main()
+except SystemExit as exc:
+    assert not exc.code, exc.code
+print(sorted(m for m in ("peft", "bitsandbytes") if m in sys.modules))
+"""
+
+
+def test_a_merge_build_imports_peft_without_bitsandbytes_and_a_quantize_build_with_it(models, tmp_path):
+    import subprocess
+    import sys
+
+    base = models("llama")
+    adapter = make_lora_adapter(base, tmp_path / "a", r=4, seed=3)
+    merge = {"source": {"model": str(base)}, "adapters": [{"path": str(adapter)}], "verify": False, "export": {"path": str(tmp_path / "out")}}
+    quantize = {**merge, "quantize": {"method": "bnb-nf4", "backend": "cpu"}, "export": {"path": str(tmp_path / "out4")}}
+    imported = []
+    for name, doc in (("merge", merge), ("quantize", quantize)):
+        spec = write_spec(tmp_path / f"{name}.yaml", doc)
+        proc = subprocess.run([sys.executable, "-c", BUILD_THEN_MODULES, str(spec), "--executor", "local", "--cache", str(tmp_path / f"cache-{name}")],
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        imported.append(proc.stdout.strip().splitlines()[-1])
+    # bitsandbytes' import loads torch's inductor (seconds): a merge has no use for it.
+    assert imported == ["['peft']", "['bitsandbytes', 'peft']"]

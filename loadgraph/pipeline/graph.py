@@ -59,7 +59,7 @@ class Graph:
     def loads_bitsandbytes(self) -> bool:
         """Whether building may load a bitsandbytes model through PEFT (a quantized model verified
         with adapters attached, a QLoRA base): else PEFT is imported without it (peft_import.py)."""
-        return any(n.stage in ("quantize", "attach") or n.params.get("base_roundtrip") for n in self.nodes.values())
+        return any(n.stage in ("quantize", "attach") or n.params.get("base_roundtrip") == "nf4" for n in self.nodes.values())
 
     def run_checks(self, keys: set[str] | None = None) -> None:
         """Run (and drop) the pending checks of `keys` (all when None); raises InputError."""
