@@ -18,8 +18,8 @@ from typing import Optional
 
 import typer
 
-from loadgraph.cli_common import (STARTED, CacheOpt, VerboseOpt, cache_root, check_report_path, check_spec_args, console, debug_requested, fail, open_cache,
-                                 out, write_report)
+from loadgraph.cli_common import (STARTED, CacheOpt, VerboseOpt, cache_root, check_report_path, check_spec_args, console, debug_requested,
+                                 exit_without_teardown, fail, open_cache, out, write_report)
 from loadgraph.errors import InputError, LoadgraphError
 
 # bitsandbytes warns on import about an optional CPU kernel download (which we never want):
@@ -116,6 +116,7 @@ def build(
         console.print(f"third-party output: {log}", highlight=False, soft_wrap=True)
     if json_out:
         write_report(json_out, report.to_json())
+    exit_without_teardown()
 
 
 @app.command()
