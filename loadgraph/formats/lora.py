@@ -27,8 +27,8 @@ from typing import Any
 import torch
 
 from loadgraph.errors import InputError
-from loadgraph.peft_import import import_peft
 from loadgraph.formats.names import KIND_EMBEDDING, KIND_LINEAR
+from loadgraph.peft_import import import_peft
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_SAFETENSORS = "adapter_model.safetensors"

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import errno
 import os
-from contextlib import ExitStack
 import resource
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 from loadgraph import faults

@@ -99,6 +99,13 @@ class Stage:
         """Whether units of this node may run on threads of one process (the local executor)."""
         return True
 
+    def prepare(self, ctx: NodeContext) -> bool:
+        """Fill this process's caches the node's units share (imports, plans, adapter tensors)
+        before they start together on threads; False where there is nothing to fill, and the
+        local executor then runs the first unit alone (imports of transformers' lazy modules
+        and PEFT are not thread-safe)."""
+        return False
+
     def layout(self, ctx: NodeContext):
         """The output files planned up front (formats.layout.Layout), when the units write into
         shared files at final offsets rather than each its own files; None otherwise."""

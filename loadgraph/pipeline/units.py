@@ -75,6 +75,17 @@ def execute_unit(cache_root: str, desc: dict, unit: dict, progress: ProgressFn |
     return {**result, "reused": False}
 
 
+def prepare_units(cache_root: str, desc: dict) -> bool:
+    """The node's shared per-process state filled once before its units run on threads (and that
+    of the node its units feed, when fused); False when a stage has nothing to prepare."""
+    cache = Cache(cache_root)
+    prepared = get_stage(desc["stage"]).prepare(node_context(cache, desc))
+    if desc.get("fused"):
+        consumer = desc["fused"]
+        prepared = get_stage(consumer["stage"]).prepare(node_context(cache, consumer)) and prepared
+    return prepared
+
+
 def _fused_consumer(cache: Cache, desc: dict, unit: dict, ctx: NodeContext):
     """The next node's units this unit feeds in memory (pipeline/fusion.py), as a TensorSink."""
     fed = unit.get("payload", {}).get("fused")

@@ -176,6 +176,18 @@ class MergeStage(Stage):
     def units(self, ctx: NodeContext) -> list[Unit]:
         return placed_units(self.layout(ctx), gpu=merge_device(ctx) == "cuda")
 
+    def prepare(self, ctx: NodeContext) -> bool:
+        import loadgraph.formats.lora_merge  # noqa: F401  (torch, and PEFT's merge helpers)
+
+        plans = artifact_plans(ctx.input(), self._adapter_dirs(ctx), ctx.params["scales"], ctx.params["allow_pickle"])
+        for adapter, _ in plans:
+            adapter_tensors(adapter, "cpu")
+            if merge_device(ctx) == "cuda":
+                adapter_tensors(adapter, "cuda")
+        if ctx.params.get("base_roundtrip") == "nf4":
+            import bitsandbytes.functional  # noqa: F401
+        return True
+
     def run_unit(self, ctx: NodeContext, unit: Unit, out: Path) -> dict:
         import torch
 

@@ -154,6 +154,11 @@ class QuantizeStage(Stage):
     def _plan(self, ctx: NodeContext):
         return artifact_quant_plan(str(ctx.input().path), make_settings(ctx.params["settings"]), ctx.input().key)
 
+    def prepare(self, ctx: NodeContext) -> bool:
+        self._plan(ctx)  # its meta model imports transformers and bitsandbytes
+        self.layout(ctx)
+        return True
+
     def run_unit(self, ctx: NodeContext, unit: Unit, out: Path) -> dict:
         base = ctx.input()
         reader = ArtifactReader(base, trusted="model" in ctx.trusted)

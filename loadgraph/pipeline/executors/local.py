@@ -14,7 +14,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 
 from loadgraph.pipeline.executors.base import OnProgress, OnResult
 from loadgraph.pipeline.stage import Unit
-from loadgraph.pipeline.units import execute_unit, unit_dict
+from loadgraph.pipeline.units import execute_unit, prepare_units, unit_dict
 
 
 def local_workers() -> int:
@@ -44,16 +44,18 @@ class LocalExecutor:
             for unit in units:
                 on_result(unit, run(unit))
             return
-        # The first unit runs alone: it does the node's imports (transformers' lazy modules and
-        # PEFT's import are not thread-safe) and fills the per-process plan caches the others reuse.
+        # The node's imports and plan caches are filled before the units start together; where a
+        # stage has nothing to prepare, its first unit runs alone to do them (transformers' lazy
+        # modules and PEFT's import are not thread-safe).
+        alone = not prepare_units(cache_root, desc)
         torch = sys.modules.get("torch")
         threads = torch.get_num_threads() if torch else cores  # torch's own default, if a unit imports it
         pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="unit")
         pending: dict[Future, Unit] = {}
         try:
-            first, units = units[0], units[1:]
-            on_result(first, run(first))
-            queue = list(units)
+            if alone:
+                on_result(units[0], run(units[0]))
+            queue = list(units[1:] if alone else units)
             while queue or pending:
                 while queue and len(pending) < workers:
                     unit = queue.pop(0)
