@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -270,9 +272,6 @@ main()
 
 
 def test_a_merge_build_imports_peft_without_bitsandbytes_and_a_quantize_build_with_it(models, tmp_path):
-    import subprocess
-    import sys
-
     base = models("llama")
     adapter = make_lora_adapter(base, tmp_path / "a", r=4, seed=3)
     merge = {"source": {"model": str(base)}, "adapters": [{"path": str(adapter)}], "verify": False, "export": {"path": str(tmp_path / "out")}}

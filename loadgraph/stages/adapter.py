@@ -177,7 +177,7 @@ class MergeStage(Stage):
         return placed_units(self.layout(ctx), gpu=merge_device(ctx) == "cuda")
 
     def prepare(self, ctx: NodeContext) -> bool:
-        import loadgraph.formats.lora_merge  # noqa: F401  (torch, and PEFT's merge helpers)
+        import loadgraph.formats.lora_merge  # noqa: F401  (torch and the merge arithmetic, before the threads)
 
         plans = artifact_plans(ctx.input(), self._adapter_dirs(ctx), ctx.params["scales"], ctx.params["allow_pickle"])
         for adapter, _ in plans:
