@@ -111,3 +111,24 @@ def test_writer_is_byte_identical_to_safetensors(tmp_path, metadata):
         writer.write_tensor(planned.name, tensors[planned.name])
     writer.close()
     assert (tmp_path / "ours.safetensors").read_bytes() == (tmp_path / "ref.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize("split_min", [1 << 40, 64])  # one run (BLAKE3's own threads), many parallel runs
+def test_file_digests_equal_the_one_pass_tree_of_blake3_per_tensor(tmp_path, monkeypatch, split_min):
+    import blake3
+
+    from loadgraph.formats import digest
+
+    g = torch.Generator().manual_seed(1)
+    tensors = {f"t{i}": torch.randn(16 * (i + 1), generator=g) for i in range(9)} | {"empty": torch.zeros(0), "u8": torch.arange(7, dtype=torch.uint8)}
+    path = tmp_path / "m.safetensors"
+    save_file(tensors, path)
+    header = read_header(path)
+    one_pass = digest.TreeHasher.for_header(header)  # what a writer computes as it writes the file
+    one_pass.update(path.read_bytes())
+    monkeypatch.setattr(digest, "SPLIT_MIN", split_min)
+    monkeypatch.setattr(digest.os, "sched_getaffinity", lambda _: range(4))
+    tree, per_tensor = digest.safetensors_digests(path)
+    assert (tree, per_tensor) == one_pass.finish()
+    blob = path.read_bytes()
+    assert per_tensor == {n: blake3.blake3(blob[e.begin:e.end]).hexdigest() for n, e in header.tensors.items()}
