@@ -48,10 +48,11 @@ def bytes_hashed() -> int:
     return _hashed[0]
 
 
-def hasher(nbytes_hint: int = 0) -> "blake3.blake3":
-    """A BLAKE3 hasher for about `nbytes_hint` bytes (counted in bytes_hashed())."""
+def hasher(nbytes_hint: int = 0, threads: bool = True) -> "blake3.blake3":
+    """A BLAKE3 hasher for about `nbytes_hint` bytes (counted in bytes_hashed()); with `threads`,
+    BLAKE3's own threads for a large input."""
     _count(nbytes_hint)
-    return blake3.blake3(max_threads=blake3.blake3.AUTO if nbytes_hint >= MULTI_THREAD_MIN else 1)
+    return blake3.blake3(max_threads=blake3.blake3.AUTO if threads and nbytes_hint >= MULTI_THREAD_MIN else 1)
 
 
 def digest_bytes(data) -> str:
@@ -150,7 +151,6 @@ def safetensors_digests(path: str | os.PathLike) -> tuple[str, dict[str, str]]:
     order = sorted(header.tensors.items(), key=lambda kv: kv[1].begin)
     parts = [("", 0, header.data_offset), *((name, e.begin, e.nbytes) for name, e in order)]  # "" = the header bytes
     runs = _runs(parts, max(1, min(len(os.sched_getaffinity(0)), header.file_size // SPLIT_MIN)))
-    _count(header.file_size)
     if len(runs) == 1:
         digests = _hash_parts(path, parts, CHUNK, threads=True)
     else:
@@ -179,7 +179,7 @@ def _hash_parts(path: str | os.PathLike, parts: list[tuple[str, int, int]], chun
     with open(path, "rb", buffering=0) as f:
         buf = memoryview(bytearray(max(1, min(chunk, sum(n for _, _, n in parts)))))
         for name, begin, nbytes in parts:
-            h = blake3.blake3(max_threads=blake3.blake3.AUTO if threads and nbytes >= MULTI_THREAD_MIN else 1)
+            h = hasher(nbytes, threads)
             for data in _stream(f, begin, nbytes, buf):
                 h.update(data)
             out.append((name, h.hexdigest()))

@@ -176,11 +176,13 @@ class MergeStage(Stage):
     def units(self, ctx: NodeContext) -> list[Unit]:
         return placed_units(self.layout(ctx), gpu=merge_device(ctx) == "cuda")
 
+    def _plans(self, ctx: NodeContext) -> list:
+        return artifact_plans(ctx.input(), self._adapter_dirs(ctx), ctx.params["scales"], ctx.params["allow_pickle"])
+
     def prepare(self, ctx: NodeContext) -> bool:
         import loadgraph.formats.lora_merge  # noqa: F401  (torch and the merge arithmetic, before the threads)
 
-        plans = artifact_plans(ctx.input(), self._adapter_dirs(ctx), ctx.params["scales"], ctx.params["allow_pickle"])
-        for adapter, _ in plans:
+        for adapter, _ in self._plans(ctx):
             adapter_tensors(adapter, "cpu")
             if merge_device(ctx) == "cuda":
                 adapter_tensors(adapter, "cuda")
@@ -195,7 +197,7 @@ class MergeStage(Stage):
 
         base = ctx.input()
         layout = self.layout(ctx)
-        plans = artifact_plans(base, self._adapter_dirs(ctx), ctx.params["scales"], ctx.params["allow_pickle"])
+        plans = self._plans(ctx)
         names = unit.payload["tensors"]
         touched = set().union(*(plan.touched() for _, plan in plans))
         device = merge_device(ctx)
