@@ -31,12 +31,13 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="LLM checkpoints as a cached build graph on Ray.")
 
 
-def _compile(specs: list[Path], cache_dir: Optional[Path], defer_checks: bool = False):
+def _compile(specs: list[Path], cache_dir: Optional[Path], defer_checks: bool = False, targets: Optional[list] = None):
+    """`targets`: the specs' targets when the caller has loaded them already."""
     from loadgraph.pipeline.graph import compile_specs
     from loadgraph.spec import load_spec_files
 
     cache = open_cache(cache_dir)
-    return cache, compile_specs(load_spec_files(specs), cache, defer_checks=defer_checks)
+    return cache, compile_specs(targets if targets is not None else load_spec_files(specs), cache, defer_checks=defer_checks)
 
 
 def make_executor_factory(kind: str):
@@ -78,7 +79,10 @@ def build(
         fail(InputError(f"--executor: unknown executor {executor!r}; use ray or local"))
     check_report_path(json_out)
     from loadgraph.formats.digest import bytes_hashed
+    from loadgraph.import_warmup import ImportWarmup, modules_for
+    from loadgraph.pipeline.hash_process import process_hasher
     from loadgraph.pipeline.hashing import hashed_by
+    from loadgraph.spec import load_spec_files
     from loadgraph.pipeline.offload import SharedExecutor, remote_hasher
 
     log = new_log_path(cache_root(cache_dir))
@@ -90,8 +94,13 @@ def build(
     try:
         with noise, RichReporter(console) as reporter:
             reporter.phase(f"planning {', '.join(map(str, specs))}")
-            with hashed_by(remote_hasher(factory) if executor == "ray" else None):
-                cache, graph = _compile(specs, cache_dir, defer_checks=True)
+            targets = load_spec_files(specs)
+            # Locally, the checks' imports run while a child process hashes the sources (import_warmup.py).
+            warmup = ImportWarmup(modules_for(targets) if executor == "local" else [])
+            with hashed_by(remote_hasher(factory) if executor == "ray" else process_hasher(warmup.start)):
+                cache, graph = _compile(specs, cache_dir, defer_checks=True, targets=targets)
+            if graph.checks:
+                warmup.wait()  # the checks import on this thread next: not beside a half-done import
             if not graph.loads_bitsandbytes():
                 from loadgraph.peft_import import without_bitsandbytes
 

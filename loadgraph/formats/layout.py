@@ -81,6 +81,25 @@ def group_by_bytes(items: Iterable, nbytes: Callable, limit: int) -> list[list]:
     return [g for g in groups if g] or [[]]
 
 
+def balanced_groups(items: list, nbytes: Callable, limit: int, multiple: int) -> list[list]:
+    """Consecutive items in groups of at most about `limit` bytes whose number is a multiple of
+    `multiple` (the workers that run them: equal groups finish in whole waves, where groups of
+    `limit` leave the last wave part idle), cut where the running total crosses each equal share."""
+    sizes = [nbytes(item) for item in items]
+    total = sum(sizes)
+    count = -(-total // max(limit, 1))
+    count = max(1, -(-count // multiple) * multiple)
+    groups: list[list] = [[]]
+    done = 0
+    for item, n in zip(items, sizes):
+        # A new group once this item's middle lies past the current group's share of the total.
+        if groups[-1] and (done + n / 2) * count > len(groups) * total:
+            groups.append([])
+        groups[-1].append(item)
+        done += n
+    return groups
+
+
 def pack(tensors: Iterable[PlannedTensor], max_bytes: int) -> list[list[PlannedTensor]]:
     """Shards in checkpoint order, as huggingface_hub's splitter packs them."""
     return group_by_bytes(tensors, lambda t: t.nbytes, max_bytes)
@@ -157,9 +176,18 @@ def _finished(fd: int, layout: Layout, rel: str, current: bytes) -> bool:
     return all(doc.get(name) == entry for name, entry in want.items() if name not in layout.tails[rel])
 
 
-def unit_groups(layout: Layout, unit_bytes: int) -> list[list[str]]:
-    """Consecutive tensors (file order) in groups of about `unit_bytes`; a big tensor is a group alone."""
-    return [g for g in group_by_bytes(layout.tensors, lambda n: layout.tensors[n].nbytes, unit_bytes) if g]
+def unit_groups(layout: Layout, unit_bytes: int, workers: int | None = None) -> list[list[str]]:
+    """Consecutive tensors (file order) in groups of about `unit_bytes`, a multiple of `workers`
+    of them when given; a big tensor is a group alone."""
+    return tensor_groups(list(layout.tensors), lambda n: layout.tensors[n].nbytes, unit_bytes, workers)
+
+
+def tensor_groups(names: list[str], nbytes: Callable[[str], int], unit_bytes: int, workers: int | None = None) -> list[list[str]]:
+    if workers and workers > 1:
+        groups = balanced_groups(names, nbytes, unit_bytes, workers)
+    else:
+        groups = group_by_bytes(names, nbytes, unit_bytes)
+    return [g for g in groups if g]
 
 
 def prepare_files(root: Path, layout: Layout) -> dict[str, str]:

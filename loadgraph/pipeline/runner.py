@@ -318,6 +318,9 @@ def _plan_node(cache: Cache, executor: Executor, desc: dict) -> list[Unit]:
     """The node's units; sets desc's threads_ok and, for a stage with a layout, its staging files.
     A cache whose every node has its own copy (the tier) plans in a job, where the inputs are: the
     driver downloads none of them, and each node prepares its own staging files."""
+    workers = getattr(executor, "unit_workers", None)
+    if workers:  # the units are sized by it (stages/placed.py): not in the key, which names content
+        desc["runtime"] = {**desc["runtime"], "unit_workers": workers}
     if cache.node_local:
         plan = run_jobs(executor, plan_job, [(cache.location, desc)], near_driver(desc, cache))[0]
         desc["threads_ok"] = plan["threads_ok"]

@@ -28,7 +28,7 @@ from loadgraph.spec import AdapterSpec
 from loadgraph.stages.export import set_config_dtype
 from loadgraph.stages.fetch import open_source, runtime_for
 from loadgraph.stages.inspect import link_or_copy
-from loadgraph.stages.placed import output_layout, placed_result, placed_units, shard_bytes, write_index
+from loadgraph.stages.placed import output_layout, placed_result, placed_units, shard_bytes, unit_workers, write_index
 from loadgraph.stages.tensor_io import PINNED, ArtifactReader, ScratchRing, grow_pinned
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
@@ -174,7 +174,7 @@ class MergeStage(Stage):
         return _layout(shard_bytes(ctx), tuple(planned))
 
     def units(self, ctx: NodeContext) -> list[Unit]:
-        return placed_units(self.layout(ctx), gpu=merge_device(ctx) == "cuda")
+        return placed_units(self.layout(ctx), gpu=merge_device(ctx) == "cuda", workers=unit_workers(ctx))
 
     def _plans(self, ctx: NodeContext) -> list:
         return artifact_plans(ctx.input(), self._adapter_dirs(ctx), ctx.params["scales"], ctx.params["allow_pickle"])

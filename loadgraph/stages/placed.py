@@ -39,15 +39,26 @@ def shard_bytes(ctx: NodeContext) -> int:
     return int(ctx.runtime.get("shard_bytes") or DEFAULT_SHARD_BYTES)
 
 
-def placed_units(layout: Layout, gpu: bool = False, size: int | None = None) -> list[Unit]:
-    """One unit per tensor group; ids carry the layout's fingerprint so that a resumed build with
-    another layout never mixes offsets of two layouts."""
+def unit_workers(ctx: NodeContext) -> int | None:
+    """How many units the executor runs at once on one machine (the runner's runtime entry): the
+    units are then a multiple of that many, of equal bytes. None (Ray) keeps groups of unit_bytes."""
+    return ctx.runtime.get("unit_workers")
+
+
+def placed_units(layout: Layout, gpu: bool = False, size: int | None = None, workers: int | None = None) -> list[Unit]:
+    """One unit per tensor group (a multiple of `workers` of them, when given)."""
+    groups = unit_groups(layout, size or unit_bytes(), workers)
+    return tensor_units(layout, groups, lambda n: layout.tensors[n].nbytes, gpu)
+
+
+def tensor_units(layout: Layout, groups: list[list[str]], nbytes, gpu: bool) -> list[Unit]:
+    """Units of the tensor groups. An id names the layout (its headers' fingerprint) and its
+    group's tensors, so a build resumed with another layout or another grouping (other workers,
+    another LOADGRAPH_UNIT_BYTES) never takes a finished unit for one it is not."""
     fingerprint = digest_bytes(b"".join(layout.headers.values()))[:8]
-    groups = unit_groups(layout, size or unit_bytes())
-    return [
-        Unit(id=f"part-{fingerprint}-{i:05d}", payload={"tensors": names}, nbytes=sum(layout.tensors[n].nbytes for n in names), gpu=gpu)
-        for i, names in enumerate(groups)
-    ]
+    return [Unit(id=f"part-{fingerprint}-{i:05d}-{digest_bytes(chr(0).join(names).encode())[:6]}", payload={"tensors": names},
+                 nbytes=sum(nbytes(n) for n in names), gpu=gpu)
+            for i, names in enumerate(groups)]
 
 
 def placed_result(layout: Layout, writer, reader=None) -> dict:

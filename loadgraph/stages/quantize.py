@@ -19,12 +19,11 @@ import shutil
 from pathlib import Path
 
 from loadgraph.formats.checkpoint import INDEX_NAME
-from loadgraph.formats.digest import digest_bytes
-from loadgraph.formats.layout import Layout, PlacedWriter, group_by_bytes, pack, plan_layout, shard_names
+from loadgraph.formats.layout import Layout, PlacedWriter, pack, plan_layout, shard_names, tensor_groups
 from loadgraph.formats.safetensors import TORCH_TO_ST, PlannedTensor
 from loadgraph.pipeline.stage import NodeContext, Stage, Unit
 from loadgraph.spec import QuantizeSpec
-from loadgraph.stages.placed import ST_METADATA, placed_result, shard_bytes, unit_bytes
+from loadgraph.stages.placed import ST_METADATA, placed_result, shard_bytes, tensor_units, unit_bytes, unit_workers
 from loadgraph.stages.tensor_io import ArtifactReader, ScratchRing, grow_pinned
 
 
@@ -136,15 +135,14 @@ class QuantizeStage(Stage):
         return artifact_layout(ctx.input(), make_settings(ctx.params["settings"]), shard_bytes(ctx))
 
     def units(self, ctx: NodeContext) -> list[Unit]:
-        """Input tensor groups of about UNIT_BYTES (checkpoint order); ids carry the layout's
-        fingerprint, so a resumed build with another layout never mixes two layouts' offsets."""
+        """Input tensor groups of about UNIT_BYTES (checkpoint order), as placed_units groups them."""
         tensors = ctx.input().tensors
-        fingerprint = digest_bytes(b"".join(self.layout(ctx).headers.values()))[:8]
-        groups = group_by_bytes(tensors, lambda name: tensors[name]["end"] - tensors[name]["begin"], unit_bytes())
-        gpu = ctx.params["backend"] == "cuda"
-        return [Unit(id=f"part-{fingerprint}-{i:05d}", payload={"tensors": names},
-                     nbytes=sum(tensors[x]["end"] - tensors[x]["begin"] for x in names), gpu=gpu)
-                for i, names in enumerate(groups, start=1) if names]
+
+        def nbytes(name: str) -> int:
+            return tensors[name]["end"] - tensors[name]["begin"]
+
+        groups = tensor_groups(list(tensors), nbytes, unit_bytes(), unit_workers(ctx))
+        return tensor_units(self.layout(ctx), groups, nbytes, ctx.params["backend"] == "cuda")
 
     def thread_safe(self, ctx: NodeContext) -> bool:
         # bitsandbytes' CPU kernels are torch.compile'd, and dynamo is not thread-safe: two

@@ -26,6 +26,7 @@ class LocalExecutor:
 
     def __init__(self, workers: int | None = None):
         self.workers = workers or local_workers()
+        self.unit_workers = self.workers  # units come in whole waves of this many (runner._plan_node)
 
     def run_units(self, cache_root: str, desc: dict, units: list[Unit], on_result: OnResult, on_progress: OnProgress | None = None) -> None:
         workers = min(self.workers, len(units)) if desc.get("threads_ok", True) else 1
