@@ -82,8 +82,8 @@ def build(
     from loadgraph.import_warmup import ImportWarmup, modules_for
     from loadgraph.pipeline.hash_process import process_hasher
     from loadgraph.pipeline.hashing import hashed_by
-    from loadgraph.spec import load_spec_files
     from loadgraph.pipeline.offload import SharedExecutor, remote_hasher
+    from loadgraph.spec import load_spec_files
 
     log = new_log_path(cache_root(cache_dir))
     report = None
