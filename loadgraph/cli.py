@@ -31,13 +31,12 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="LLM checkpoints as a cached build graph on Ray.")
 
 
-def _compile(specs: list[Path], cache_dir: Optional[Path], defer_checks: bool = False, targets: Optional[list] = None):
-    """`targets`: the specs' targets when the caller has loaded them already."""
+def _compile(targets: list, cache_dir: Optional[Path], defer_checks: bool = False):
+    """`targets`: the spec files' targets (spec.load_spec_files)."""
     from loadgraph.pipeline.graph import compile_specs
-    from loadgraph.spec import load_spec_files
 
     cache = open_cache(cache_dir)
-    return cache, compile_specs(targets if targets is not None else load_spec_files(specs), cache, defer_checks=defer_checks)
+    return cache, compile_specs(targets, cache, defer_checks=defer_checks)
 
 
 def make_executor_factory(kind: str):
@@ -98,7 +97,7 @@ def build(
             # Locally, the checks' imports run while a child process hashes the sources (import_warmup.py).
             warmup = ImportWarmup(modules_for(targets) if executor == "local" else [])
             with hashed_by(remote_hasher(factory) if executor == "ray" else process_hasher(warmup.start)):
-                cache, graph = _compile(specs, cache_dir, defer_checks=True, targets=targets)
+                cache, graph = _compile(targets, cache_dir, defer_checks=True)
             if graph.checks:
                 warmup.wait()  # the checks import on this thread next: not beside a half-done import
             if not graph.loads_bitsandbytes():
@@ -147,6 +146,7 @@ def plan(
     from loadgraph.pipeline.plan import keys_to_build, plan_rows
     from loadgraph.quiet import NoiseFilter, new_log_path
     from loadgraph.render.plan import plan_record, plan_table, to_dot
+    from loadgraph.spec import load_spec_files
 
     check_spec_args(specs)
     dot_exe = shutil.which("dot")
@@ -156,7 +156,7 @@ def plan(
     try:
         # The checks import transformers and bitsandbytes, which print: that goes to the log.
         with NoiseFilter(log, console, verbose):
-            cache, graph = _compile(specs, cache_dir, defer_checks=True)
+            cache, graph = _compile(load_spec_files(specs), cache_dir, defer_checks=True)
             rows = plan_rows(graph, cache)
             to_build = keys_to_build(rows)
             if check:

@@ -23,7 +23,7 @@ def modules_for(targets: list[BuildSpec]) -> list[str]:
     if not any(t.adapters or t.quantize or (t.convert and t.convert.base_adapters) for t in targets):
         return []
     quantizes = any(t.quantize for t in targets)
-    return ["torch", "transformers", "transformers.modeling_utils"] + (["bitsandbytes"] if quantizes else [])
+    return ["torch", "transformers.modeling_utils"] + (["bitsandbytes"] if quantizes else [])
 
 
 class ImportWarmup:

@@ -80,7 +80,7 @@ def test_a_cold_merge_imports_torch_while_its_sources_hash_and_a_rerun_or_a_resh
     assert {k: v["meta"] for k, v in theirs.items()} == {k: v["meta"] for k, v in ours.items()}
 
 
-def test_balanced_groups_are_consecutive_a_multiple_of_the_workers_and_within_half_a_tensor_of_equal():
+def test_balanced_groups_are_consecutive_a_multiple_of_the_workers_and_within_a_tensor_of_equal():
     sizes = [86, 86, 86, 32, 32, 32, 32] * 32 + [260]  # a 7B's layers in MB, then its head
     for workers in (1, 2, 3, 16):
         groups = balanced_groups(list(range(len(sizes))), lambda i: sizes[i], 512, workers)

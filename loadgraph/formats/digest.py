@@ -19,6 +19,8 @@ from typing import Iterable, Mapping
 
 import blake3
 
+from loadgraph.formats.partition import equal_runs
+
 from loadgraph.errors import InputError
 
 TREE = "st-tensors-1"
@@ -150,26 +152,13 @@ def safetensors_digests(path: str | os.PathLike) -> tuple[str, dict[str, str]]:
     header = read_header(path)  # its tensors tile the data section: the parts cover the file
     order = sorted(header.tensors.items(), key=lambda kv: kv[1].begin)
     parts = [("", 0, header.data_offset), *((name, e.begin, e.nbytes) for name, e in order)]  # "" = the header bytes
-    runs = _runs(parts, max(1, min(len(os.sched_getaffinity(0)), header.file_size // SPLIT_MIN)))
+    runs = equal_runs(parts, lambda part: part[2], max(1, min(len(os.sched_getaffinity(0)), header.file_size // SPLIT_MIN)))
     if len(runs) == 1:
         digests = _hash_parts(path, parts, CHUNK, threads=True)
     else:
         with ThreadPoolExecutor(max_workers=len(runs), thread_name_prefix="digest-run") as pool:
             digests = [d for run in pool.map(lambda run: _hash_parts(path, run, RUN_CHUNK, threads=False), runs) for d in run]
     return tree_digest(digests[0][1], (d for _, d in digests[1:])), dict(digests[1:])
-
-
-def _runs(parts: list[tuple[str, int, int]], k: int) -> list[list[tuple[str, int, int]]]:
-    """`parts` cut into at most `k` contiguous runs of about equal bytes."""
-    total = sum(n for _, _, n in parts)
-    runs: list[list[tuple[str, int, int]]] = [[]]
-    done = 0
-    for part in parts:
-        if runs[-1] and len(runs) < k and done >= total * len(runs) / k:
-            runs.append([])
-        runs[-1].append(part)
-        done += part[2]
-    return runs
 
 
 def _hash_parts(path: str | os.PathLike, parts: list[tuple[str, int, int]], chunk: int, threads: bool) -> list[tuple[str, str]]:

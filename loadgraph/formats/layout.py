@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Mapping
 
 from loadgraph import faults
 from loadgraph.formats.digest import digest_bytes, hasher
+from loadgraph.formats.partition import equal_runs
 from loadgraph.formats.safetensors import COPY_CHUNK, FSYNC, PlannedTensor, encode_header, safetensors_order, tensor_bytes
 
 if TYPE_CHECKING:
@@ -84,20 +85,9 @@ def group_by_bytes(items: Iterable, nbytes: Callable, limit: int) -> list[list]:
 def balanced_groups(items: list, nbytes: Callable, limit: int, multiple: int) -> list[list]:
     """Consecutive items in groups of at most about `limit` bytes whose number is a multiple of
     `multiple` (the workers that run them: equal groups finish in whole waves, where groups of
-    `limit` leave the last wave part idle), cut where the running total crosses each equal share."""
-    sizes = [nbytes(item) for item in items]
-    total = sum(sizes)
-    count = -(-total // max(limit, 1))
-    count = max(1, -(-count // multiple) * multiple)
-    groups: list[list] = [[]]
-    done = 0
-    for item, n in zip(items, sizes):
-        # A new group once this item's middle lies past the current group's share of the total.
-        if groups[-1] and (done + n / 2) * count > len(groups) * total:
-            groups.append([])
-        groups[-1].append(item)
-        done += n
-    return groups
+    `limit` leave the last wave part idle)."""
+    count = -(-sum(map(nbytes, items)) // max(limit, 1))
+    return equal_runs(items, nbytes, max(1, -(-count // multiple) * multiple))
 
 
 def pack(tensors: Iterable[PlannedTensor], max_bytes: int) -> list[list[PlannedTensor]]:

@@ -44,6 +44,15 @@ def hash_path(path: str) -> dict:
     return _record(Path(path))
 
 
+def hash_paths(paths: list) -> list[dict]:
+    """Records of several files here, in order: a big file is hashed by parallel runs inside its
+    one call (formats/digest.py), small ones side by side (the GIL is released while they hash)."""
+    if not paths:
+        return []
+    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+        return list(pool.map(lambda path: _record(Path(path)), paths))
+
+
 def _stat_id(path: Path) -> list[int]:
     st = path.stat()
     return [st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev]
@@ -99,9 +108,7 @@ def file_records(paths: dict[str, Path], cache_root: Path) -> dict[str, dict]:
         far = [rel for rel in misses if remote is not None and hub_sha256(paths[rel]) is None and misses[rel][1][0] >= REMOTE_MIN]
         records = dict(zip(far, remote([misses[rel][0] for rel in far]))) if far else {}
         near = [rel for rel in misses if rel not in records]
-        # Big files hash multi-threaded inside BLAKE3; small ones in parallel here (GIL released).
-        with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
-            records.update(zip(near, pool.map(lambda rel: _record(paths[rel]), near)))
+        records.update(zip(near, hash_paths([paths[rel] for rel in near])))
         for rel, (real, stat_id) in misses.items():
             out[rel] = memo[real] = {"stat": stat_id, **records[rel]}
         if misses and lock is not None:
