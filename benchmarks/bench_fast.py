@@ -45,14 +45,14 @@ AutoModelForCausalLM.from_pretrained(base, quantization_config=q, device_map=dev
 JOBS = ("merge", "merge-nf4", "nf4")
 
 
-def _spec(work: Path, job: str, backend: str, verify: bool) -> Path:
+def _spec(work: Path, job: str, backend: str, verify: bool, adapter: str = "adapter") -> Path:
     lines = [f"source: {{model: {work / 'base'}}}", "dtype: bfloat16"]
     if job.startswith("merge"):
-        lines.append(f"adapters: [{{path: {work / 'adapter'}}}]")
+        lines.append(f"adapters: [{{path: {work / adapter}}}]")
     if job.endswith("nf4"):
         lines.append(f"quantize: {{method: bnb-nf4, double_quant: true, backend: {backend}}}")
     lines += [f"verify: {str(verify).lower()}", f"export: {{path: {work / 'lg-out'}}}"]
-    spec = work / f"spec-{job}.yaml"
+    spec = work / f"spec-{job}-{adapter}.yaml"
     spec.write_text("\n".join(lines) + "\n")
     return spec
 
@@ -126,25 +126,45 @@ def run_job(work: Path, job: str, backend: str, verify: bool, baseline: bool) ->
             raise SystemExit(f"{job}: a benchmark command failed: {m}")
     stages = _stages(built)
     compared = _compare(work / "lg-out", work / "ref-out") if base else None
-    return {
+    for p in (work / "ref-out", work / "ref-tmp"):  # the disk holds three 7B merges next
+        shutil.rmtree(p, ignore_errors=True)
+    variant = unmemoised = None
+    if job.startswith("merge"):
+        # The adapter retrained (same config, new weights), built into the same cache: a nightly
+        # re-merge. The base is cached; the plans are memoised (stages/derived_plans.py) unless the
+        # memo is removed first, which is the A/B of the memo in this run.
+        def retrained(adapter: str) -> Measurement:
+            m = measure(lg[:4] + [str(_spec(work, job, backend, verify, adapter))] + lg[5:])
+            if m.returncode != 0:
+                raise SystemExit(f"{job}: the retrained-adapter build failed: {m}")
+            return m
+
+        shutil.rmtree(cache / "derived", ignore_errors=True)
+        unmemoised = retrained("adapter-retrained")
+        variant = retrained("adapter-retrained2")
+    row = {
         "identical": compared,
         "job": job, "backend": backend, "verify": verify, "model_bytes": model_bytes,
         "baseline": base.__dict__ if base else None, "loadgraph_cold": cold.__dict__, "loadgraph_cached": warm.__dict__,
+        "loadgraph_variant": variant.__dict__ if variant else None, "loadgraph_variant_unmemoised": unmemoised.__dict__ if unmemoised else None,
         "plan_first": plan_first.seconds, "plan_again": plan_again.seconds, "cached_imports": _imports_heavy(lg),
         "read_x": sum(s["read"] for s in stages) / model_bytes, "written_x": sum(s["written"] for s in stages) / model_bytes,
         "stages": stages,
     }
+    shutil.rmtree(cache, ignore_errors=True)  # the next job's disk
+    return row
 
 
 def _table(rows: list[dict], title: str) -> str:
-    lines = [title, "", "| job | baseline s | loadgraph s | ratio | baseline RSS GiB | loadgraph RSS GiB (all processes) | cached s (imports) | plan s first / again | read x | written x | tensors equal to the baseline's |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [title, "", "| job | baseline s | loadgraph s | ratio | baseline RSS GiB | loadgraph RSS GiB (all processes) | cached s (imports) | retrained adapter s: plans memoised / not (RSS GiB) | plan s first / again | read x | written x | tensors equal to the baseline's |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        b, c, w = r["baseline"], r["loadgraph_cold"], r["loadgraph_cached"]
+        b, c, w, v, u = r["baseline"], r["loadgraph_cold"], r["loadgraph_cached"], r.get("loadgraph_variant"), r.get("loadgraph_variant_unmemoised")
+        retrained = f"{v['seconds']:.1f} / {u['seconds']:.1f} ({v['peak_rss_gib']:.2f})" if v and u else "-"
         ratio = f"{c['seconds'] / b['seconds']:.2f}" if b else "-"
         lines.append(f"| {r['job']} ({r['backend']}) | {b['seconds']:.1f} | {c['seconds']:.1f} | {ratio} | {b['peak_rss_gib']:.2f} | {c['peak_rss_gib']:.2f} | "
-                     f"{w['seconds']:.2f} ({', '.join(r['cached_imports']) or 'no torch/transformers'}) | {r['plan_first']:.2f} / {r['plan_again']:.2f} | "
-                     f"{r['read_x']:.2f} | {r['written_x']:.2f} | {r['identical']['equal']}/{r['identical']['tensors']} |" if b else f"| {r['job']} | - | {c['seconds']:.1f} | - | - | {c['peak_rss_gib']:.2f} | {w['seconds']:.2f} | "
+                     f"{w['seconds']:.2f} ({', '.join(r['cached_imports']) or 'no torch/transformers'}) | {retrained} | {r['plan_first']:.2f} / {r['plan_again']:.2f} | "
+                     f"{r['read_x']:.2f} | {r['written_x']:.2f} | {r['identical']['equal']}/{r['identical']['tensors']} |" if b else f"| {r['job']} | - | {c['seconds']:.1f} | - | - | {c['peak_rss_gib']:.2f} | {w['seconds']:.2f} | {retrained} | "
                      f"{r['plan_first']:.2f} / {r['plan_again']:.2f} | {r['read_x']:.2f} | {r['written_x']:.2f} | - |")
     lines += ["", "Per stage (cold build; seconds summed over units: wall / read / hash of inputs / hash of outputs / write; GB read / hashed / written):", ""]
     lines += ["| job | stage | units | node s | unit wall | read s | hash s | hash-out s | write s | GB read | GB hashed | GB written |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -189,6 +209,9 @@ def main(argv: list[str] | None = None) -> None:
         make_checkpoint(work / "base", **SHAPES[args.shape], max_shard_size="5GB")
         subprocess.run([sys.executable, "-c", MAKE_ADAPTER, str(work / "base"), str(work / "adapter"), "16", ",".join(PROJECTIONS)], check=True)
         print(f"made the {args.shape} fixture in {time.perf_counter() - t0:.0f} s", flush=True)
+    for seed, name in ((1, "adapter-retrained"), (2, "adapter-retrained2")):
+        if not (work / name / "adapter_config.json").exists():
+            subprocess.run([sys.executable, "-c", MAKE_ADAPTER, str(work / "base"), str(work / name), "16", ",".join(PROJECTIONS), str(seed)], check=True)
     bytecode = _cache_bytecode(work)
     rows = []
     results = Path(args.results or f"benchmarks/results/fast-{args.shape}-{args.backend}.md")

@@ -30,7 +30,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 base, out, r = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
 out.mkdir(parents=True, exist_ok=True)
-g = torch.Generator().manual_seed(0)
+g = torch.Generator().manual_seed(int(sys.argv[5]) if len(sys.argv) > 5 else 0)  # another seed: the adapter retrained
 tensors = {}
 for f in sorted(base.glob("*.safetensors")):
     with safe_open(str(f), "pt") as h:

@@ -95,7 +95,7 @@ def build(
             reporter.phase(f"planning {', '.join(map(str, specs))}")
             targets = load_spec_files(specs)
             # Locally, the checks' imports run while a child process hashes the sources (import_warmup.py).
-            warmup = ImportWarmup(modules_for(targets) if executor == "local" else [])
+            warmup = ImportWarmup(lambda: modules_for(targets, cache_root(cache_dir)) if executor == "local" else [])
             with hashed_by(remote_hasher(factory) if executor == "ray" else process_hasher(warmup.start)):
                 cache, graph = _compile(targets, cache_dir, defer_checks=True)
             if graph.checks:

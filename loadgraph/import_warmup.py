@@ -7,41 +7,53 @@ plan's source hashing is the one thing that runs before them and does not need t
 runs in a child process (pipeline/hash_process.py), so the imports start with it. They start only
 when sources are hashed (a cached rerun's stat memo hits, so it still imports neither torch nor
 transformers). PEFT is left to the checks: it is imported with or without bitsandbytes depending
-on the graph (peft_import.py), which is not known yet.
+on the graph (peft_import.py), which is not known yet. transformers is left out too when every
+plan the checks derive is memoised (stages/derived_plans.py: a variant of a built base needs no
+meta model), judged when the warm-up starts, so a cached rerun does not even judge it.
 """
 
 from __future__ import annotations
 
 import importlib
 import threading
+from collections.abc import Callable
+from pathlib import Path
 
 from loadgraph.spec import BuildSpec
 
 
-def modules_for(targets: list[BuildSpec]) -> list[str]:
-    """What the checks of `targets` will import: none for a re-shard or an export alone."""
+def modules_for(targets: list[BuildSpec], memo_root: Path | None = None) -> list[str]:
+    """What the checks of `targets` will import: none for a re-shard or an export alone, no
+    transformers when their plans are all in `memo_root`'s memo."""
     if not any(t.adapters or t.quantize or (t.convert and t.convert.base_adapters) for t in targets):
         return []
+    from loadgraph.stages.derived_plans import plans_memoised
+
     quantizes = any(t.quantize for t in targets)
-    return ["torch", "transformers.modeling_utils"] + (["bitsandbytes"] if quantizes else [])
+    derives = memo_root is None or not all(plans_memoised(t, memo_root) for t in targets)
+    return ["torch"] + (["transformers.modeling_utils"] if derives else []) + (["bitsandbytes"] if quantizes else [])
 
 
 class ImportWarmup:
-    """`start()` (idempotent) imports `modules` on a thread; `wait()` joins it. The thread is not a
-    daemon: an interpreter that exits mid-import (a bad input found after hashing began) waits
+    """`start()` (idempotent) imports `modules()` on a thread; `wait()` joins it. The thread is not
+    a daemon: an interpreter that exits mid-import (a bad input found after hashing began) waits
     for it instead of tearing down under it."""
 
-    def __init__(self, modules: list[str]):
+    def __init__(self, modules: Callable[[], list[str]]):
         self.modules = modules
         self._thread: threading.Thread | None = None
+        self._started = False
 
     def start(self) -> None:
-        if self.modules and self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="loadgraph-import-warmup")
-            self._thread.start()
+        if not self._started:
+            self._started = True
+            names = self.modules()
+            if names:
+                self._thread = threading.Thread(target=self._run, args=(names,), name="loadgraph-import-warmup")
+                self._thread.start()
 
-    def _run(self) -> None:
-        for name in self.modules:
+    def _run(self, names: list[str]) -> None:
+        for name in names:
             try:
                 importlib.import_module(name)
             except Exception:  # noqa: BLE001 - the checks import it again and report the error there

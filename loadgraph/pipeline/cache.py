@@ -9,6 +9,7 @@ Layout under the cache root:
   pins/<name>.json      roots gc keeps (exports, user pins)
   statcache.json        (path, size, mtime, inode) -> digest of source files, so plans don't rehash
   checks/<digest>       preflight checks passed (node key + library versions), so plans don't redo them
+  derived/<kind>/<key>  merge and quantization plans by what they derive from (pipeline/derived.py)
 """
 
 from __future__ import annotations

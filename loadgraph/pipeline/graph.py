@@ -150,7 +150,7 @@ def _compile_target(graph: Graph, spec: BuildSpec, cache: Cache) -> Target:
         cast_done = True
         if cache.lookup(current.key) is None and checked_dir:
             graph.checks.append((current.key, partial(_preflight_adapters, checked_dir, [n for _, n in merged], [a.scale for a, _ in merged],
-                                                       spec.source.allow_pickle, base_hub, weight_files)))
+                                                       spec.source.allow_pickle, base_hub, weight_files, cache.root)))
     if spec.quantize is not None:
         from loadgraph.stages.quantize import resolve_backend, settings_params
 
@@ -158,14 +158,14 @@ def _compile_target(graph: Graph, spec: BuildSpec, cache: Cache) -> Target:
         current = stages["quantize"] = graph.add("quantize", qparams, {"model": current.key}, f"{spec.name}: quantize {spec.quantize.method}")
         cast_done = True
         if cache.lookup(current.key) is None:
-            graph.checks.append((current.key, partial(_preflight_quantize, qparams["settings"], None if base_hub else checked_dir)))
+            graph.checks.append((current.key, partial(_preflight_quantize, qparams["settings"], None if base_hub else checked_dir, cache.root)))
     if attached:
         params = {"scales": [a.scale for a, _ in attached], "allow_pickle": spec.source.allow_pickle}
         inputs = {"model": current.key, **{f"adapter{i}": n.key for i, (_, n) in enumerate(attached)}}
         current = graph.add("attach", params, inputs, f"{spec.name}: attach {len(attached)} adapter(s)")
         if cache.lookup(current.key) is None and spec.quantize is None and checked_dir:
             graph.checks.append((current.key, partial(_preflight_adapters, checked_dir, [n for _, n in attached], [a.scale for a, _ in attached],
-                                                       spec.source.allow_pickle, base_hub, weight_files)))
+                                                       spec.source.allow_pickle, base_hub, weight_files, cache.root)))
     export_path = None
     if spec.export is not None:
         export_params = {
@@ -259,7 +259,7 @@ def _base_merge(graph: Graph, spec: BuildSpec, cache: Cache, options: ConvertSpe
     node = graph.add("merge", params, {"model": base, **{f"adapter{i}": n.key for i, n in enumerate(adapters)}},
                      f"{spec.name}: merge {len(adapters)} adapter(s) onto convert.model_base")
     if cache.lookup(node.key) is None:
-        graph.checks.append((node.key, partial(_preflight_adapters, base_dir, adapters, params["scales"], spec.source.allow_pickle, base_hub, weight_files)))
+        graph.checks.append((node.key, partial(_preflight_adapters, base_dir, adapters, params["scales"], spec.source.allow_pickle, base_hub, weight_files, cache.root)))
     return node
 
 
@@ -288,22 +288,23 @@ def _adapter_nodes(graph: Graph, spec: BuildSpec, cache: Cache, base_dir: str | 
     return nodes
 
 
-def _preflight_quantize(settings_params: dict, checked_dir: str | None) -> None:
-    """Refuses unsupported methods, options and untileable shapes before any work."""
-    from loadgraph.formats.quant_plan import plan_quantization
+def _preflight_quantize(settings_params: dict, checked_dir: str | None, memo_root: Path | None = None) -> None:
+    """Refuses unsupported methods, options and untileable shapes before any work (the plan is
+    memoised in the cache: the quantize units of the same base reuse it)."""
+    from loadgraph.stages.derived_plans import quant_plan
     from loadgraph.stages.quantize import make_settings
 
     settings = make_settings(settings_params)
     if checked_dir and scan_is_safetensors(checked_dir):
-        plan_quantization(checked_dir, settings)
+        quant_plan(checked_dir, settings, memo_root)
 
 
 def _preflight_adapters(base_dir: str, adapters: list[Node], scales: list[float], allow_pickle: bool,
-                        hub: dict | None = None, weight_files: list[str] | None = None) -> None:
+                        hub: dict | None = None, weight_files: list[str] | None = None, memo_root: Path | None = None) -> None:
     """Adapter vs base shapes, targets and types, from headers: fails in seconds, before any work.
     `hub`: the base's weights are not downloaded; their headers are read on the hub."""
     from loadgraph.formats.checkpoint import scan_checkpoint
-    from loadgraph.stages.adapter import plan_adapters
+    from loadgraph.stages.derived_plans import plan_adapters
 
     if hub is not None:
         if not weight_files:
@@ -316,7 +317,7 @@ def _preflight_adapters(base_dir: str, adapters: list[Node], scales: list[float]
         if not ckpt.headers:
             return  # pickled base: checked by the merge units once converted
         tensors = {n: {"dtype": e.dtype, "shape": list(e.shape)} for n, (_, e) in ckpt.tensors.items()}
-    plan_adapters(Path(base_dir), tensors, [Path(n.runtime["path"]) for n in adapters], scales, allow_pickle)
+    plan_adapters(Path(base_dir), tensors, [Path(n.runtime["path"]) for n in adapters], scales, allow_pickle, memo_root)
 
 
 def _verify_node(graph: Graph, spec: BuildSpec, final: Node, base: Node, stages: dict[str, Node], adapters: list[Node]) -> None:

@@ -25,6 +25,7 @@ from loadgraph.pipeline.cache import Cache
 from loadgraph.pipeline.hashing import hash_files
 from loadgraph.pipeline.stage import NodeContext, Stage, Unit
 from loadgraph.spec import AdapterSpec
+from loadgraph.stages.derived_plans import base_headers, plan_adapters  # noqa: F401  (base_headers: for the tests)
 from loadgraph.stages.export import set_config_dtype
 from loadgraph.stages.fetch import open_source, runtime_for
 from loadgraph.stages.inspect import link_or_copy
@@ -84,38 +85,20 @@ def _check_config_patterns(root: Path, files: list[str]) -> None:
     check_patterns(config_path, load_json(config_path), names)
 
 
-def base_headers(tensors: dict[str, dict]) -> dict[str, tuple[str, tuple[int, ...]]]:
-    return {name: (t["dtype"], tuple(t["shape"])) for name, t in tensors.items()}
-
-
 _ARTIFACT_PLANS: dict[tuple, list] = {}
 
 
-def artifact_plans(base, adapter_dirs: list[Path], scales: list[float], allow_pickle: bool) -> list:
-    """plan_adapters for a cache artifact, once per process: artifacts are immutable, so their
-    paths name their content, and the plan (a meta-device model, PEFT's config checks) costs
-    seconds at 7B; every merge unit and verify's merge check reuse it."""
+def artifact_plans(base, adapter_dirs: list[Path], scales: list[float], allow_pickle: bool, memo_root: Path | None = None) -> list:
+    """plan_adapters for a cache artifact, once per process (artifacts are immutable, so their
+    paths name their content) and once per cache (stages/derived_plans.py): the plan (a
+    meta-device model, PEFT's config checks) costs seconds at 7B; every merge unit, every Ray
+    worker and verify's merge check reuse it."""
     key = (str(base.path), tuple(map(str, adapter_dirs)), tuple(scales), allow_pickle)
     if key not in _ARTIFACT_PLANS:
         if len(_ARTIFACT_PLANS) >= 4:
             _ARTIFACT_PLANS.pop(next(iter(_ARTIFACT_PLANS)))
-        _ARTIFACT_PLANS[key] = plan_adapters(base.path, base.tensors, adapter_dirs, scales, allow_pickle)
+        _ARTIFACT_PLANS[key] = plan_adapters(base.path, base.tensors, adapter_dirs, scales, allow_pickle, memo_root)
     return _ARTIFACT_PLANS[key]
-
-
-def plan_adapters(base_dir: Path, tensors: dict[str, dict], adapter_dirs: list[Path], scales: list[float], allow_pickle: bool = False):
-    """Validate every adapter against the base (raises AdapterError) and return their merge plans."""
-    from loadgraph.formats.lora import LoraAdapter
-    from loadgraph.formats.lora_plan import plan_merge
-    from loadgraph.formats.names import inspect_checkpoint_names
-
-    names = inspect_checkpoint_names(base_dir, keys=list(tensors))
-    headers = base_headers(tensors)
-    plans = []
-    for path, scale in zip(adapter_dirs, scales):
-        adapter = LoraAdapter.load(path, allow_pickle=allow_pickle)
-        plans.append((adapter, plan_merge(adapter, names, headers, scale_multiplier=scale)))
-    return plans
 
 
 def _lora_target(plan, name: str) -> bool:
@@ -177,7 +160,7 @@ class MergeStage(Stage):
         return placed_units(self.layout(ctx), gpu=merge_device(ctx) == "cuda", workers=unit_workers(ctx))
 
     def _plans(self, ctx: NodeContext) -> list:
-        return artifact_plans(ctx.input(), self._adapter_dirs(ctx), ctx.params["scales"], ctx.params["allow_pickle"])
+        return artifact_plans(ctx.input(), self._adapter_dirs(ctx), ctx.params["scales"], ctx.params["allow_pickle"], ctx.cache.root)
 
     def prepare(self, ctx: NodeContext) -> bool:
         import loadgraph.formats.lora_merge  # noqa: F401  (torch and the merge arithmetic, before the threads)
@@ -363,7 +346,7 @@ class AttachStage(Stage):
             base = ctx.cache.get(base.manifest["inputs"]["model"]) or base
         dirs = [ctx.inputs[f"adapter{i}"].path for i in range(len(ctx.params["scales"]))]
         # Validation only: an attached adapter must fit the base exactly as a merged one would.
-        plan_adapters(base.path, base.tensors, dirs, ctx.params["scales"], ctx.params["allow_pickle"])
+        plan_adapters(base.path, base.tensors, dirs, ctx.params["scales"], ctx.params["allow_pickle"], ctx.cache.root)
         return {"validated": len(dirs)}
 
     def finalize(self, ctx: NodeContext, results: dict[str, dict], out: Path) -> dict:

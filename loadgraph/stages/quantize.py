@@ -50,17 +50,18 @@ def make_settings(params: dict):
 _QUANT_PLANS: dict[tuple, object] = {}
 
 
-def artifact_quant_plan(artifact_dir: str, settings, key: str | None = None):
+def artifact_quant_plan(artifact_dir: str, settings, key: str | None = None, memo_root: Path | None = None):
     """plan_quantization of a cache artifact, once per process (immutable: its key, else its path,
     names its content; a fused quantize plans from its input's prospect, then from the published
-    input, with one plan); every quantize unit and verify's quantize check reuse it."""
-    from loadgraph.formats.quant_plan import plan_quantization
+    input, with one plan) and once per cache (stages/derived_plans.py); every quantize unit and
+    verify's quantize check reuse it."""
+    from loadgraph.stages.derived_plans import quant_plan
 
     memo = (key or artifact_dir, settings)
     if memo not in _QUANT_PLANS:
         if len(_QUANT_PLANS) >= 4:
             _QUANT_PLANS.pop(next(iter(_QUANT_PLANS)))
-        _QUANT_PLANS[memo] = plan_quantization(artifact_dir, settings)
+        _QUANT_PLANS[memo] = quant_plan(artifact_dir, settings, memo_root)
     return _QUANT_PLANS[memo]
 
 
@@ -114,14 +115,14 @@ def planned_outputs(plan, tensors: dict[str, dict]) -> tuple[list[PlannedTensor]
 _LAYOUTS: dict[tuple, Layout] = {}
 
 
-def artifact_layout(src, settings, shard: int) -> Layout:
+def artifact_layout(src, settings, shard: int, memo_root: Path | None = None) -> Layout:
     """Once per process and (input artifact, settings, shard size): units do not re-plan a 70B's
     headers (an artifact is immutable: its path names its content)."""
     key = (src.key, settings, shard)
     if key not in _LAYOUTS:
         if len(_LAYOUTS) >= 8:
             _LAYOUTS.pop(next(iter(_LAYOUTS)))
-        planned, variable = planned_outputs(artifact_quant_plan(str(src.path), settings, src.key), src.tensors)
+        planned, variable = planned_outputs(artifact_quant_plan(str(src.path), settings, src.key, memo_root), src.tensors)
         groups = pack(planned, shard)  # as the export packs them: its shards are these files, linked
         _LAYOUTS[key] = plan_layout(groups, shard_names(len(groups)), ST_METADATA, variable)
     return _LAYOUTS[key]
@@ -132,7 +133,7 @@ class QuantizeStage(Stage):
     version = 3  # 3: written at the export's final offsets (the export links the files), no part files
 
     def layout(self, ctx: NodeContext) -> Layout:
-        return artifact_layout(ctx.input(), make_settings(ctx.params["settings"]), shard_bytes(ctx))
+        return artifact_layout(ctx.input(), make_settings(ctx.params["settings"]), shard_bytes(ctx), ctx.cache.root)
 
     def units(self, ctx: NodeContext) -> list[Unit]:
         """Input tensor groups of about UNIT_BYTES (checkpoint order), as placed_units groups them."""
@@ -150,7 +151,7 @@ class QuantizeStage(Stage):
         return ctx.params["backend"] != "cpu"
 
     def _plan(self, ctx: NodeContext):
-        return artifact_quant_plan(str(ctx.input().path), make_settings(ctx.params["settings"]), ctx.input().key)
+        return artifact_quant_plan(str(ctx.input().path), make_settings(ctx.params["settings"]), ctx.input().key, ctx.cache.root)
 
     def prepare(self, ctx: NodeContext) -> bool:
         self._plan(ctx)  # its meta model imports transformers and bitsandbytes

@@ -1,0 +1,139 @@
+"""Merge and quantization plans, memoised in the cache by the small inputs they derive from.
+
+`plan_adapters` and `quant_plan` give what formats/lora_plan.py and formats/quant_plan.py give,
+through pipeline/derived.py's memo. What each plan is a function of (its memo key's parts):
+- the base's name map: its config.json and its tensor names;
+- an adapter's merge plan: that, the base's dtypes and shapes, the adapter's adapter_config.json
+  and its safetensors header, the scale;
+- a quantization plan: config.json, generation_config.json (the plan renders both), each weight
+  file's tensor names, dtypes and shapes, the settings.
+A memoised plan names the paths it was derived at; they are replaced by the caller's, so the
+merge reads the adapter at hand (an adapter whose config and header are unchanged, retrained in
+place or elsewhere, reuses the plan; its tensors are read from where it is now).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+from loadgraph.errors import InputError
+from loadgraph.formats.safetensors import read_header
+from loadgraph.pipeline.derived import memoised
+
+CONFIG = "config.json"
+GENERATION_CONFIG = "generation_config.json"
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+def _read(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except OSError:
+        return None
+
+
+def base_headers(tensors: dict[str, dict]) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """A manifest's or a scan's tensors as plan_merge takes them: name -> (dtype, shape)."""
+    return {name: (t["dtype"], tuple(t["shape"])) for name, t in tensors.items()}
+
+
+def _names_parts(base_dir: Path, tensors: dict[str, dict]) -> list[bytes | str] | None:
+    config = _read(base_dir / CONFIG)
+    return None if config is None else [config, "\n".join(sorted(tensors))]
+
+
+def _adapter_parts(adapter_dir: Path) -> list[bytes | str] | None:
+    """Its config and header bytes; None for a pickled adapter (no header to name it by)."""
+    config, weights = _read(adapter_dir / ADAPTER_CONFIG), adapter_dir / ADAPTER_WEIGHTS
+    if config is None or not weights.is_file():
+        return None
+    try:
+        header = read_header(weights)
+    except InputError:
+        return None  # LoraAdapter.load reports it
+    return [config, json.dumps({n: [e.dtype, list(e.shape)] for n, e in header.tensors.items()}, sort_keys=True)]
+
+
+def _plan_parts(names_parts: list | None, headers: dict, adapter_dir: Path, scale: float) -> list[bytes | str] | None:
+    """An adapter's merge plan's key: the base's name-map parts, dtypes and shapes, the adapter, the scale."""
+    adapter_parts = _adapter_parts(adapter_dir)
+    if names_parts is None or adapter_parts is None:
+        return None
+    return [*names_parts, json.dumps({n: [d, list(s)] for n, (d, s) in sorted(headers.items())}), *adapter_parts, repr(float(scale))]
+
+
+def plan_adapters(base_dir: Path, tensors: dict[str, dict], adapter_dirs: list[Path], scales: list[float],
+                  allow_pickle: bool = False, memo_root: Path | None = None) -> list:
+    """Validate every adapter against the base (raises AdapterError) and return [(adapter, merge plan)]."""
+    from loadgraph.formats.lora import LoraAdapter
+    from loadgraph.formats.lora_plan import plan_merge
+    from loadgraph.formats.names import inspect_checkpoint_names
+
+    base_dir = Path(base_dir)
+    names_parts = _names_parts(base_dir, tensors)
+    headers = base_headers(tensors)
+    names: list = []
+
+    def name_map():  # once, and only when an adapter's plan is not memoised
+        if not names:
+            names.append(memoised(memo_root, "names", names_parts, lambda: inspect_checkpoint_names(base_dir, keys=list(tensors))))
+        return names[0]
+
+    plans = []
+    for path, scale in zip(map(Path, adapter_dirs), scales):
+        parts = _plan_parts(names_parts, headers, path, scale)
+
+        def derive(path=path, scale=scale):
+            adapter = LoraAdapter.load(path, allow_pickle=allow_pickle)
+            return adapter, plan_merge(adapter, name_map(), headers, scale_multiplier=scale)
+
+        adapter, plan = memoised(memo_root, "merge-plan", parts, derive)
+        weights = path / adapter.weights_file.name
+        plans.append((replace(adapter, path=path, weights_file=weights), replace(plan, adapter_file=weights)))
+    return plans
+
+
+def _quant_parts(base_dir: Path, settings) -> list[bytes | str] | None:
+    config = _read(base_dir / CONFIG)
+    index = _read(base_dir / "model.safetensors.index.json")
+    try:
+        files = sorted(set(json.loads(index)["weight_map"].values())) if index is not None else ["model.safetensors"]
+        table = {f: {n: [e.dtype, list(e.shape)] for n, e in read_header(base_dir / f).tensors.items()} for f in files}
+    except (InputError, ValueError, KeyError, TypeError):
+        return None  # plan_quantization reports it
+    if config is None:
+        return None
+    return [config, _read(base_dir / GENERATION_CONFIG) or b"", json.dumps(table, sort_keys=True), repr(settings)]
+
+
+def quant_plan(base_dir: str, settings, memo_root: Path | None = None):
+    """formats/quant_plan.plan_quantization of `base_dir`, memoised; its base_dir is the caller's."""
+    from loadgraph.formats.quant_plan import plan_quantization
+
+    plan = memoised(memo_root, "quant-plan", _quant_parts(Path(base_dir), settings), lambda: plan_quantization(base_dir, settings))
+    return replace(plan, base_dir=str(base_dir))
+
+
+def plans_memoised(spec, memo_root: Path) -> bool:
+    """Whether every plan the checks of `spec` derive is in the memo, judged before compiling (so a
+    cold build's warm-up imports transformers only when a check will build a meta model). False
+    where that cannot be told from the spec alone: a hub or converted base, attached adapters, a
+    quantization of a merge (its input's config is written by the merge)."""
+    from loadgraph.formats.checkpoint import scan_checkpoint
+    from loadgraph.pipeline.derived import is_memoised
+    from loadgraph.stages.quantize import make_settings, settings_params
+
+    base_dir = Path(spec.source.model)
+    if spec.convert is not None or not base_dir.is_dir() or any(a.mode != "merge" for a in spec.adapters):
+        return False
+    if spec.quantize is not None:
+        return not spec.adapters and is_memoised(memo_root, "quant-plan", _quant_parts(base_dir, make_settings(settings_params(spec.quantize, spec.dtype))))
+    try:
+        tensors = {n: {"dtype": e.dtype, "shape": list(e.shape)} for n, (_, e) in scan_checkpoint(base_dir).tensors.items()}
+    except Exception:  # noqa: BLE001 - compile reports it
+        return False
+    names_parts, headers = _names_parts(base_dir, tensors), base_headers(tensors)
+    return all(is_memoised(memo_root, "merge-plan", _plan_parts(names_parts, headers, Path(a.path), a.scale)) for a in spec.adapters)
