@@ -78,6 +78,7 @@ def build(
         fail(InputError(f"--executor: unknown executor {executor!r}; use ray or local"))
     check_report_path(json_out)
     from loadgraph.formats.digest import bytes_hashed
+    from loadgraph.heap import reuse_large_blocks
     from loadgraph.import_warmup import ImportWarmup, modules_for
     from loadgraph.pipeline.hash_process import process_hasher
     from loadgraph.pipeline.hashing import hashed_by
@@ -86,6 +87,7 @@ def build(
 
     log = new_log_path(cache_root(cache_dir))
     report = None
+    reuse_large_blocks()  # the units' tensors reuse freed blocks (heap.py)
     noise = NoiseFilter(log, console, verbose)
     # One executor for the plan's hashing and the build; on Ray the plan hashes sources there.
     factory = SharedExecutor(make_executor_factory(executor))

@@ -108,3 +108,63 @@ def test_a_merge_on_three_workers_has_units_in_threes_and_the_bytes_of_one_worke
     (one_units, one), (three_units, three) = outs["1"], outs["3"]
     assert three_units % 3 == 0 and three_units >= 3 and one_units >= 3
     assert one.keys() == three.keys() and all(torch.equal(one[k].view(-1).view(torch.uint8), three[k].view(-1).view(torch.uint8)) for k in one)
+
+
+def test_the_local_executor_runs_at_most_eight_gpu_units_at_once_and_every_cpu_unit_thread(monkeypatch):
+    """GPU units each hold a pinned buffer of their largest tensor: a few keep the GPU fed."""
+    import threading
+    import time
+
+    from loadgraph.pipeline.executors import local
+    from loadgraph.pipeline.stage import Unit
+
+    running, most = [0], [0]
+    lock = threading.Lock()
+
+    def fake_unit(cache_root, desc, unit, progress):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        time.sleep(0.05)
+        with lock:
+            running[0] -= 1
+        return {"unit": unit["id"]}
+
+    monkeypatch.setattr(local, "execute_unit", fake_unit)
+    monkeypatch.setattr(local, "prepare_units", lambda cache_root, desc: True)
+
+    def peak(gpu: bool) -> int:
+        most[0] = 0
+        done = []
+        local.LocalExecutor(workers=16).run_units("/nonexistent", {}, [Unit(id=f"u{i}", gpu=gpu) for i in range(32)],
+                                                 lambda unit, result: done.append(result["unit"]))
+        assert sorted(done) == sorted(f"u{i}" for i in range(32))
+        return most[0]
+
+    assert peak(gpu=True) == 8 and peak(gpu=False) == 16
+    monkeypatch.setenv("LOADGRAPH_GPU_UNIT_THREADS", "3")
+    assert peak(gpu=True) == 3
+
+
+# A 64 MB tensor allocated, freed and allocated again: the page faults of the second allocation.
+REALLOCATION_FAULTS = """
+import resource, torch
+from loadgraph.heap import reuse_large_blocks
+tuned = reuse_large_blocks()
+x = torch.ones(64 << 20, dtype=torch.uint8)
+del x
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+y = torch.ones(64 << 20, dtype=torch.uint8)
+print(tuned, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.parametrize("setting", ["1", "0"])
+def test_a_freed_large_tensor_is_reused_without_new_page_faults_unless_opted_out(setting):
+    proc = subprocess.run([sys.executable, "-c", REALLOCATION_FAULTS], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "LOADGRAPH_MALLOC_TUNING": setting})
+    tuned, faults = proc.stdout.split()
+    if setting == "1":
+        assert tuned == "True" and int(faults) < 1000  # the freed block, its pages already mapped
+    else:
+        assert tuned == "False" and int(faults) >= (64 << 20) // 4096 // 2  # a fresh mapping, faulted page by page

@@ -76,6 +76,9 @@ def _use_assigned_cpus() -> None:
 
     import ray
 
+    from loadgraph.heap import reuse_large_blocks
+
+    reuse_large_blocks()  # a worker's tensors reuse freed blocks too (heap.py)
     cpus = int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1) or 1)
     if "torch" in sys.modules or cpus > 1:
         import torch
