@@ -24,8 +24,9 @@ def local_workers() -> int:
 def gpu_unit_threads() -> int:
     """How many GPU units run at once. Each holds a page-locked buffer as big as its largest tensor
     (pinned pages are resident), and a few threads keep one GPU fed: on the 16-core H200 host a 7B
-    nf4 with 16 at once peaked at 4.05 GiB RSS in 14.1 s, with 8 at 2.56 GiB in 11.9 s (merge + nf4:
-    4.40 GiB, 19.2 s -> 2.79 GiB, 18.3 s; benchmarks/results/device/fast-7b-cuda-memo*)."""
+    nf4 with 16 at once peaked at 4.05 GiB RSS in 14.1 s, with 8 at 2.56 GiB in 11.9 s; a merge +
+    nf4 at 4.49 GiB in 18.0 s with 16, 3.60 in 19.7 with 12, 2.87 in 14.9 with 8
+    (benchmarks/results/device/fast-7b-cuda-gpu-threads.md)."""
     return max(1, int(os.environ.get("LOADGRAPH_GPU_UNIT_THREADS", 0)) or 8)
 
 
