@@ -6,8 +6,9 @@ model. Each costs the imports of transformers (and PEFT) plus the model, seconds
 it is a pure function of small inputs: the base's config files and tensor table, the adapter's
 config and tensor headers, the params. Those inputs, the versions of the libraries that judge
 them and the digest of loadgraph's own code are the memo's key, so a variant build (a retrained
-adapter, another quantization of the same base) and every Ray worker reuse the plan instead of
-rebuilding it, and a changed library or a changed loadgraph never reads a stale one.
+adapter of the same config on the same base, the same quantization of its re-merged model) and
+every Ray worker reuse the plan instead of rebuilding it, and a changed library or a changed
+loadgraph never reads a stale one.
 
 Layout: `<cache>/derived/<kind>/<key>.pickle`, holding the BLAKE3 of the payload and the payload.
 A file that fails its digest or does not unpickle is recomputed and replaced, never used. Only

@@ -69,6 +69,13 @@ def _child(args: list[str], env: dict[str, str], log: str) -> None:
     os.dup2(fd, 1)
     os.dup2(fd, 2)
     os.environ["COLUMNS"] = "200"
+    real_exit = os._exit
+
+    def record_then_exit(status: int) -> None:  # a finished build ends in os._exit (cli_common.exit_without_teardown)
+        Path(log + ".rc").write_text(str(status))
+        real_exit(status)
+
+    os._exit = record_then_exit
     code = 0
     try:
         from loadgraph.cli import app
@@ -83,8 +90,7 @@ def _child(args: list[str], env: dict[str, str], log: str) -> None:
         code = 3
     sys.stdout.flush()
     sys.stderr.flush()
-    Path(log + ".rc").write_text(str(code))  # see finish(): the forkserver may lose the status
-    os._exit(code)
+    os._exit(code)  # records the code first: see finish(), the forkserver may lose the status
 
 
 @dataclass
