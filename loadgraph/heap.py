@@ -6,9 +6,9 @@ fresh mmap and returns it with munmap on free, so every such tensor costs its pa
 bitsandbytes' CPU nf4 allocates five float32 temporaries of a weight's size per weight: with the
 thresholds raised, a 8192x2048 weight quantized in 0.20 s instead of 0.26 on 2 cores. A freed
 block serves a later request it can hold (alignment padding can keep out one of the same size),
-so the reuse is partial; that gain is what it gives. Freed
-blocks stay mapped for the next tensor, so a process's peak RSS can be higher (the 2-core nf4
-build: 0.96 GiB, against 0.76 in the previous stop's table).
+so the reuse is partial; that gain is what it gives. Freed blocks stay mapped for the next
+tensor, so a process's peak RSS can be higher (the 2-core nf4 build: 0.96 GiB, against 0.76 in
+the previous stop's table).
 """
 
 from __future__ import annotations
