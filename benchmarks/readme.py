@@ -14,6 +14,7 @@ ORDER = [
     ("device/fast-7b-cuda-streamed.md", "Fast data path, 7B on one H200 with the row-streamed merge (issue 13; merge on the CPU, bnb on CUDA)"),
     ("device/fast-7b-cuda.md", "Fast data path, 7B on one H200, the same day before the row-streamed merge (issue 13; merge on the CPU, bnb on CUDA)"),
     ("device/fast-7b-gpu-merge.md", "Fast data path, 7B on one H200, an earlier run with the merge on the GPU (pageable copies; not bit-identical in general, see merge.backend)"),
+    ("memo.md", "Derived-plans memo off and on: cold Ray builds on the 2-core box (issue 13; its workers load the plans the checks stored)"),
     ("dag.md", "Concurrent DAG: a 3-target matrix on a 3-node Ray cluster against its longest chain (issue 14)"),
     ("driver.md", "The driver's share of a Ray build on a 3-node cluster (issue 14)"),
     ("reshard.md", "Re-shard/export (issue: foundation)"),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-BENCHMARKS = ["benchmarks.bench_fast", "benchmarks.bench_reshard", "benchmarks.bench_merge", "benchmarks.bench_quantize", "benchmarks.bench_ray", "benchmarks.bench_dag", "benchmarks.bench_driver", "benchmarks.bench_chaos"]
+BENCHMARKS = ["benchmarks.bench_fast", "benchmarks.bench_memo", "benchmarks.bench_reshard", "benchmarks.bench_merge", "benchmarks.bench_quantize", "benchmarks.bench_ray", "benchmarks.bench_dag", "benchmarks.bench_driver", "benchmarks.bench_chaos"]
 
 
 def main() -> None:

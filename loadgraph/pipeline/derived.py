@@ -88,9 +88,14 @@ def store(path: Path, value: object) -> None:
         tmp.unlink(missing_ok=True)  # a read-only or full cache: the next build derives it again
 
 
+def enabled() -> bool:
+    """LOADGRAPH_DERIVED_MEMO=0 derives every plan afresh (and stores none)."""
+    return os.environ.get("LOADGRAPH_DERIVED_MEMO") != "0"
+
+
 def memoised(root: Path | None, kind: str, parts: Sequence[bytes | str] | None, compute: Callable[[], T]) -> T:
     """`compute()`, or its memo under `root` for `parts` (None: not memoisable, e.g. a pickled input)."""
-    if root is None or parts is None:
+    if root is None or parts is None or not enabled():
         return compute()
     path = memo_path(Path(root), kind, parts)
     found, value = lookup(path)
@@ -102,4 +107,4 @@ def memoised(root: Path | None, kind: str, parts: Sequence[bytes | str] | None, 
 
 
 def is_memoised(root: Path | None, kind: str, parts: Sequence[bytes | str] | None) -> bool:
-    return root is not None and parts is not None and lookup(memo_path(Path(root), kind, parts))[0]
+    return root is not None and parts is not None and enabled() and lookup(memo_path(Path(root), kind, parts))[0]
