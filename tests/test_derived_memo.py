@@ -4,6 +4,7 @@ damaged is ever used."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -33,13 +34,13 @@ main()
 """
 
 
-def _build(tmp_path: Path, base: Path, adapter: Path, cache: Path, out: str) -> tuple[str, Path]:
+def _build(tmp_path: Path, base: Path, adapter: Path, cache: Path, out: str, env: dict | None = None) -> tuple[str, Path]:
     """A local merge build of `adapter` onto `base`; (the libraries it imported, its export)."""
     export = tmp_path / out
     spec = write_spec(tmp_path / f"{out}.yaml", {"source": {"model": str(base)}, "adapters": [{"path": str(adapter)}], "verify": False,
                                                  "export": {"path": str(export)}})
     proc = subprocess.run([sys.executable, "-c", BUILD_THEN_MODULES, str(spec), "--executor", "local", "--cache", str(cache)],
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300, env={**os.environ, **(env or {})})
     assert proc.returncode == 0, proc.stderr
     return proc.stdout.strip().splitlines()[-1], export
 
@@ -65,6 +66,9 @@ def test_a_retrained_adapter_reuses_the_plans_without_peft_or_transformers_and_m
     assert imported == "[]"  # the plans came from the memo: no meta model, no PEFT config checks
     _, fresh = _build(tmp_path, base, retrained, tmp_path / "fresh-cache", "out3")
     assert _same(ours, fresh)
+    # Turned off, the plans are derived again however full the memo is.
+    imported, _ = _build(tmp_path, base, make_lora_adapter(base, tmp_path / "a3", r=4, seed=7), cache, "out4", {"LOADGRAPH_DERIVED_MEMO": "0"})
+    assert imported == "['peft', 'transformers']"
 
 
 def test_a_changed_alpha_with_the_same_shapes_or_a_damaged_memo_is_never_used(models, tmp_path):
