@@ -19,6 +19,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from loadgraph.errors import InputError
+from loadgraph.formats.checkpoint import INDEX_NAME
 from loadgraph.formats.safetensors import read_header
 from loadgraph.pipeline.derived import memoised
 
@@ -98,7 +99,7 @@ def plan_adapters(base_dir: Path, tensors: dict[str, dict], adapter_dirs: list[P
 
 def _quant_parts(base_dir: Path, settings) -> list[bytes | str] | None:
     config = _read(base_dir / CONFIG)
-    index = _read(base_dir / "model.safetensors.index.json")
+    index = _read(base_dir / INDEX_NAME)
     try:
         files = sorted(set(json.loads(index)["weight_map"].values())) if index is not None else ["model.safetensors"]
         table = {f: {n: [e.dtype, list(e.shape)] for n, e in read_header(base_dir / f).tensors.items()} for f in files}

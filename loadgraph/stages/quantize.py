@@ -146,8 +146,11 @@ class QuantizeStage(Stage):
         return tensor_units(self.layout(ctx), groups, nbytes, ctx.params["backend"] == "cuda")
 
     def thread_safe(self, ctx: NodeContext) -> bool:
-        # bitsandbytes' CPU kernels are torch.compile'd, and dynamo is not thread-safe: two
-        # units on threads produced wrong double-quant offsets. Processes (Ray) are fine.
+        # bitsandbytes' CPU double quant subtracts the absmax's mean, which torch rounds by its
+        # thread count: units on threads (one torch thread each) gave other offsets than
+        # transformers. Measured: two at torch's own count give its bytes, but no gain once
+        # glibc reuses blocks (heap.py), so they run one at a time. (Ray: processes, torch at the
+        # task's CPU count.)
         return ctx.params["backend"] != "cpu"
 
     def _plan(self, ctx: NodeContext):
