@@ -63,6 +63,29 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 300) -> subpro
     )
 
 
+# The CLI's build in this process, then which of the modules named in $WATCHED it imported
+# (printed as it exits: a finished build ends with os._exit, cli_common.exit_without_teardown).
+BUILD_THEN_MODULES = """
+import os, sys
+from loadgraph.cli import main
+real_exit = os._exit
+def report_then_exit(code):
+    print(sorted(m for m in os.environ["WATCHED"].split(",") if m in sys.modules), flush=True)
+    real_exit(code)
+os._exit = report_then_exit
+sys.argv = ["loadgraph", "build", *sys.argv[1:]]
+main()
+"""
+
+
+def build_imports(spec: Path, cache: Path, watched: tuple[str, ...], env: dict | None = None) -> str:
+    """A local build of `spec` into `cache`; which of `watched` it imported, as "['a', 'b']"."""
+    proc = subprocess.run([sys.executable, "-c", BUILD_THEN_MODULES, str(spec), "--executor", "local", "--cache", str(cache)],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, **(env or {}), "WATCHED": ",".join(watched)})
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip().splitlines()[-1]
+
+
 # -- Ray ---------------------------------------------------------------------------------------
 # Several Ray clusters may run on this machine: every port is explicit, never a default.
 

@@ -4,8 +4,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -13,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import run_cli, write_spec
+from conftest import build_imports, run_cli, write_spec
 from loadgraph.testing import make_lora_adapter
 
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -256,21 +254,6 @@ def test_attach_exports_base_plus_adapter_for_peft(models, tmp_path, cache_dir):
         assert torch.equal(ours(input_ids=ids).logits, ref(input_ids=ids).logits)
 
 
-# The CLI's build in this process, then which of PEFT and bitsandbytes it imported (printed as
-# it exits: a finished build ends with os._exit, cli_common.exit_without_teardown).
-BUILD_THEN_MODULES = """
-import os, sys
-from loadgraph.cli import main
-real_exit = os._exit
-def report_then_exit(code):
-    print(sorted(m for m in ("peft", "bitsandbytes") if m in sys.modules), flush=True)
-    real_exit(code)
-os._exit = report_then_exit
-sys.argv = ["loadgraph", "build", *sys.argv[1:]]
-main()
-"""
-
-
 def test_a_merge_build_imports_peft_without_bitsandbytes_and_a_quantize_build_with_it(models, tmp_path):
     base = models("llama")
     adapter = make_lora_adapter(base, tmp_path / "a", r=4, seed=3)
@@ -278,10 +261,6 @@ def test_a_merge_build_imports_peft_without_bitsandbytes_and_a_quantize_build_wi
     quantize = {**merge, "quantize": {"method": "bnb-nf4", "backend": "cpu"}, "export": {"path": str(tmp_path / "out4")}}
     imported = []
     for name, doc in (("merge", merge), ("quantize", quantize)):
-        spec = write_spec(tmp_path / f"{name}.yaml", doc)
-        proc = subprocess.run([sys.executable, "-c", BUILD_THEN_MODULES, str(spec), "--executor", "local", "--cache", str(tmp_path / f"cache-{name}")],
-                              capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stderr
-        imported.append(proc.stdout.strip().splitlines()[-1])
+        imported.append(build_imports(write_spec(tmp_path / f"{name}.yaml", doc), tmp_path / f"cache-{name}", ("peft", "bitsandbytes")))
     # bitsandbytes' import loads torch's inductor (seconds): a merge has no use for it.
     assert imported == ["['peft']", "['bitsandbytes', 'peft']"]

@@ -4,14 +4,11 @@ damaged is ever used."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
 
-from conftest import write_spec
+from conftest import build_imports, write_spec
 from loadgraph.pipeline import derived
 from loadgraph.stages.derived_plans import quant_plan
 from loadgraph.stages.quantize import make_settings, settings_params
@@ -19,30 +16,13 @@ from loadgraph.spec import QuantizeSpec
 from loadgraph.testing import make_lora_adapter
 from test_quantize import tensors_of
 
-# The CLI's build in this process, then which of PEFT and transformers it imported (printed as it
-# exits: a finished build ends with os._exit, cli_common.exit_without_teardown).
-BUILD_THEN_MODULES = """
-import os, sys
-from loadgraph.cli import main
-real_exit = os._exit
-def report_then_exit(code):
-    print(sorted(m for m in ("peft", "transformers") if m in sys.modules), flush=True)
-    real_exit(code)
-os._exit = report_then_exit
-sys.argv = ["loadgraph", "build", *sys.argv[1:]]
-main()
-"""
-
 
 def _build(tmp_path: Path, base: Path, adapter: Path, cache: Path, out: str, env: dict | None = None) -> tuple[str, Path]:
     """A local merge build of `adapter` onto `base`; (the libraries it imported, its export)."""
     export = tmp_path / out
     spec = write_spec(tmp_path / f"{out}.yaml", {"source": {"model": str(base)}, "adapters": [{"path": str(adapter)}], "verify": False,
                                                  "export": {"path": str(export)}})
-    proc = subprocess.run([sys.executable, "-c", BUILD_THEN_MODULES, str(spec), "--executor", "local", "--cache", str(cache)],
-                          capture_output=True, text=True, timeout=300, env={**os.environ, **(env or {})})
-    assert proc.returncode == 0, proc.stderr
-    return proc.stdout.strip().splitlines()[-1], export
+    return build_imports(spec, cache, ("peft", "transformers"), env), export
 
 
 def _same(a: Path, b: Path) -> bool:

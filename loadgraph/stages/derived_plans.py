@@ -58,12 +58,15 @@ def _adapter_parts(adapter_dir: Path) -> list[bytes | str] | None:
     return [config, json.dumps({n: [e.dtype, list(e.shape)] for n, e in header.tensors.items()}, sort_keys=True)]
 
 
-def _plan_parts(names_parts: list | None, headers: dict, adapter_dir: Path, scale: float) -> list[bytes | str] | None:
-    """An adapter's merge plan's key: the base's name-map parts, dtypes and shapes, the adapter, the scale."""
+def _base_parts(names_parts: list | None, headers: dict) -> list[bytes | str] | None:
+    """The base's share of a merge plan's key: its name-map parts, dtypes and shapes."""
+    return None if names_parts is None else [*names_parts, json.dumps({n: [d, list(s)] for n, (d, s) in sorted(headers.items())})]
+
+
+def _plan_parts(base_parts: list | None, adapter_dir: Path, scale: float) -> list[bytes | str] | None:
+    """An adapter's merge plan's key: the base's parts, the adapter, the scale."""
     adapter_parts = _adapter_parts(adapter_dir)
-    if names_parts is None or adapter_parts is None:
-        return None
-    return [*names_parts, json.dumps({n: [d, list(s)] for n, (d, s) in sorted(headers.items())}), *adapter_parts, repr(float(scale))]
+    return None if base_parts is None or adapter_parts is None else [*base_parts, *adapter_parts, repr(float(scale))]
 
 
 def plan_adapters(base_dir: Path, tensors: dict[str, dict], adapter_dirs: list[Path], scales: list[float],
@@ -76,6 +79,7 @@ def plan_adapters(base_dir: Path, tensors: dict[str, dict], adapter_dirs: list[P
     base_dir = Path(base_dir)
     names_parts = _names_parts(base_dir, tensors)
     headers = base_headers(tensors)
+    base_parts = _base_parts(names_parts, headers)
     names: list = []
 
     def name_map():  # once, and only when an adapter's plan is not memoised
@@ -85,7 +89,7 @@ def plan_adapters(base_dir: Path, tensors: dict[str, dict], adapter_dirs: list[P
 
     plans = []
     for path, scale in zip(map(Path, adapter_dirs), scales):
-        parts = _plan_parts(names_parts, headers, path, scale)
+        parts = _plan_parts(base_parts, path, scale)
 
         def derive(path=path, scale=scale):
             adapter = LoraAdapter.load(path, allow_pickle=allow_pickle)
@@ -136,5 +140,5 @@ def plans_memoised(spec, memo_root: Path) -> bool:
         tensors = {n: {"dtype": e.dtype, "shape": list(e.shape)} for n, (_, e) in scan_checkpoint(base_dir).tensors.items()}
     except Exception:  # noqa: BLE001 - compile reports it
         return False
-    names_parts, headers = _names_parts(base_dir, tensors), base_headers(tensors)
-    return all(is_memoised(memo_root, "merge-plan", _plan_parts(names_parts, headers, Path(a.path), a.scale)) for a in spec.adapters)
+    base_parts = _base_parts(_names_parts(base_dir, tensors), base_headers(tensors))
+    return all(is_memoised(memo_root, "merge-plan", _plan_parts(base_parts, Path(a.path), a.scale)) for a in spec.adapters)
