@@ -23,6 +23,7 @@ def main(argv: list[str]) -> None:
         log.flush()
 
     import loadgraph.cli as cli
+    import loadgraph.pipeline.check_process as check_process
     import loadgraph.pipeline.graph as graph
     import loadgraph.pipeline.runner as runner
 
@@ -40,7 +41,8 @@ def main(argv: list[str]) -> None:
 
         setattr(owner, name, marked)
 
-    for owner, name in ((graph.Graph, "run_checks"), (cli, "_compile"), (runner, "_build_node"), (runner, "build"), (runner, "run_jobs")):
+    for owner, name in ((graph.Graph, "run_checks"), (cli, "_compile"), (runner, "_build_node"), (runner, "build"), (runner, "run_jobs"),
+                        (check_process.ChecksBeside, "begin"), (check_process.ChecksBeside, "confirm")):
         wrap(owner, name)
     sys.argv = ["loadgraph", *argv[1:]]
     cli.main()

@@ -31,6 +31,15 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="LLM checkpoints as a cached build graph on Ray.")
 
 
+def _local_warmup(targets: list, memo_root: Path, beside) -> list[str]:
+    """When the sources start hashing: the child for the checks, if worth it, and what this process imports."""
+    from loadgraph.import_warmup import checks_beside, modules_for
+
+    if checks_beside(targets, memo_root):
+        beside.start()
+    return modules_for(targets, memo_root, beside.started)
+
+
 def _compile(targets: list, cache_dir: Optional[Path], defer_checks: bool = False):
     """`targets`: the spec files' targets (spec.load_spec_files)."""
     from loadgraph.pipeline.graph import compile_specs
@@ -79,7 +88,8 @@ def build(
     check_report_path(json_out)
     from loadgraph.formats.digest import bytes_hashed
     from loadgraph.heap import reuse_large_blocks
-    from loadgraph.import_warmup import ImportWarmup, modules_for
+    from loadgraph.import_warmup import ImportWarmup, import_for_checks
+    from loadgraph.pipeline.check_process import ChecksBeside
     from loadgraph.pipeline.hash_process import process_hasher
     from loadgraph.pipeline.hashing import hashed_by
     from loadgraph.pipeline.offload import SharedExecutor, remote_hasher
@@ -92,12 +102,14 @@ def build(
     # One executor for the plan's hashing and the build; on Ray the plan hashes sources there.
     factory = SharedExecutor(make_executor_factory(executor))
     hashed = bytes_hashed()
+    beside = ChecksBeside(import_for_checks)
     try:
         with noise, RichReporter(console) as reporter:
             reporter.phase(f"planning {', '.join(map(str, specs))}")
             targets = load_spec_files(specs)
-            # Locally, the checks' imports run while a child process hashes the sources (import_warmup.py).
-            warmup = ImportWarmup(lambda: modules_for(targets, cache_root(cache_dir)) if executor == "local" else [])
+            # Locally, the checks' imports run while a child process hashes the sources (import_warmup.py);
+            # a merge's run in another child, beside units merging on guessed plans (check_process.py).
+            warmup = ImportWarmup(lambda: _local_warmup(targets, cache_root(cache_dir), beside) if executor == "local" else [])
             with hashed_by(remote_hasher(factory) if executor == "ray" else process_hasher(warmup.start)):
                 cache, graph = _compile(targets, cache_dir, defer_checks=True)
             if graph.checks:
@@ -108,7 +120,7 @@ def build(
                 without_bitsandbytes()  # PEFT imported without it: seconds off a merge (peft_import.py)
             from loadgraph.pipeline.runner import build as run_build
 
-            report = run_build(graph, cache, factory, reporter, overwrite=overwrite)
+            report = run_build(graph, cache, factory, reporter, overwrite=overwrite, beside=beside if beside.started else None)
             report.driver_bytes_hashed = bytes_hashed() - hashed  # the plan's hashing included
     except Exception as exc:  # noqa: BLE001 - every failure must become an exit code
         if json_out:
@@ -119,6 +131,7 @@ def build(
             raise
         fail(exc, noise.log_path)
     finally:
+        beside.close()
         factory.close()
     console.print(summary(report, wall_s=time.perf_counter() - STARTED))
     log = noise.log_path

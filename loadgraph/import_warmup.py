@@ -22,16 +22,43 @@ from pathlib import Path
 from loadgraph.spec import BuildSpec
 
 
-def modules_for(targets: list[BuildSpec], memo_root: Path | None = None) -> list[str]:
+def modules_for(targets: list[BuildSpec], memo_root: Path | None = None, checks_beside: bool = False) -> list[str]:
     """What the checks of `targets` will import: none for a re-shard or an export alone, no
-    transformers when their plans are all in `memo_root`'s memo."""
+    transformers when their plans are all in `memo_root`'s memo or their child derives them
+    (`checks_beside`: then only the units' torch)."""
     if not any(t.adapters or t.quantize or (t.convert and t.convert.base_adapters) for t in targets):
         return []
     from loadgraph.stages.derived_plans import plans_memoised
 
     quantizes = any(t.quantize for t in targets)
-    derives = memo_root is None or not all(plans_memoised(t, memo_root) for t in targets)
+    derives = not checks_beside and (memo_root is None or not all(plans_memoised(t, memo_root) for t in targets))
     return ["torch"] + (["transformers.modeling_utils"] if derives else []) + (["bitsandbytes"] if quantizes else [])
+
+
+def checks_beside(targets: list[BuildSpec], memo_root: Path | None) -> bool:
+    """Whether a local build's checks are worth a child beside merges on guessed plans
+    (pipeline/check_process.py): every target only merges adapters into a base on disk (no
+    quantization, attachment, conversion or QLoRA round trip, which the guess does not cover) and
+    some of their plans are not memoised (else the checks take milliseconds here).
+    LOADGRAPH_CHECKS_BESIDE=0 keeps them in this process, before any unit."""
+    import os
+
+    from loadgraph.pipeline.derived import enabled
+    from loadgraph.stages.derived_plans import plans_memoised
+
+    merges_only = all(t.adapters and not t.quantize and not t.convert and t.merge.base_roundtrip == "none"
+                      and all(a.mode == "merge" for a in t.adapters) and Path(t.source.model).is_dir() for t in targets)
+    return bool(targets) and merges_only and os.environ.get("LOADGRAPH_CHECKS_BESIDE") != "0" and memo_root is not None and enabled() and not all(plans_memoised(t, memo_root) for t in targets)
+
+
+def import_for_checks() -> None:
+    """The checks' imports, in their child: a merge-only graph's PEFT comes without bitsandbytes."""
+    import transformers.modeling_utils  # noqa: F401
+
+    from loadgraph.peft_import import import_peft, without_bitsandbytes
+
+    without_bitsandbytes()
+    import_peft()
 
 
 class ImportWarmup:

@@ -121,11 +121,14 @@ class LoraAdapter:
     tensor_dtypes: dict[str, str] = field(repr=False)
 
     @classmethod
-    def load(cls, path: str | Path, *, allow_pickle: bool = False) -> LoraAdapter:
+    def load(cls, path: str | Path, *, allow_pickle: bool = False, peft_checks: bool = True) -> LoraAdapter:
+        """`peft_checks=False`: without PEFT's config validation (a guessed plan's, which the
+        checks confirm: stages/derived_plans.guess_plans)."""
         path = Path(path)
         config = _read_config(path)
         _check_supported(path / ADAPTER_CONFIG, config)
-        check_peft_accepts(path)
+        if peft_checks:
+            check_peft_accepts(path)
         weights_file = _weights_file(path, allow_pickle)
         shapes, dtypes = _tensor_headers(weights_file)
         adapter = cls(path, config, weights_file, shapes, dtypes)
@@ -268,11 +271,13 @@ def _matches_module_suffix(module: str, wanted: str) -> bool:
 
 def _rank_and_alpha(config: Mapping[str, Any], module: str) -> tuple[int, float]:
     """r and alpha for `module`, matching pattern keys exactly as `peft.utils.other.get_pattern_key`."""
+    rank_pattern = config.get("rank_pattern") or {}
+    alpha_pattern = config.get("alpha_pattern") or {}
+    if not rank_pattern and not alpha_pattern:  # no key to match: PEFT's answer is the defaults (no import)
+        return config.get("r", 8), config.get("lora_alpha", 8)
     import_peft()
     from peft.utils.other import get_pattern_key
 
-    rank_pattern = config.get("rank_pattern") or {}
-    alpha_pattern = config.get("alpha_pattern") or {}
     r = rank_pattern.get(get_pattern_key(list(rank_pattern), module), config.get("r", 8))
     alpha = alpha_pattern.get(get_pattern_key(list(alpha_pattern), module), config.get("lora_alpha", 8))
     return r, alpha

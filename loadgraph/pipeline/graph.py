@@ -51,6 +51,10 @@ class Graph:
     # Preflight checks (adapter shapes, quantization support) of nodes not yet cached, as
     # (node key, check). They import torch/transformers (seconds): `build` shows the plan first.
     checks: list[tuple[str, Callable[[], None]]] = field(default_factory=list)
+    # For a node whose checks can be guessed ahead (a merge's plans, without transformers or PEFT):
+    # (guess, confirm). guess() -> whether its units may run on the guess while the checks run
+    # beside them (pipeline/check_process.py); confirm(), once they passed -> whether they agree.
+    guesses: dict[str, tuple[Callable[[], bool], Callable[[], bool]]] = field(default_factory=dict)
 
     # Where passed checks are remembered: a check is a pure function of its node's key (content
     # addressed) and the versions of the libraries that judge it, so a later plan skips it.
@@ -63,19 +67,13 @@ class Graph:
 
     def run_checks(self, keys: set[str] | None = None) -> None:
         """Run (and drop) the pending checks of `keys` (all when None); raises InputError."""
+        run_checks(self.take_checks(keys))
+
+    def take_checks(self, keys: set[str] | None = None) -> list[tuple[str, Callable[[], None], Path | None]]:
+        """Drop the checks and return those of `keys` not yet passed, each with its memo path."""
         pending, self.checks = self.checks, []
-        for key, check in pending:
-            if keys is None or key in keys:
-                memo = self._memo(key, check)
-                if memo is not None and memo.exists():
-                    continue
-                check()
-                if memo is not None:
-                    try:
-                        memo.parent.mkdir(parents=True, exist_ok=True)
-                        memo.touch()
-                    except OSError:
-                        pass  # a read-only cache: the next plan checks again
+        found = [(key, check, self._memo(key, check)) for key, check in pending if keys is None or key in keys]
+        return [(key, check, memo) for key, check, memo in found if memo is None or not memo.exists()]
 
     def pending_checks(self, keys: set[str]) -> list[str]:
         """Names of the checks of `keys` not yet passed (by this cache's memo)."""
@@ -149,8 +147,10 @@ def _compile_target(graph: Graph, spec: BuildSpec, cache: Cache) -> Target:
         current = stages["merge"] = graph.add("merge", params, inputs, f"{spec.name}: merge {len(merged)} adapter(s)")
         cast_done = True
         if cache.lookup(current.key) is None and checked_dir:
-            graph.checks.append((current.key, partial(_preflight_adapters, checked_dir, [n for _, n in merged], [a.scale for a, _ in merged],
-                                                       spec.source.allow_pickle, base_hub, weight_files, cache.root)))
+            args = (checked_dir, [n for _, n in merged], [a.scale for a, _ in merged], spec.source.allow_pickle, base_hub, weight_files, cache.root)
+            graph.checks.append((current.key, partial(_preflight_adapters, *args)))
+            if base_hub is None:
+                graph.guesses[current.key] = (partial(_guess_adapters, *args), partial(_confirm_adapters, *args))
     if spec.quantize is not None:
         from loadgraph.stages.quantize import resolve_backend, settings_params
 
@@ -288,6 +288,18 @@ def _adapter_nodes(graph: Graph, spec: BuildSpec, cache: Cache, base_dir: str | 
     return nodes
 
 
+def run_checks(checks: list[tuple[str, Callable[[], None], Path | None]]) -> None:
+    """Run taken checks (Graph.take_checks), remembering each that passes; raises InputError."""
+    for _, check, memo in checks:
+        check()
+        if memo is not None:
+            try:
+                memo.parent.mkdir(parents=True, exist_ok=True)
+                memo.touch()
+            except OSError:
+                pass  # a read-only cache: the next plan checks again
+
+
 def _preflight_quantize(settings_params: dict, checked_dir: str | None, memo_root: Path | None = None) -> None:
     """Refuses unsupported methods, options and untileable shapes before any work (the plan is
     memoised in the cache: the quantize units of the same base reuse it)."""
@@ -303,7 +315,6 @@ def _preflight_adapters(base_dir: str, adapters: list[Node], scales: list[float]
                         hub: dict | None = None, weight_files: list[str] | None = None, memo_root: Path | None = None) -> None:
     """Adapter vs base shapes, targets and types, from headers: fails in seconds, before any work.
     `hub`: the base's weights are not downloaded; their headers are read on the hub."""
-    from loadgraph.formats.checkpoint import scan_checkpoint
     from loadgraph.stages.derived_plans import plan_adapters
 
     if hub is not None:
@@ -313,11 +324,35 @@ def _preflight_adapters(base_dir: str, adapters: list[Node], scales: list[float]
 
         tensors = remote_tensors(hub, weight_files)
     else:
-        ckpt = scan_checkpoint(base_dir, allow_pickle=allow_pickle)
-        if not ckpt.headers:
+        tensors = _local_tensors(base_dir, allow_pickle)
+        if tensors is None:
             return  # pickled base: checked by the merge units once converted
-        tensors = {n: {"dtype": e.dtype, "shape": list(e.shape)} for n, (_, e) in ckpt.tensors.items()}
     plan_adapters(Path(base_dir), tensors, [Path(n.runtime["path"]) for n in adapters], scales, allow_pickle, memo_root)
+
+
+def _local_tensors(base_dir: str, allow_pickle: bool) -> dict[str, dict] | None:
+    """The base's tensor table from its headers; None for a pickled base."""
+    from loadgraph.formats.checkpoint import scan_checkpoint
+
+    ckpt = scan_checkpoint(base_dir, allow_pickle=allow_pickle)
+    return {n: {"dtype": e.dtype, "shape": list(e.shape)} for n, (_, e) in ckpt.tensors.items()} if ckpt.headers else None
+
+
+def _guess_adapters(base_dir: str, adapters: list[Node], scales: list[float], allow_pickle: bool, *_) -> bool:
+    """_preflight_adapters' plans guessed without transformers or PEFT (stages/derived_plans.guess_plans)."""
+    from loadgraph.stages.derived_plans import guess_plans
+
+    tensors = _local_tensors(base_dir, allow_pickle)
+    return tensors is not None and guess_plans(Path(base_dir), tensors, [Path(n.runtime["path"]) for n in adapters], scales, allow_pickle)
+
+
+def _confirm_adapters(base_dir: str, adapters: list[Node], scales: list[float], allow_pickle: bool, hub: dict | None = None,
+                      weight_files: list[str] | None = None, memo_root: Path | None = None) -> bool:
+    """Whether the guessed plans equal those _preflight_adapters derived (stages/derived_plans.confirm_plans)."""
+    from loadgraph.stages.derived_plans import confirm_plans
+
+    tensors = _local_tensors(base_dir, allow_pickle)
+    return tensors is not None and confirm_plans(Path(base_dir), tensors, [Path(n.runtime["path"]) for n in adapters], scales, allow_pickle, memo_root)
 
 
 def _verify_node(graph: Graph, spec: BuildSpec, final: Node, base: Node, stages: dict[str, Node], adapters: list[Node]) -> None:

@@ -44,6 +44,9 @@ class BuildReport:
     # with Ray, units and the driver's heavy chores run on the workers (pipeline/offload.py).
     driver_bytes_hashed: int = 0
     driver_peak_rss: int = 0
+    # {"beside": True, "overruled": [keys]} when the checks ran in a child beside nodes built on
+    # guessed plans, the overruled ones built again (pipeline/check_process.py)
+    checks: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
         return asdict(self)

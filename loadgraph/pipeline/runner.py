@@ -20,6 +20,7 @@ from loadgraph import faults
 from loadgraph.errors import BuildError, CorruptInput, InputError, disk_full_message
 from loadgraph.formats import digest
 from loadgraph.pipeline.cache import Artifact, Cache
+from loadgraph.pipeline.check_process import ChecksBeside
 from loadgraph.pipeline.executors.base import Executor
 from loadgraph.pipeline.fusion import consumers_to_fuse, plan_fused
 from loadgraph.pipeline.graph import Graph, Node
@@ -72,10 +73,12 @@ def _evict(cache: Cache, key: str) -> None:
                          "run `loadgraph cache verify --evict` where the cache is writable") from None
 
 
-def build(graph: Graph, cache: Cache, executor_factory, reporter: Reporter | None = None, overwrite: bool = False) -> BuildReport:
+def build(graph: Graph, cache: Cache, executor_factory, reporter: Reporter | None = None, overwrite: bool = False,
+          beside: ChecksBeside | None = None) -> BuildReport:
     """Build every target. `executor_factory` is called only if some node needs building,
     so a fully cached build never starts Ray. An input found corrupt is evicted and the
-    graph walked again, so the entry is rebuilt from its own (verified) inputs."""
+    graph walked again, so the entry is rebuilt from its own (verified) inputs. `beside`: the
+    checks run in that child while guessed nodes build (pipeline/check_process.py)."""
     reporter = reporter or NullReporter()
     start = time.perf_counter()
     hashed_before = digest.bytes_hashed()
@@ -84,7 +87,10 @@ def build(graph: Graph, cache: Cache, executor_factory, reporter: Reporter | Non
     preflight(graph, cache, overwrite)
     if graph.checks:  # deferred by compile_specs(defer_checks=True) so the plan shows first
         reporter.phase("checking adapters and quantization against the checkpoint headers")
-        graph.run_checks(keys_to_build(rows))
+        if beside is None:
+            graph.run_checks(keys_to_build(rows))
+        else:
+            beside.begin(graph, keys_to_build(rows))
     holder: list[Executor] = []
     corrupt = 0
     verifier = Verifier(cache.root)
@@ -95,7 +101,7 @@ def build(graph: Graph, cache: Cache, executor_factory, reporter: Reporter | Non
             for attempt in range(MAX_CORRUPT_RESTARTS + 1):
                 report = BuildReport()
                 try:
-                    _build_graph(graph, cache, executor_factory, reporter, report, holder, verifier, lease)
+                    _build_graph(graph, cache, executor_factory, reporter, report, holder, verifier, lease, beside)
                     break
                 except CorruptInput as exc:
                     if attempt == MAX_CORRUPT_RESTARTS:
@@ -105,6 +111,8 @@ def build(graph: Graph, cache: Cache, executor_factory, reporter: Reporter | Non
             verifier.save()
             if holder:
                 holder[0].close()
+    if beside is not None and beside.started:
+        report.checks = {"beside": True, "overruled": beside.overruled}
     report.seconds = time.perf_counter() - start
     report.corrupt_rebuilt = corrupt
     report.driver_bytes_hashed = digest.bytes_hashed() - hashed_before
@@ -113,7 +121,7 @@ def build(graph: Graph, cache: Cache, executor_factory, reporter: Reporter | Non
 
 
 def _build_graph(graph: Graph, cache: Cache, executor_factory, reporter: Reporter, report: BuildReport, holder: list,
-                 verifier: Verifier, lease: BuildLease) -> None:
+                 verifier: Verifier, lease: BuildLease, beside: ChecksBeside | None = None) -> None:
     def executor() -> Executor:
         if not holder:
             reporter.phase(f"starting {getattr(executor_factory, 'label', 'the executor')}")
@@ -147,12 +155,13 @@ def _build_graph(graph: Graph, cache: Cache, executor_factory, reporter: Reporte
         concurrency = getattr(runner, "node_concurrency", 1)
         shown = SerialReporter(reporter) if concurrency > 1 else reporter
         built: set[str] = set()  # nodes this build produced: their digests were computed as they were written
-        fuse = consumers_to_fuse(graph, todo, cache)
+        # A node on a guessed plan feeds no consumer: were it built again, its consumer's units would not be.
+        fuse = {key: node for key, node in consumers_to_fuse(graph, todo, cache).items() if beside is None or key not in beside.keys}
         fed: dict[str, list[str]] = {}  # consumer key -> its units the producer's units ran (fusion)
 
         def build_one(node: Node) -> NodeReport:
             nr = _build_node(node, cache, runner, shown, verifier, lease, built_for(graph, node), frozenset(built),
-                             consumer=fuse.get(node.key), fed=fed)
+                             consumer=fuse.get(node.key), fed=fed, beside=beside)
             built.add(node.key)
             return nr
 
@@ -246,9 +255,10 @@ def built_for(graph: Graph, node: Node) -> dict:
 
 def _build_node(node: Node, cache: Cache, executor: Executor, reporter: Reporter, verifier: Verifier, lease: BuildLease,
                 origin: dict | None = None, built: set[str] | frozenset = frozenset(), consumer: Node | None = None,
-                fed: dict[str, list[str]] | None = None) -> NodeReport:
+                fed: dict[str, list[str]] | None = None, beside: ChecksBeside | None = None) -> NodeReport:
     """Build one node; with a `consumer`, its units also run that node's units (pipeline/fusion.py),
-    whose ids are recorded in `fed` under the consumer's key for its own build to count as fresh."""
+    whose ids are recorded in `fed` under the consumer's key for its own build to count as fresh.
+    A node on a guessed plan is published once `beside` confirms it, else built again on the checks'."""
     t0, began = time.perf_counter(), time.time()
     fed = {} if fed is None else fed
     with cache.lock(node.key), ExitStack() as consumer_lock:
@@ -256,29 +266,34 @@ def _build_node(node: Node, cache: Cache, executor: Executor, reporter: Reporter
             return NodeReport(node.key, node.stage, node.labels, "cached")
         desc = {**node.describe(), "lease": str(lease.path) if lease.path else None,
                 "trusted": sorted(name for name, key in node.inputs.items() if key in built)}
-        units = _plan_node(cache, executor, desc)
-        results: dict[str, dict] = {}
-        for unit in units:
-            done = cache.unit_record(node.key, unit.id)
-            if done is not None:
-                results[unit.id] = {**done, "reused": unit.id not in fed.get(node.key, ())}
-        if consumer is not None:
-            units, fed[consumer.key] = plan_fused(cache, desc, units, set(results), consumer,
-                                                  lambda theirs: _plan_node(cache, executor, theirs), consumer_lock, executor.name == "local")
-        reporter.node_started(node, units, len(results))
-        todo = [u for u in units if u.id not in results]
 
         def on_result(unit: Unit, result: dict) -> None:
             results[unit.id] = result
             reporter.unit_finished(node, unit, result)
             faults.unit_finished()
+            if beside is not None:
+                beside.raise_if_refused()
 
         def on_progress(unit: Unit, fraction: float) -> None:
             reporter.unit_progress(node, unit, fraction)
 
         try:
-            if todo:
-                executor.run_units(cache.location, desc, todo, on_result, on_progress)
+            while True:
+                units = _plan_node(cache, executor, desc)
+                results: dict[str, dict] = {}
+                for unit in units:
+                    done = cache.unit_record(node.key, unit.id)
+                    if done is not None:
+                        results[unit.id] = {**done, "reused": unit.id not in fed.get(node.key, ())}
+                if consumer is not None:
+                    units, fed[consumer.key] = plan_fused(cache, desc, units, set(results), consumer,
+                                                          lambda theirs: _plan_node(cache, executor, theirs), consumer_lock, executor.name == "local")
+                reporter.node_started(node, units, len(results))
+                todo = [u for u in units if u.id not in results]
+                if todo:
+                    executor.run_units(cache.location, desc, todo, on_result, on_progress)
+                if beside is None or beside.confirm(node.key):
+                    break  # else merged on a guess the checks overruled: planned again, on theirs
             # Localizing, linking (or copying), finishing and publishing read and write every byte
             # of the node: a job on a worker under Ray, while this process keeps the lock.
             job = {"location": cache.location, "desc": desc, "labels": node.labels, "units": [unit_dict(u) for u in units],

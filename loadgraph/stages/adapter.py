@@ -25,7 +25,7 @@ from loadgraph.pipeline.cache import Cache
 from loadgraph.pipeline.hashing import hash_files
 from loadgraph.pipeline.stage import NodeContext, Stage, Unit
 from loadgraph.spec import AdapterSpec
-from loadgraph.stages.derived_plans import base_headers, plan_adapters  # noqa: F401  (base_headers: for the tests)
+from loadgraph.stages.derived_plans import base_headers, guessing, plan_adapters, plans_fingerprint  # noqa: F401  (base_headers: for the tests)
 from loadgraph.stages.export import set_config_dtype
 from loadgraph.stages.fetch import open_source, runtime_for
 from loadgraph.stages.inspect import link_or_copy
@@ -94,6 +94,8 @@ def artifact_plans(base, adapter_dirs: list[Path], scales: list[float], allow_pi
     meta-device model, PEFT's config checks) costs seconds at 7B; every merge unit, every Ray
     worker and verify's merge check reuse it."""
     key = (str(base.path), tuple(map(str, adapter_dirs)), tuple(scales), allow_pickle)
+    if guessing():  # a guessed plan may be withdrawn: not kept
+        return plan_adapters(base.path, base.tensors, adapter_dirs, scales, allow_pickle, memo_root)
     if key not in _ARTIFACT_PLANS:
         if len(_ARTIFACT_PLANS) >= 4:
             _ARTIFACT_PLANS.pop(next(iter(_ARTIFACT_PLANS)))
@@ -157,7 +159,7 @@ class MergeStage(Stage):
         return _layout(shard_bytes(ctx), tuple(planned))
 
     def units(self, ctx: NodeContext) -> list[Unit]:
-        return placed_units(self.layout(ctx), gpu=merge_device(ctx) == "cuda", workers=unit_workers(ctx))
+        return placed_units(self.layout(ctx), gpu=merge_device(ctx) == "cuda", workers=unit_workers(ctx), tag=plans_fingerprint(self._plans(ctx)))
 
     def _plans(self, ctx: NodeContext) -> list:
         return artifact_plans(ctx.input(), self._adapter_dirs(ctx), ctx.params["scales"], ctx.params["allow_pickle"], ctx.cache.root)

@@ -21,7 +21,7 @@ from pathlib import Path
 from loadgraph.errors import InputError
 from loadgraph.formats.checkpoint import INDEX_NAME
 from loadgraph.formats.safetensors import read_header
-from loadgraph.pipeline.derived import memoised
+from loadgraph.pipeline.derived import memo_key, memoised
 
 CONFIG = "config.json"
 GENERATION_CONFIG = "generation_config.json"
@@ -95,10 +95,65 @@ def plan_adapters(base_dir: Path, tensors: dict[str, dict], adapter_dirs: list[P
             adapter = LoraAdapter.load(path, allow_pickle=allow_pickle)
             return adapter, plan_merge(adapter, name_map(), headers, scale_multiplier=scale)
 
-        adapter, plan = memoised(memo_root, "merge-plan", parts, derive)
+        guessed = _GUESSED.get(memo_key(parts)) if parts is not None and _GUESSED else None
+        adapter, plan = guessed or memoised(memo_root, "merge-plan", parts, derive)
         weights = path / adapter.weights_file.name
         plans.append((replace(adapter, path=path, weights_file=weights), replace(plan, adapter_file=weights)))
     return plans
+
+
+# Merge plans guessed by guess_plans, by their memo key, until confirm_plans judges them.
+_GUESSED: dict[str, tuple] = {}
+
+
+def guessing() -> bool:
+    """Whether a guessed plan awaits its checks (a plan cache must not keep it meanwhile)."""
+    return bool(_GUESSED)
+
+
+def guess_plans(base_dir: Path, tensors: dict[str, dict], adapter_dirs: list[Path], scales: list[float], allow_pickle: bool = False) -> bool:
+    """Each adapter's merge plan under the identity name map, without transformers or PEFT: what
+    the checks derive for a checkpoint that transformers loads under its on-disk names (Llama,
+    Qwen, Mistral...). plan_adapters returns these until confirm_plans, so a local merge runs
+    while its checks import and derive beside it (pipeline/check_process.py); the runner publishes
+    it only if they agree. False (nothing guessed) where the identity map cannot even plan it."""
+    from loadgraph.formats.lora import LoraAdapter
+    from loadgraph.formats.lora_plan import plan_merge
+
+    headers = base_headers(tensors)
+    base_parts = _base_parts(_names_parts(Path(base_dir), tensors), headers)
+    guesses = {}
+    for path, scale in zip(map(Path, adapter_dirs), scales):
+        parts = _plan_parts(base_parts, path, scale)
+        if parts is None:
+            return False
+        try:
+            adapter = LoraAdapter.load(path, allow_pickle=allow_pickle, peft_checks=False)
+            guesses[memo_key(parts)] = (adapter, plan_merge(adapter, {n: n for n in tensors}, headers, scale_multiplier=scale))
+        except Exception:  # noqa: BLE001 - the checks judge it (and report it)
+            return False
+    _GUESSED.update(guesses)
+    return True
+
+
+def confirm_plans(base_dir: Path, tensors: dict[str, dict], adapter_dirs: list[Path], scales: list[float], allow_pickle: bool = False,
+                  memo_root: Path | None = None) -> bool:
+    """After the checks passed: whether every guessed plan equals the one they derived (memoised
+    by them in `memo_root`, else derived here). The guesses are dropped either way."""
+    headers = base_headers(tensors)
+    base_parts = _base_parts(_names_parts(Path(base_dir), tensors), headers)
+    keys = [memo_key(parts) if (parts := _plan_parts(base_parts, Path(p), s)) is not None else None for p, s in zip(adapter_dirs, scales)]
+    guessed = [_GUESSED.pop(k, None) for k in keys]
+    derived = plan_adapters(base_dir, tensors, adapter_dirs, scales, allow_pickle, memo_root)
+    return all(g is not None and plans_fingerprint([g]) == plans_fingerprint([d]) for g, d in zip(guessed, derived))
+
+
+def plans_fingerprint(plans: list) -> str:
+    """What the merge does with each tensor, by value (targets, ranks, scales, order; no paths): a
+    merge's unit ids carry it, so units merged on a plan never pass for another plan's."""
+    from loadgraph.formats.digest import digest_bytes
+
+    return digest_bytes(repr([(plan.scale_multiplier, sorted(plan.ops.items())) for _, plan in plans]).encode())[:8]
 
 
 def _quant_parts(base_dir: Path, settings) -> list[bytes | str] | None:

@@ -45,17 +45,18 @@ def unit_workers(ctx: NodeContext) -> int | None:
     return ctx.runtime.get("unit_workers")
 
 
-def placed_units(layout: Layout, gpu: bool = False, size: int | None = None, workers: int | None = None) -> list[Unit]:
+def placed_units(layout: Layout, gpu: bool = False, size: int | None = None, workers: int | None = None, tag: str = "") -> list[Unit]:
     """One unit per tensor group (a multiple of `workers` of them, when given)."""
     groups = unit_groups(layout, size or unit_bytes(), workers)
-    return tensor_units(layout, groups, lambda n: layout.tensors[n].nbytes, gpu)
+    return tensor_units(layout, groups, lambda n: layout.tensors[n].nbytes, gpu, tag)
 
 
-def tensor_units(layout: Layout, groups: list[list[str]], nbytes, gpu: bool) -> list[Unit]:
-    """Units of the tensor groups. An id names the layout (its headers' fingerprint) and its
-    group's tensors, so a build resumed with another layout or another grouping (other workers,
-    another LOADGRAPH_UNIT_BYTES) never takes a finished unit for one it is not."""
-    fingerprint = digest_bytes(b"".join(layout.headers.values()))[:8]
+def tensor_units(layout: Layout, groups: list[list[str]], nbytes, gpu: bool, tag: str = "") -> list[Unit]:
+    """Units of the tensor groups. An id names the layout (its headers' fingerprint), what the
+    units compute beyond their params (`tag`: a merge's plan) and its group's tensors, so a build
+    resumed with another layout, plan or grouping (other workers, another LOADGRAPH_UNIT_BYTES)
+    never takes a finished unit for one it is not."""
+    fingerprint = digest_bytes(b"".join(layout.headers.values()) + tag.encode())[:8]
     return [Unit(id=f"part-{fingerprint}-{i:05d}-{digest_bytes(chr(0).join(names).encode())[:6]}", payload={"tensors": names},
                  nbytes=sum(nbytes(n) for n in names), gpu=gpu)
             for i, names in enumerate(groups)]

@@ -1,0 +1,140 @@
+"""A local build's checks in a child process, beside the nodes that run on their guessed plans.
+
+A cold merge's checks import torch, transformers and PEFT and build the base on the meta device
+(seconds: 5-6 on the 16-core GPU host, 4-5 on 2 cores) before its first unit may start, although
+what they derive for a checkpoint that transformers loads under its on-disk names is the plan
+the identity name map gives (Graph.guesses; stages/derived_plans.guess_plans). Here a child
+process, spawned when the sources start hashing so that its imports overlap the plan, runs the
+checks and stores their plans in the cache's memo, while this process's units run on the guesses.
+The runner publishes a guessed node only once the checks passed and `confirm` found their plans
+equal to the guess, and builds it again on theirs otherwise (the units' ids carry the plan, so a
+unit computed on a guess is never taken for another plan's, even after a kill). A check that fails
+fails the build (exit 2) at the next finished unit, with nothing published.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+from collections.abc import Callable
+from pathlib import Path
+
+from loadgraph.errors import LoadgraphError
+
+Checks = list[tuple[str, Callable[[], None], Path | None]]  # Graph.take_checks
+
+
+def _serve(conn, prepare: Callable[[], None]) -> None:
+    """The child: import, then run the checks it is sent and answer how they went."""
+    from loadgraph.pipeline.graph import run_checks
+
+    try:
+        prepare()
+    except Exception:  # noqa: BLE001 - the checks import again and report the error there
+        pass
+    try:
+        checks = conn.recv()
+    except (EOFError, OSError):
+        return  # nothing to check: the build needed none, or ended
+    try:
+        run_checks(checks)
+        conn.send(("passed", None))
+    except LoadgraphError as exc:
+        conn.send(("refused", exc))
+    except BaseException as exc:  # noqa: BLE001 - judged again in the parent, where it is reported
+        conn.send(("crashed", f"{type(exc).__name__}: {exc}"))
+
+
+class ChecksBeside:
+    """`start()` spawns the child (idempotent); `begin` hands it a build's pending checks."""
+
+    def __init__(self, prepare: Callable[[], None]):
+        self._prepare = prepare  # module-level (pickled to the child): its imports
+        self._proc = None
+        self._conn = None
+        self._pending: Checks = []
+        self._outcome: tuple | None = None
+        self._confirms: dict[str, Callable[[], bool]] = {}
+        self.overruled: list[str] = []  # keys built again on the checks' plans
+
+    @property
+    def started(self) -> bool:
+        return self._proc is not None
+
+    @property
+    def keys(self) -> set[str]:
+        """Nodes running on guesses not yet confirmed."""
+        return set(self._confirms)
+
+    def start(self) -> None:
+        if self._proc is None:
+            ctx = multiprocessing.get_context("spawn")  # this process runs threads: no fork
+            self._conn, child = ctx.Pipe()
+            self._proc = ctx.Process(target=_serve, args=(child, self._prepare), name="loadgraph-checks", daemon=True)
+            self._proc.start()
+            child.close()
+
+    def begin(self, graph, keys: set[str]) -> None:
+        """Run the pending checks of `keys`: in the child when every node they gate can run on a
+        guess (the guesses are then registered), else here, before any unit."""
+        from loadgraph.pipeline.graph import run_checks
+
+        pending = graph.take_checks(keys)
+        gated = {key for key, _, _ in pending}
+        guessed: list[str] = []
+        if self._proc is not None and gated and all(key in graph.guesses for key in gated):
+            for key in gated:
+                if not graph.guesses[key][0]():
+                    break
+                guessed.append(key)
+        if pending and len(guessed) == len(gated):
+            self._pending, self._confirms = pending, {key: graph.guesses[key][1] for key in gated}
+            self._conn.send(pending)
+            return
+        try:
+            run_checks(pending)
+        finally:
+            for key in guessed:  # withdrawn before any unit ran on them
+                try:
+                    graph.guesses[key][1]()
+                except LoadgraphError:
+                    pass  # the checks' own error is the one raised
+            self.close()
+
+    def raise_if_refused(self) -> None:
+        """The checks' error, as soon as the child has reported one (a unit just finished)."""
+        if self._outcome is None and self._confirms and self._conn.poll():
+            self._receive()
+        if self._outcome and self._outcome[0] == "refused":
+            raise self._outcome[1]
+
+    def confirm(self, key: str) -> bool:
+        """For a node built on a guess: waits for the checks (raises their error), then whether
+        their plans are the guessed ones. True for any other node."""
+        if key not in self._confirms:
+            return True
+        if self._outcome is None:
+            self._receive()
+        self.raise_if_refused()
+        agreed = self._confirms.pop(key)()
+        if not agreed:
+            self.overruled.append(key)
+        return agreed
+
+    def _receive(self) -> None:
+        from loadgraph.pipeline.graph import run_checks
+
+        try:
+            self._outcome = self._conn.recv()
+        except (EOFError, OSError):
+            self._outcome = ("crashed", "the checks' process ended")
+        if self._outcome[0] == "crashed":  # killed, out of memory, a library's own failure: judged here
+            run_checks(self._pending)
+            self._outcome = ("passed", None)
+
+    def close(self) -> None:
+        if self._proc is not None:
+            if self._proc.is_alive():
+                self._proc.kill()  # mid-import or mid-check: its memo files are written whole or not at all
+            self._proc.join()
+            self._conn.close()
+            self._proc = None

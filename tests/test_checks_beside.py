@@ -1,0 +1,107 @@
+"""A cold local merge runs its checks in a child process while its units merge on guessed plans
+(pipeline/check_process.py, stages/derived_plans.guess_plans): the same bytes as checking first,
+no transformers or PEFT in the build's own process, a guess the checks overrule built again on
+theirs, a check that fails fails the build with nothing published."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from safetensors.torch import load_file, save_file
+
+from conftest import write_spec
+from loadgraph.testing import make_lora_adapter
+from test_derived_memo import _same
+
+# The CLI's build in this process with the sources hashed by a child however small they are (so
+# the warm-up, and with it the checks' child, starts as on a real checkpoint). FAULT=overrule
+# halves every guessed plan's scale: a guess the checks must overrule. Prints which of $WATCHED
+# the build's own process imported.
+BUILD = """
+import os, sys
+import loadgraph.pipeline.offload as offload
+offload.REMOTE_MIN = 0
+if os.environ.get("FAULT") == "overrule":
+    from dataclasses import replace
+    from loadgraph.stages import derived_plans
+    guess = derived_plans.guess_plans
+    def wrong(*args, **kwargs):
+        found = guess(*args, **kwargs)
+        for key, (adapter, plan) in derived_plans._GUESSED.items():
+            derived_plans._GUESSED[key] = (adapter, replace(plan, scale_multiplier=plan.scale_multiplier / 2))
+        return found
+    derived_plans.guess_plans = wrong
+from loadgraph.cli import main
+real_exit = os._exit
+def report_then_exit(code):
+    print(sorted(m for m in os.environ["WATCHED"].split(",") if m in sys.modules), flush=True)
+    real_exit(code)
+os._exit = report_then_exit
+sys.argv = ["loadgraph", "build", *sys.argv[1:]]
+main()
+"""
+
+
+def _build(tmp_path: Path, base: Path, adapter: Path, name: str, env: dict | None = None) -> tuple[subprocess.CompletedProcess, Path, Path]:
+    """A cold local merge build; (the process, its export, its cache)."""
+    export, cache = tmp_path / f"out-{name}", tmp_path / f"cache-{name}"
+    spec = write_spec(tmp_path / f"{name}.yaml", {"source": {"model": str(base)}, "adapters": [{"path": str(adapter)}], "verify": False,
+                                                  "export": {"path": str(export)}})
+    proc = subprocess.run([sys.executable, "-c", BUILD, str(spec), "--executor", "local", "--cache", str(cache), "--json", str(tmp_path / f"{name}.json")],
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "LOADGRAPH_HASH_PROCESS_MIN": "0", "WATCHED": "peft,transformers", **(env or {})})
+    return proc, export, cache
+
+
+def _report(tmp_path: Path, name: str) -> dict:
+    return json.loads((tmp_path / f"{name}.json").read_text())
+
+
+def test_the_checks_run_beside_the_merge_which_imports_neither_peft_nor_transformers_and_writes_the_same_bytes(models, tmp_path):
+    base = models("llama", dtype="bfloat16")
+    adapter = make_lora_adapter(base, tmp_path / "a", r=4, seed=5)
+    proc, ours, cache = _build(tmp_path, base, adapter, "beside")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "[]"  # the child imported them, not the build
+    assert _report(tmp_path, "beside")["checks"] == {"beside": True, "overruled": []}
+    # The child stored the plans it derived: a retrained adapter's build finds them.
+    assert {p.parent.name for p in (cache / "derived").rglob("*.pickle")} == {"names", "merge-plan"}
+    proc, theirs, _ = _build(tmp_path, base, adapter, "here", {"LOADGRAPH_CHECKS_BESIDE": "0"})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "['peft', 'transformers']" and _report(tmp_path, "here")["checks"] == {}
+    assert _same(ours, theirs)
+
+
+def test_a_guess_the_checks_overrule_is_merged_again_on_their_plan(models, tmp_path):
+    base = models("llama", dtype="bfloat16")
+    adapter = make_lora_adapter(base, tmp_path / "a", r=4, seed=5)
+    proc, ours, _ = _build(tmp_path, base, adapter, "overruled", {"FAULT": "overrule"})
+    assert proc.returncode == 0, proc.stderr
+    report = _report(tmp_path, "overruled")
+    merge = next(n for n in report["nodes"] if n["stage"] == "merge")
+    assert report["checks"] == {"beside": True, "overruled": [merge["key"]]}
+    assert merge["units_reused"] == 0  # none of the units merged on the guess (their ids carry its plan)
+    _, theirs, _ = _build(tmp_path, base, adapter, "here", {"LOADGRAPH_CHECKS_BESIDE": "0"})
+    assert _same(ours, theirs)
+
+
+def test_an_adapter_the_checks_refuse_fails_the_build_with_their_error_and_publishes_nothing(models, tmp_path):
+    base = models("llama", dtype="bfloat16")
+    adapter = make_lora_adapter(base, tmp_path / "a", r=4, seed=5, target_modules=["q_proj", "v_proj"])
+    weights = adapter / "adapter_model.safetensors"
+    tensors = load_file(str(weights))
+    dropped = sorted(n for n in tensors if ".layers.1.self_attn.v_proj." in n)
+    save_file({n: t for n, t in tensors.items() if n not in dropped}, str(weights))  # a truncated file: PEFT's targets check refuses it
+    proc, export, cache = _build(tmp_path, base, adapter, "refused")
+    assert proc.returncode == 2, proc.stderr
+    assert "layers.1.self_attn.v_proj.lora_A.weight: missing, although adapter_config.json's target_modules selects that layer" in proc.stderr
+    assert re.search(r"merge\s+\w+\s+building", proc.stderr)  # refused by the child while the merge ran on its guess
+    assert _report(tmp_path, "refused")["ok"] is False
+    assert not export.exists()
+    stages = {json.loads(m.read_text()).get("stage") for m in (cache / "objects").glob("*/manifest.json")}
+    assert "merge" not in stages and "export" not in stages
