@@ -33,10 +33,12 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 
 def _local_warmup(targets: list, memo_root: Path, beside) -> list[str]:
     """When the sources start hashing: the child for the checks, if worth it, and what this process imports."""
-    from loadgraph.import_warmup import checks_beside, modules_for
+    from functools import partial
+
+    from loadgraph.import_warmup import checks_beside, import_for_checks, modules_for
 
     if checks_beside(targets, memo_root):
-        beside.start()
+        beside.start(partial(import_for_checks, any(t.quantize for t in targets)))
     return modules_for(targets, memo_root, beside.started)
 
 
@@ -88,7 +90,7 @@ def build(
     check_report_path(json_out)
     from loadgraph.formats.digest import bytes_hashed
     from loadgraph.heap import reuse_large_blocks
-    from loadgraph.import_warmup import ImportWarmup, import_for_checks
+    from loadgraph.import_warmup import ImportWarmup
     from loadgraph.pipeline.check_process import ChecksBeside
     from loadgraph.pipeline.hash_process import process_hasher
     from loadgraph.pipeline.hashing import hashed_by
@@ -102,7 +104,7 @@ def build(
     # One executor for the plan's hashing and the build; on Ray the plan hashes sources there.
     factory = SharedExecutor(make_executor_factory(executor))
     hashed = bytes_hashed()
-    beside = ChecksBeside(import_for_checks)
+    beside = ChecksBeside()
     try:
         with noise, RichReporter(console) as reporter:
             reporter.phase(f"planning {', '.join(map(str, specs))}")

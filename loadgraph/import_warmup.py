@@ -46,15 +46,28 @@ def checks_beside(targets: list[BuildSpec], memo_root: Path | None) -> bool:
     from loadgraph.pipeline.derived import enabled
     from loadgraph.stages.derived_plans import plans_memoised
 
-    merges_only = all(t.adapters and not t.quantize and not t.convert and t.merge.base_roundtrip == "none"
-                      and all(a.mode == "merge" for a in t.adapters) and Path(t.source.model).is_dir() for t in targets)
-    return bool(targets) and merges_only and os.environ.get("LOADGRAPH_CHECKS_BESIDE") != "0" and memo_root is not None and enabled() and not all(plans_memoised(t, memo_root) for t in targets)
+    guessable = all(not t.convert and Path(t.source.model).is_dir() and (_merges_only(t) or _quantizes_only(t)) for t in targets)
+    return bool(targets) and guessable and os.environ.get("LOADGRAPH_CHECKS_BESIDE") != "0" and memo_root is not None and enabled() and not all(plans_memoised(t, memo_root) for t in targets)
 
 
-def import_for_checks() -> None:
-    """The checks' imports, in their child: a merge-only graph's PEFT comes without bitsandbytes."""
+def _merges_only(t: BuildSpec) -> bool:
+    return bool(t.adapters) and not t.quantize and t.merge.base_roundtrip == "none" and all(a.mode == "merge" for a in t.adapters)
+
+
+def _quantizes_only(t: BuildSpec) -> bool:
+    """A bitsandbytes 4-bit quantization of the base with the default skips (formats/quant_guess.py)."""
+    return not t.adapters and t.quantize is not None and t.quantize.method.lower() in ("bnb-nf4", "bnb-fp4") and not t.quantize.skip_modules
+
+
+def import_for_checks(quantizes: bool) -> None:
+    """The checks' imports, in their child: bitsandbytes for a quantization's meta model, else
+    PEFT without it (a merge-only graph: peft_import.py)."""
     import transformers.modeling_utils  # noqa: F401
 
+    if quantizes:
+        import bitsandbytes  # noqa: F401
+
+        return
     from loadgraph.peft_import import import_peft, without_bitsandbytes
 
     without_bitsandbytes()

@@ -105,3 +105,52 @@ def test_an_adapter_the_checks_refuse_fails_the_build_with_their_error_and_publi
     assert not export.exists()
     stages = {json.loads(m.read_text()).get("stage") for m in (cache / "objects").glob("*/manifest.json")}
     assert "merge" not in stages and "export" not in stages
+
+
+def _quantize_spec(tmp_path: Path, base: Path, name: str) -> Path:
+    return write_spec(tmp_path / f"{name}.yaml", {"source": {"model": str(base)}, "dtype": "bfloat16", "verify": False,
+                                                  "quantize": {"method": "bnb-nf4", "double_quant": True, "backend": "cpu"},
+                                                  "export": {"path": str(tmp_path / f"out-{name}")}})
+
+
+def test_a_quantization_runs_on_its_guessed_plan_beside_its_checks_and_writes_the_same_files(models, tmp_path):
+    base = models("llama", dtype="bfloat16")
+    outs = {}
+    for name, env in (("beside", {}), ("here", {"LOADGRAPH_CHECKS_BESIDE": "0"})):
+        spec, cache = _quantize_spec(tmp_path, base, name), tmp_path / f"cache-{name}"
+        proc = subprocess.run([sys.executable, "-c", BUILD, str(spec), "--executor", "local", "--cache", str(cache), "--json", str(tmp_path / f"{name}.json")],
+                              capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "LOADGRAPH_HASH_PROCESS_MIN": "0", "WATCHED": "transformers", **env})
+        assert proc.returncode == 0, proc.stderr
+        outs[name] = (proc.stdout.strip().splitlines()[-1], _report(tmp_path, name)["checks"], tmp_path / f"out-{name}")
+    assert outs["beside"][:2] == ("[]", {"beside": True, "overruled": []})  # no meta model in the build's own process
+    assert outs["here"][:2] == ("['transformers']", {})
+    ours, theirs = outs["beside"][2], outs["here"][2]
+    assert _same(ours, theirs)
+    # The configs come from transformers' plan, derived beside: the same files, byte for byte.
+    assert sorted(p.name for p in ours.iterdir()) == sorted(p.name for p in theirs.iterdir())
+    assert all((ours / p.name).read_bytes() == p.read_bytes() for p in theirs.iterdir() if p.suffix == ".json" and p.name != "manifest.json")
+
+
+def test_a_guessed_quantization_plan_is_confirmed_only_where_it_writes_what_transformers_plans(models, tmp_path):
+    from dataclasses import replace
+
+    from loadgraph.pipeline.graph import _local_tensors
+    from loadgraph.spec import QuantizeSpec
+    from loadgraph.stages import derived_plans
+    from loadgraph.stages.quantize import make_settings, settings_params
+
+    base = models("llama", dtype="bfloat16")
+    settings = make_settings(settings_params(QuantizeSpec(method="bnb-nf4", double_quant=True), "bfloat16"))
+    tensors = _local_tensors(str(base), False)
+    assert derived_plans.guess_quant(base, tensors, settings)
+    assert derived_plans.confirm_quant(base, settings, tmp_path / "memo")  # transformers plans the same fates
+    assert derived_plans.guess_quant(base, tensors, settings)
+    (key, plan), = derived_plans._GUESSED.items()
+    weight = next(n for n, t in plan.tensors.items() if t.kind == "quantize")
+    derived_plans._GUESSED[key] = replace(plan, tensors={**plan.tensors, weight: replace(plan.tensors[weight], kind="keep")})
+    assert not derived_plans.confirm_quant(base, settings, tmp_path / "memo")  # one weight kept that transformers quantizes
+    assert not derived_plans._GUESSED  # withdrawn either way: the plan is transformers' from then on
+    assert derived_plans.quant_plan(str(base), settings, tmp_path / "memo").tensors[weight].kind == "quantize"
+    # Outside the guessed case (a skip list replaces transformers' default skips) nothing is guessed.
+    assert not derived_plans.guess_quant(base, tensors, replace(settings, skip_modules=("q_proj",)))

@@ -45,10 +45,9 @@ def _serve(conn, prepare: Callable[[], None]) -> None:
 
 
 class ChecksBeside:
-    """`start()` spawns the child (idempotent); `begin` hands it a build's pending checks."""
+    """`start(prepare)` spawns the child (idempotent); `begin` hands it a build's pending checks."""
 
-    def __init__(self, prepare: Callable[[], None]):
-        self._prepare = prepare  # module-level (pickled to the child): its imports
+    def __init__(self) -> None:
         self._proc = None
         self._conn = None
         self._pending: Checks = []
@@ -65,11 +64,12 @@ class ChecksBeside:
         """Nodes running on guesses not yet confirmed."""
         return set(self._confirms)
 
-    def start(self) -> None:
+    def start(self, prepare: Callable[[], None]) -> None:
+        """`prepare`: the child's imports (pickled to it: a module-level function or its partial)."""
         if self._proc is None:
             ctx = multiprocessing.get_context("spawn")  # this process runs threads: no fork
             self._conn, child = ctx.Pipe()
-            self._proc = ctx.Process(target=_serve, args=(child, self._prepare), name="loadgraph-checks", daemon=True)
+            self._proc = ctx.Process(target=_serve, args=(child, prepare), name="loadgraph-checks", daemon=True)
             self._proc.start()
             child.close()
 

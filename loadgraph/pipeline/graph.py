@@ -155,10 +155,14 @@ def _compile_target(graph: Graph, spec: BuildSpec, cache: Cache) -> Target:
         from loadgraph.stages.quantize import resolve_backend, settings_params
 
         qparams = {"settings": settings_params(spec.quantize, spec.dtype), "backend": resolve_backend(spec.quantize.backend)}
+        of_base = current is inspected
         current = stages["quantize"] = graph.add("quantize", qparams, {"model": current.key}, f"{spec.name}: quantize {spec.quantize.method}")
         cast_done = True
         if cache.lookup(current.key) is None:
             graph.checks.append((current.key, partial(_preflight_quantize, qparams["settings"], None if base_hub else checked_dir, cache.root)))
+            if of_base and checked_dir and not base_hub:  # the units plan from the base's own files (a merge's are its output's)
+                args = (qparams["settings"], checked_dir, cache.root)
+                graph.guesses[current.key] = (partial(_guess_quantize, *args), partial(_confirm_quantize, *args))
     if attached:
         params = {"scales": [a.scale for a, _ in attached], "allow_pickle": spec.source.allow_pickle}
         inputs = {"model": current.key, **{f"adapter{i}": n.key for i, (_, n) in enumerate(attached)}}
@@ -309,6 +313,23 @@ def _preflight_quantize(settings_params: dict, checked_dir: str | None, memo_roo
     settings = make_settings(settings_params)
     if checked_dir and scan_is_safetensors(checked_dir):
         quant_plan(checked_dir, settings, memo_root)
+
+
+def _guess_quantize(settings_params: dict, checked_dir: str, memo_root: Path | None = None) -> bool:
+    """_preflight_quantize's plan guessed without transformers (formats/quant_guess.py)."""
+    from loadgraph.stages.derived_plans import guess_quant
+    from loadgraph.stages.quantize import make_settings
+
+    tensors = _local_tensors(checked_dir, False) if scan_is_safetensors(checked_dir) else None
+    return tensors is not None and guess_quant(Path(checked_dir), tensors, make_settings(settings_params))
+
+
+def _confirm_quantize(settings_params: dict, checked_dir: str, memo_root: Path | None = None) -> bool:
+    """Whether the guessed quantization plan writes what _preflight_quantize's plan writes."""
+    from loadgraph.stages.derived_plans import confirm_quant
+    from loadgraph.stages.quantize import make_settings
+
+    return confirm_quant(Path(checked_dir), make_settings(settings_params), memo_root)
 
 
 def _preflight_adapters(base_dir: str, adapters: list[Node], scales: list[float], allow_pickle: bool,

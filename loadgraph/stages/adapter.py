@@ -25,7 +25,7 @@ from loadgraph.pipeline.cache import Cache
 from loadgraph.pipeline.hashing import hash_files
 from loadgraph.pipeline.stage import NodeContext, Stage, Unit
 from loadgraph.spec import AdapterSpec
-from loadgraph.stages.derived_plans import base_headers, guessing, plan_adapters, plans_fingerprint  # noqa: F401  (base_headers: for the tests)
+from loadgraph.stages.derived_plans import base_headers, guess_epoch, plan_adapters, plans_fingerprint  # noqa: F401  (base_headers: for the tests)
 from loadgraph.stages.export import set_config_dtype
 from loadgraph.stages.fetch import open_source, runtime_for
 from loadgraph.stages.inspect import link_or_copy
@@ -93,9 +93,7 @@ def artifact_plans(base, adapter_dirs: list[Path], scales: list[float], allow_pi
     paths name their content) and once per cache (stages/derived_plans.py): the plan (a
     meta-device model, PEFT's config checks) costs seconds at 7B; every merge unit, every Ray
     worker and verify's merge check reuse it."""
-    key = (str(base.path), tuple(map(str, adapter_dirs)), tuple(scales), allow_pickle)
-    if guessing():  # a guessed plan may be withdrawn: not kept
-        return plan_adapters(base.path, base.tensors, adapter_dirs, scales, allow_pickle, memo_root)
+    key = (str(base.path), tuple(map(str, adapter_dirs)), tuple(scales), allow_pickle, guess_epoch())  # a withdrawn guess is not served
     if key not in _ARTIFACT_PLANS:
         if len(_ARTIFACT_PLANS) >= 4:
             _ARTIFACT_PLANS.pop(next(iter(_ARTIFACT_PLANS)))

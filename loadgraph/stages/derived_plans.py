@@ -95,20 +95,37 @@ def plan_adapters(base_dir: Path, tensors: dict[str, dict], adapter_dirs: list[P
             adapter = LoraAdapter.load(path, allow_pickle=allow_pickle)
             return adapter, plan_merge(adapter, name_map(), headers, scale_multiplier=scale)
 
-        guessed = _GUESSED.get(memo_key(parts)) if parts is not None and _GUESSED else None
-        adapter, plan = guessed or memoised(memo_root, "merge-plan", parts, derive)
+        adapter, plan = _guessed("merge-plan", parts) or memoised(memo_root, "merge-plan", parts, derive)
         weights = path / adapter.weights_file.name
         plans.append((replace(adapter, path=path, weights_file=weights), replace(plan, adapter_file=weights)))
     return plans
 
 
-# Merge plans guessed by guess_plans, by their memo key, until confirm_plans judges them.
-_GUESSED: dict[str, tuple] = {}
+# Plans guessed by guess_plans and guess_quant_plan, by (kind, memo key), until confirmed;
+# _EPOCH[0] counts their changes: the per-process plan and layout caches key on it.
+_GUESSED: dict[tuple[str, str], object] = {}
+_EPOCH = [0]
 
 
-def guessing() -> bool:
-    """Whether a guessed plan awaits its checks (a plan cache must not keep it meanwhile)."""
-    return bool(_GUESSED)
+def guess_epoch() -> int:
+    """Changes whenever a guessed plan is registered or withdrawn (a cache keyed on it never
+    serves a withdrawn guess)."""
+    return _EPOCH[0]
+
+
+def _guessed(kind: str, parts: list | None):
+    return _GUESSED.get((kind, memo_key(parts))) if parts is not None and _GUESSED else None
+
+
+def _register(guesses: dict) -> None:
+    _GUESSED.update(guesses)
+    _EPOCH[0] += 1
+
+
+def _withdraw(kind: str, parts: list | None):
+    found = _GUESSED.pop((kind, memo_key(parts)), None) if parts is not None else None
+    _EPOCH[0] += 1
+    return found
 
 
 def guess_plans(base_dir: Path, tensors: dict[str, dict], adapter_dirs: list[Path], scales: list[float], allow_pickle: bool = False) -> bool:
@@ -129,10 +146,10 @@ def guess_plans(base_dir: Path, tensors: dict[str, dict], adapter_dirs: list[Pat
             return False
         try:
             adapter = LoraAdapter.load(path, allow_pickle=allow_pickle, peft_checks=False)
-            guesses[memo_key(parts)] = (adapter, plan_merge(adapter, {n: n for n in tensors}, headers, scale_multiplier=scale))
+            guesses["merge-plan", memo_key(parts)] = (adapter, plan_merge(adapter, {n: n for n in tensors}, headers, scale_multiplier=scale))
         except Exception:  # noqa: BLE001 - the checks judge it (and report it)
             return False
-    _GUESSED.update(guesses)
+    _register(guesses)
     return True
 
 
@@ -142,8 +159,7 @@ def confirm_plans(base_dir: Path, tensors: dict[str, dict], adapter_dirs: list[P
     by them in `memo_root`, else derived here). The guesses are dropped either way."""
     headers = base_headers(tensors)
     base_parts = _base_parts(_names_parts(Path(base_dir), tensors), headers)
-    keys = [memo_key(parts) if (parts := _plan_parts(base_parts, Path(p), s)) is not None else None for p, s in zip(adapter_dirs, scales)]
-    guessed = [_GUESSED.pop(k, None) for k in keys]
+    guessed = [_withdraw("merge-plan", _plan_parts(base_parts, Path(p), s)) for p, s in zip(adapter_dirs, scales)]
     derived = plan_adapters(base_dir, tensors, adapter_dirs, scales, allow_pickle, memo_root)
     return all(g is not None and plans_fingerprint([g]) == plans_fingerprint([d]) for g, d in zip(guessed, derived))
 
@@ -173,8 +189,28 @@ def quant_plan(base_dir: str, settings, memo_root: Path | None = None):
     """formats/quant_plan.plan_quantization of `base_dir`, memoised; its base_dir is the caller's."""
     from loadgraph.formats.quant_plan import plan_quantization
 
-    plan = memoised(memo_root, "quant-plan", _quant_parts(Path(base_dir), settings), lambda: plan_quantization(base_dir, settings))
+    parts = _quant_parts(Path(base_dir), settings)
+    plan = _guessed("quant-plan", parts) or memoised(memo_root, "quant-plan", parts, lambda: plan_quantization(base_dir, settings))
     return replace(plan, base_dir=str(base_dir))
+
+
+def guess_quant(base_dir: Path, tensors: dict[str, dict], settings) -> bool:
+    """Register formats/quant_guess's plan for `base_dir` (as guess_plans does for merges)."""
+    from loadgraph.formats.quant_guess import guess_quant_plan
+
+    parts, plan = _quant_parts(Path(base_dir), settings), guess_quant_plan(base_dir, tensors, settings)
+    if parts is None or plan is None:
+        return False
+    _register({("quant-plan", memo_key(parts)): plan})
+    return True
+
+
+def confirm_quant(base_dir: Path, settings, memo_root: Path | None = None) -> bool:
+    """After the checks passed: whether the guessed quantization plan writes what theirs does."""
+    from loadgraph.formats.quant_guess import unit_fingerprint
+
+    guessed = _withdraw("quant-plan", _quant_parts(Path(base_dir), settings))
+    return guessed is not None and unit_fingerprint(guessed) == unit_fingerprint(quant_plan(str(base_dir), settings, memo_root))
 
 
 def plans_memoised(spec, memo_root: Path) -> bool:

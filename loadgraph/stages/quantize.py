@@ -55,9 +55,9 @@ def artifact_quant_plan(artifact_dir: str, settings, key: str | None = None, mem
     names its content; a fused quantize plans from its input's prospect, then from the published
     input, with one plan) and once per cache (stages/derived_plans.py); every quantize unit and
     verify's quantize check reuse it."""
-    from loadgraph.stages.derived_plans import quant_plan
+    from loadgraph.stages.derived_plans import guess_epoch, quant_plan
 
-    memo = (key or artifact_dir, settings)
+    memo = (key or artifact_dir, settings, guess_epoch())  # a withdrawn guess is not served
     if memo not in _QUANT_PLANS:
         if len(_QUANT_PLANS) >= 4:
             _QUANT_PLANS.pop(next(iter(_QUANT_PLANS)))
@@ -118,7 +118,9 @@ _LAYOUTS: dict[tuple, Layout] = {}
 def artifact_layout(src, settings, shard: int, memo_root: Path | None = None) -> Layout:
     """Once per process and (input artifact, settings, shard size): units do not re-plan a 70B's
     headers (an artifact is immutable: its path names its content)."""
-    key = (src.key, settings, shard)
+    from loadgraph.stages.derived_plans import guess_epoch
+
+    key = (src.key, settings, shard, guess_epoch())
     if key not in _LAYOUTS:
         if len(_LAYOUTS) >= 8:
             _LAYOUTS.pop(next(iter(_LAYOUTS)))
@@ -142,8 +144,11 @@ class QuantizeStage(Stage):
         def nbytes(name: str) -> int:
             return tensors[name]["end"] - tensors[name]["begin"]
 
+        from loadgraph.formats.quant_guess import unit_fingerprint
+
         groups = tensor_groups(list(tensors), nbytes, unit_bytes(), unit_workers(ctx))
-        return tensor_units(self.layout(ctx), groups, nbytes, ctx.params["backend"] == "cuda")
+        # The ids carry the plan: units quantized on a guessed one never pass for another's.
+        return tensor_units(self.layout(ctx), groups, nbytes, ctx.params["backend"] == "cuda", unit_fingerprint(self._plan(ctx))[:8])
 
     def thread_safe(self, ctx: NodeContext) -> bool:
         # bitsandbytes' CPU double quant subtracts the absmax's mean, which torch rounds by its
