@@ -9,6 +9,8 @@
                        2: swapped, before the old export is deleted)
   kill-in-upload:N     SIGKILL the process once it has uploaded N objects to an object store
                        (the cache's remote tier or an s3:// export): a crash mid-upload
+  kill-checks:1        SIGKILL the checks' child process (pipeline/check_process.py) once its
+                       imports are done, before it checks anything
   slow-progress:S      sleep S seconds after every progress report of a unit (so that a test
                        sees a unit's progress arrive while it runs, also from Ray workers)
 `LOADGRAPH_UNIT_LOG=FILE` appends "<node key> <unit id> <pid>" for every unit computed (not
@@ -79,3 +81,7 @@ def progress_reported() -> None:
         import time
 
         time.sleep(float(spec.split(":", 1)[1]))
+
+
+def checks_child_ready() -> None:
+    _kill_at("kill-checks")

@@ -154,3 +154,29 @@ def test_a_guessed_quantization_plan_is_confirmed_only_where_it_writes_what_tran
     assert derived_plans.quant_plan(str(base), settings, tmp_path / "memo").tensors[weight].kind == "quantize"
     # Outside the guessed case (a skip list replaces transformers' default skips) nothing is guessed.
     assert not derived_plans.guess_quant(base, tensors, replace(settings, skip_modules=("q_proj",)))
+
+
+def test_a_killed_checks_process_leaves_the_checks_to_the_build_which_merges_the_same_bytes(models, tmp_path):
+    base = models("llama", dtype="bfloat16")
+    adapter = make_lora_adapter(base, tmp_path / "a", r=4, seed=5)
+    proc, ours, _ = _build(tmp_path, base, adapter, "killed", {"LOADGRAPH_FAULT": "kill-checks:1"})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "['peft', 'transformers']"  # checked here, once the child was gone
+    _, theirs, _ = _build(tmp_path, base, adapter, "here", {"LOADGRAPH_CHECKS_BESIDE": "0"})
+    assert _same(ours, theirs)
+
+
+def test_a_build_killed_while_merging_on_a_guess_resumes_its_units_to_the_same_bytes(models, tmp_path):
+    base = models("llama", dtype="bfloat16")
+    adapter = make_lora_adapter(base, tmp_path / "a", r=4, seed=5)
+    _, theirs, _ = _build(tmp_path, base, adapter, "here", {"LOADGRAPH_CHECKS_BESIDE": "0"})
+    nodes = _report(tmp_path, "here")["nodes"]
+    ahead = sum(len(n["units"]) for n in nodes[: next(i for i, n in enumerate(nodes) if n["stage"] == "merge")])
+    # Killed once the merge's first unit, merged on the guess, is done.
+    proc, ours, cache = _build(tmp_path, base, adapter, "resumed", {"LOADGRAPH_FAULT": f"kill-after-units:{ahead + 1}"})
+    assert proc.returncode == -9 and not ours.exists()
+    proc, _, _ = _build(tmp_path, base, adapter, "resumed")
+    assert proc.returncode == 0, proc.stderr
+    merge = next(n for n in _report(tmp_path, "resumed")["nodes"] if n["stage"] == "merge")
+    assert len(merge["units"]) == 2 and merge["units_reused"] == 1  # the guess the checks' plan confirms: the same unit
+    assert _same(ours, theirs)

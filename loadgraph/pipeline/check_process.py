@@ -15,9 +15,11 @@ fails the build (exit 2) at the next finished unit, with nothing published.
 from __future__ import annotations
 
 import multiprocessing
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
+from loadgraph import faults
 from loadgraph.errors import LoadgraphError
 
 Checks = list[tuple[str, Callable[[], None], Path | None]]  # Graph.take_checks
@@ -31,6 +33,7 @@ def _serve(conn, prepare: Callable[[], None]) -> None:
         prepare()
     except Exception:  # noqa: BLE001 - the checks import again and report the error there
         pass
+    faults.checks_child_ready()
     try:
         checks = conn.recv()
     except (EOFError, OSError):
@@ -53,6 +56,7 @@ class ChecksBeside:
         self._pending: Checks = []
         self._outcome: tuple | None = None
         self._confirms: dict[str, Callable[[], bool]] = {}
+        self._lock = threading.Lock()  # one reader of the child's answer (nodes may confirm from threads)
         self.overruled: list[str] = []  # keys built again on the checks' plans
 
     @property
@@ -87,9 +91,12 @@ class ChecksBeside:
                     break
                 guessed.append(key)
         if pending and len(guessed) == len(gated):
-            self._pending, self._confirms = pending, {key: graph.guesses[key][1] for key in gated}
-            self._conn.send(pending)
-            return
+            try:
+                self._conn.send(pending)
+                self._pending, self._confirms = pending, {key: graph.guesses[key][1] for key in gated}
+                return
+            except OSError:
+                pass  # the child is gone (killed, out of memory): the checks run here
         try:
             run_checks(pending)
         finally:
@@ -102,8 +109,9 @@ class ChecksBeside:
 
     def raise_if_refused(self) -> None:
         """The checks' error, as soon as the child has reported one (a unit just finished)."""
-        if self._outcome is None and self._confirms and self._conn.poll():
-            self._receive()
+        with self._lock:
+            if self._outcome is None and self._confirms and self._conn.poll():
+                self._receive()
         if self._outcome and self._outcome[0] == "refused":
             raise self._outcome[1]
 
@@ -112,8 +120,9 @@ class ChecksBeside:
         their plans are the guessed ones. True for any other node."""
         if key not in self._confirms:
             return True
-        if self._outcome is None:
-            self._receive()
+        with self._lock:
+            if self._outcome is None:
+                self._receive()
         self.raise_if_refused()
         agreed = self._confirms.pop(key)()
         if not agreed:
