@@ -110,7 +110,7 @@ def build(
             reporter.phase(f"planning {', '.join(map(str, specs))}")
             targets = load_spec_files(specs)
             # Locally, the checks' imports run while a child process hashes the sources (import_warmup.py);
-            # a merge's run in another child, beside units merging on guessed plans (check_process.py).
+            # a merge's or a quantization's run in another child, beside units on guessed plans (check_process.py).
             warmup = ImportWarmup(lambda: _local_warmup(targets, cache_root(cache_dir), beside) if executor == "local" else [])
             with hashed_by(remote_hasher(factory) if executor == "ray" else process_hasher(warmup.start)):
                 cache, graph = _compile(targets, cache_dir, defer_checks=True)

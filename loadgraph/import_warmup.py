@@ -36,10 +36,11 @@ def modules_for(targets: list[BuildSpec], memo_root: Path | None = None, checks_
 
 
 def checks_beside(targets: list[BuildSpec], memo_root: Path | None) -> bool:
-    """Whether a local build's checks are worth a child beside merges on guessed plans
-    (pipeline/check_process.py): every target only merges adapters into a base on disk (no
-    quantization, attachment, conversion or QLoRA round trip, which the guess does not cover) and
-    some of their plans are not memoised (else the checks take milliseconds here).
+    """Whether a local build's checks are worth a child beside units on guessed plans
+    (pipeline/check_process.py): every target, from a base on disk, only merges adapters or only
+    quantizes to bnb 4-bit with the default skips (what the guesses cover: no attachment,
+    conversion, QLoRA round trip or quantization of a merge), and some of their plans are not
+    memoised (else the checks take milliseconds here).
     LOADGRAPH_CHECKS_BESIDE=0 keeps them in this process, before any unit."""
     import os
 

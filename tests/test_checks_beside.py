@@ -14,7 +14,7 @@ from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
-from conftest import write_spec
+from conftest import BUILD_THEN_MODULES, write_spec
 from loadgraph.testing import make_lora_adapter
 from test_derived_memo import _same
 
@@ -23,7 +23,7 @@ from test_derived_memo import _same
 # halves every guessed plan's scale: a guess the checks must overrule. Prints which of $WATCHED
 # the build's own process imported.
 BUILD = """
-import os, sys
+import os
 import loadgraph.pipeline.offload as offload
 offload.REMOTE_MIN = 0
 if os.environ.get("FAULT") == "overrule":
@@ -36,15 +36,7 @@ if os.environ.get("FAULT") == "overrule":
             derived_plans._GUESSED[key] = (adapter, replace(plan, scale_multiplier=plan.scale_multiplier / 2))
         return found
     derived_plans.guess_plans = wrong
-from loadgraph.cli import main
-real_exit = os._exit
-def report_then_exit(code):
-    print(sorted(m for m in os.environ["WATCHED"].split(",") if m in sys.modules), flush=True)
-    real_exit(code)
-os._exit = report_then_exit
-sys.argv = ["loadgraph", "build", *sys.argv[1:]]
-main()
-"""
+""" + BUILD_THEN_MODULES
 
 
 def _build(tmp_path: Path, base: Path, adapter: Path, name: str, env: dict | None = None) -> tuple[subprocess.CompletedProcess, Path, Path]:

@@ -1,9 +1,10 @@
 """A local build's checks in a child process, beside the nodes that run on their guessed plans.
 
-A cold merge's checks import torch, transformers and PEFT and build the base on the meta device
-(seconds: 5-6 on the 16-core GPU host, 4-5 on 2 cores) before its first unit may start, although
-what they derive for a checkpoint that transformers loads under its on-disk names is the plan
-the identity name map gives (Graph.guesses; stages/derived_plans.guess_plans). Here a child
+A cold merge's or quantization's checks import torch, transformers and PEFT (or bitsandbytes) and
+build the base on the meta device (seconds: 5-6 on the 16-core GPU host, 4-5 on 2 cores) before
+its first unit may start, although what they derive for a common checkpoint can be guessed from
+its headers (Graph.guesses: the identity name map of stages/derived_plans.guess_plans, the bnb
+4-bit plan of formats/quant_guess.py). Here a child
 process, spawned when the sources start hashing so that its imports overlap the plan, runs the
 checks and stores their plans in the cache's memo, while this process's units run on the guesses.
 The runner publishes a guessed node only once the checks passed and `confirm` found their plans

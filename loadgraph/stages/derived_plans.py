@@ -10,6 +10,9 @@ through pipeline/derived.py's memo. What each plan is a function of (its memo ke
 A memoised plan names the paths it was derived at; they are replaced by the caller's, so the
 merge reads the adapter at hand (an adapter whose config and header are unchanged, retrained in
 place or elsewhere, reuses the plan; its tensors are read from where it is now).
+A plan may also be guessed without transformers or PEFT (guess_plans, guess_quant) while the
+checks derive it in a child (pipeline/check_process.py): until confirmed or withdrawn, a guess is
+what plan_adapters and quant_plan return for its key.
 """
 
 from __future__ import annotations
