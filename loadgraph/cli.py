@@ -90,9 +90,9 @@ def build(
     check_report_path(json_out)
     from loadgraph.formats.digest import bytes_hashed
     from loadgraph.heap import reuse_large_blocks
-    from loadgraph.import_warmup import ImportWarmup
+    from loadgraph.import_warmup import ImportWarmup, local_weight_bytes
     from loadgraph.pipeline.check_process import ChecksBeside
-    from loadgraph.pipeline.hash_process import process_hasher
+    from loadgraph.pipeline.hash_process import process_hasher, worth_a_child
     from loadgraph.pipeline.hashing import hashed_by
     from loadgraph.pipeline.offload import SharedExecutor, remote_hasher
     from loadgraph.spec import load_spec_files
@@ -115,6 +115,8 @@ def build(
             with hashed_by(remote_hasher(factory) if executor == "ray" else process_hasher(warmup.start)):
                 cache, graph = _compile(targets, cache_dir, defer_checks=True)
             if graph.checks:
+                if executor == "local" and worth_a_child(local_weight_bytes(targets)):
+                    warmup.start()  # a built base hashed nothing big (a new adapter on it): the checks' child starts now
                 warmup.wait()  # the checks import on this thread next: not beside a half-done import
             if not graph.loads_bitsandbytes():
                 from loadgraph.peft_import import without_bitsandbytes

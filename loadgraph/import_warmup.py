@@ -6,7 +6,8 @@ device: their imports (torch, transformers' modeling_utils, bitsandbytes for a q
 plan's source hashing is the one thing that runs before them and does not need the GIL when it
 runs in a child process (pipeline/hash_process.py), so the imports start with it. They start only
 when sources are hashed (a cached rerun's stat memo hits, so it still imports neither torch nor
-transformers). PEFT is left to the checks: it is imported with or without bitsandbytes depending
+transformers), or after compile when checks are pending on a base big enough for a child (a new
+adapter on a built base hashes nothing big). PEFT is left to the checks: it is imported with or without bitsandbytes depending
 on the graph (peft_import.py), which is not known yet. transformers is left out too when every
 plan the checks derive is memoised (stages/derived_plans.py: a variant of a built base needs no
 meta model), judged when the warm-up starts, so a cached rerun does not even judge it.
@@ -49,6 +50,11 @@ def checks_beside(targets: list[BuildSpec], memo_root: Path | None) -> bool:
 
     guessable = all(not t.convert and Path(t.source.model).is_dir() and (_merges_only(t) or _quantizes_only(t)) for t in targets)
     return bool(targets) and guessable and os.environ.get("LOADGRAPH_CHECKS_BESIDE") != "0" and memo_root is not None and enabled() and not all(plans_memoised(t, memo_root) for t in targets)
+
+
+def local_weight_bytes(targets: list[BuildSpec]) -> int:
+    """The bytes of the targets' local bases' weights (a hub repo's count nothing)."""
+    return sum(p.stat().st_size for t in targets if Path(t.source.model).is_dir() for p in Path(t.source.model).glob("*.safetensors"))
 
 
 def _merges_only(t: BuildSpec) -> bool:

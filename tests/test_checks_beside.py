@@ -172,3 +172,25 @@ def test_a_build_killed_while_merging_on_a_guess_resumes_its_units_to_the_same_b
     merge = next(n for n in _report(tmp_path, "resumed")["nodes"] if n["stage"] == "merge")
     assert len(merge["units"]) == 2 and merge["units_reused"] == 1  # the guess the checks' plan confirms: the same unit
     assert _same(ours, theirs)
+
+
+def test_a_new_adapter_on_a_built_base_gets_the_checks_beside_though_nothing_big_is_hashed(models, tmp_path):
+    from conftest import build_imports
+    from loadgraph.pipeline.hash_process import PROCESS_MIN_ENV
+
+    base = models("llama", dtype="bfloat16")
+    cache = tmp_path / "cache"
+
+    def build(adapter: Path, out: str, env: dict) -> str:  # small files: hashed in this process, never by a child
+        spec = write_spec(tmp_path / f"{out}.yaml", {"source": {"model": str(base)}, "adapters": [{"path": str(adapter)}], "verify": False,
+                                                     "export": {"path": str(tmp_path / out)}})
+        return build_imports(spec, cache, ("peft", "transformers"), env)
+
+    assert build(make_lora_adapter(base, tmp_path / "a1", r=4, seed=5), "out1", {PROCESS_MIN_ENV: "0"}) == "[]"
+    # Another config on the built base: its plans are not memoised, nothing big is hashed; the base's size starts the child.
+    assert build(make_lora_adapter(base, tmp_path / "a2", r=8, seed=6), "out2", {PROCESS_MIN_ENV: "0"}) == "[]"
+    # Below the size that pays a child, the checks run here, first.
+    assert build(make_lora_adapter(base, tmp_path / "a3", r=2, seed=7), "out3", {PROCESS_MIN_ENV: str(1 << 40)}) == "['peft', 'transformers']"
+    proc, theirs, _ = _build(tmp_path, base, tmp_path / "a2", "here", {"LOADGRAPH_CHECKS_BESIDE": "0"})
+    assert proc.returncode == 0, proc.stderr
+    assert _same(tmp_path / "out2", theirs)

@@ -27,13 +27,17 @@ PROCESS_MIN = 256 << 20
 PROCESS_MIN_ENV = "LOADGRAPH_HASH_PROCESS_MIN"
 
 
+def worth_a_child(nbytes: int) -> bool:
+    """Whether work on `nbytes` of sources lasts long enough to pay a child's start (and the imports beside it)."""
+    return nbytes >= int(os.environ.get(PROCESS_MIN_ENV) or PROCESS_MIN)
+
+
 def process_hasher(while_hashing: Callable[[], None]) -> Callable[[list[str]], list[dict]]:
     """For hashing.hashed_by: big sources hashed by a child process; `while_hashing()` is called
     first (it starts what this process does meanwhile) whenever a child is started."""
 
     def hash_in_child(paths: list[str]) -> list[dict]:
-        least = int(os.environ.get(PROCESS_MIN_ENV) or PROCESS_MIN)
-        if sum(Path(p).stat().st_size for p in paths) < least:
+        if not worth_a_child(sum(Path(p).stat().st_size for p in paths)):
             return hash_paths(paths)
         while_hashing()
         try:
