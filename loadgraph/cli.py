@@ -35,11 +35,12 @@ def _local_warmup(targets: list, memo_root: Path, beside) -> list[str]:
     """When the sources start hashing: the child for the checks, if worth it, and what this process imports."""
     from functools import partial
 
-    from loadgraph.import_warmup import checks_beside, import_for_checks, modules_for
+    from loadgraph.import_warmup import import_for_checks, warmup_plan
 
-    if checks_beside(targets, memo_root):
+    wanted, modules = warmup_plan(targets, memo_root)
+    if wanted:
         beside.start(partial(import_for_checks, any(t.quantize for t in targets)))
-    return modules_for(targets, memo_root, beside.started)
+    return modules
 
 
 def _compile(targets: list, cache_dir: Optional[Path], defer_checks: bool = False):

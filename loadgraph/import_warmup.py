@@ -7,8 +7,8 @@ plan's source hashing is the one thing that runs before them and does not need t
 runs in a child process (pipeline/hash_process.py), so the imports start with it. They start only
 when sources are hashed (a cached rerun's stat memo hits, so it still imports neither torch nor
 transformers), or after compile when checks are pending on a base big enough for a child (a new
-adapter on a built base hashes nothing big). PEFT is left to the checks: it is imported with or without bitsandbytes depending
-on the graph (peft_import.py), which is not known yet. transformers is left out too when every
+adapter on a built base hashes nothing big). PEFT is left to the checks: it is imported with or
+without bitsandbytes depending on the graph (peft_import.py), which is not known yet. transformers is left out too when every
 plan the checks derive is memoised (stages/derived_plans.py: a variant of a built base needs no
 meta model), judged when the warm-up starts, so a cached rerun does not even judge it.
 """
@@ -23,33 +23,27 @@ from pathlib import Path
 from loadgraph.spec import BuildSpec
 
 
-def modules_for(targets: list[BuildSpec], memo_root: Path | None = None, checks_beside: bool = False) -> list[str]:
-    """What the checks of `targets` will import: none for a re-shard or an export alone, no
-    transformers when their plans are all in `memo_root`'s memo or their child derives them
-    (`checks_beside`: then only the units' torch)."""
+def warmup_plan(targets: list[BuildSpec], memo_root: Path | None) -> tuple[bool, list[str]]:
+    """(whether the checks get a child beside units on guessed plans, what this process imports).
+
+    Imports: none for a re-shard or an export alone; no transformers when every plan is in
+    `memo_root`'s memo or the child derives them. The child (pipeline/check_process.py) is worth it
+    when every target, from a base on disk, only merges adapters or only quantizes to bnb 4-bit
+    with the default skips (what the guesses cover: no attachment, conversion, QLoRA round trip
+    or quantization of a merge) and some plan is not memoised (else the checks take milliseconds
+    here). LOADGRAPH_CHECKS_BESIDE=0 keeps the checks in this process, before any unit."""
     if not any(t.adapters or t.quantize or (t.convert and t.convert.base_adapters) for t in targets):
-        return []
-    from loadgraph.stages.derived_plans import plans_memoised
-
-    quantizes = any(t.quantize for t in targets)
-    derives = not checks_beside and (memo_root is None or not all(plans_memoised(t, memo_root) for t in targets))
-    return ["torch"] + (["transformers.modeling_utils"] if derives else []) + (["bitsandbytes"] if quantizes else [])
-
-
-def checks_beside(targets: list[BuildSpec], memo_root: Path | None) -> bool:
-    """Whether a local build's checks are worth a child beside units on guessed plans
-    (pipeline/check_process.py): every target, from a base on disk, only merges adapters or only
-    quantizes to bnb 4-bit with the default skips (what the guesses cover: no attachment,
-    conversion, QLoRA round trip or quantization of a merge), and some of their plans are not
-    memoised (else the checks take milliseconds here).
-    LOADGRAPH_CHECKS_BESIDE=0 keeps them in this process, before any unit."""
+        return False, []
     import os
 
     from loadgraph.pipeline.derived import enabled
     from loadgraph.stages.derived_plans import plans_memoised
 
+    memoised = memo_root is not None and all(plans_memoised(t, memo_root) for t in targets)
     guessable = all(not t.convert and Path(t.source.model).is_dir() and (_merges_only(t) or _quantizes_only(t)) for t in targets)
-    return bool(targets) and guessable and os.environ.get("LOADGRAPH_CHECKS_BESIDE") != "0" and memo_root is not None and enabled() and not all(plans_memoised(t, memo_root) for t in targets)
+    beside = guessable and not memoised and memo_root is not None and enabled() and os.environ.get("LOADGRAPH_CHECKS_BESIDE") != "0"
+    quantizes = any(t.quantize for t in targets)
+    return beside, ["torch"] + (["transformers.modeling_utils"] if not (beside or memoised) else []) + (["bitsandbytes"] if quantizes else [])
 
 
 def local_weight_bytes(targets: list[BuildSpec]) -> int:

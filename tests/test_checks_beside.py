@@ -39,15 +39,20 @@ if os.environ.get("FAULT") == "overrule":
 """ + BUILD_THEN_MODULES
 
 
-def _build(tmp_path: Path, base: Path, adapter: Path, name: str, env: dict | None = None) -> tuple[subprocess.CompletedProcess, Path, Path]:
-    """A cold local merge build; (the process, its export, its cache)."""
+def _run(tmp_path: Path, doc: dict, name: str, watched: str, env: dict | None = None) -> tuple[subprocess.CompletedProcess, Path, Path]:
+    """A cold local build of `doc` exporting to out-NAME, its report in NAME.json; (the process,
+    its export, its cache)."""
     export, cache = tmp_path / f"out-{name}", tmp_path / f"cache-{name}"
-    spec = write_spec(tmp_path / f"{name}.yaml", {"source": {"model": str(base)}, "adapters": [{"path": str(adapter)}], "verify": False,
-                                                  "export": {"path": str(export)}})
+    spec = write_spec(tmp_path / f"{name}.yaml", {**doc, "verify": False, "export": {"path": str(export)}})
     proc = subprocess.run([sys.executable, "-c", BUILD, str(spec), "--executor", "local", "--cache", str(cache), "--json", str(tmp_path / f"{name}.json")],
                           capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "LOADGRAPH_HASH_PROCESS_MIN": "0", "WATCHED": "peft,transformers", **(env or {})})
+                          env={**os.environ, "LOADGRAPH_HASH_PROCESS_MIN": "0", "WATCHED": watched, **(env or {})})
     return proc, export, cache
+
+
+def _build(tmp_path: Path, base: Path, adapter: Path, name: str, env: dict | None = None) -> tuple[subprocess.CompletedProcess, Path, Path]:
+    """A cold local merge build."""
+    return _run(tmp_path, {"source": {"model": str(base)}, "adapters": [{"path": str(adapter)}]}, name, "peft,transformers", env)
 
 
 def _report(tmp_path: Path, name: str) -> dict:
@@ -99,22 +104,14 @@ def test_an_adapter_the_checks_refuse_fails_the_build_with_their_error_and_publi
     assert "merge" not in stages and "export" not in stages
 
 
-def _quantize_spec(tmp_path: Path, base: Path, name: str) -> Path:
-    return write_spec(tmp_path / f"{name}.yaml", {"source": {"model": str(base)}, "dtype": "bfloat16", "verify": False,
-                                                  "quantize": {"method": "bnb-nf4", "double_quant": True, "backend": "cpu"},
-                                                  "export": {"path": str(tmp_path / f"out-{name}")}})
-
-
 def test_a_quantization_runs_on_its_guessed_plan_beside_its_checks_and_writes_the_same_files(models, tmp_path):
     base = models("llama", dtype="bfloat16")
     outs = {}
+    doc = {"source": {"model": str(base)}, "dtype": "bfloat16", "quantize": {"method": "bnb-nf4", "double_quant": True, "backend": "cpu"}}
     for name, env in (("beside", {}), ("here", {"LOADGRAPH_CHECKS_BESIDE": "0"})):
-        spec, cache = _quantize_spec(tmp_path, base, name), tmp_path / f"cache-{name}"
-        proc = subprocess.run([sys.executable, "-c", BUILD, str(spec), "--executor", "local", "--cache", str(cache), "--json", str(tmp_path / f"{name}.json")],
-                              capture_output=True, text=True, timeout=300,
-                              env={**os.environ, "LOADGRAPH_HASH_PROCESS_MIN": "0", "WATCHED": "transformers", **env})
+        proc, export, _ = _run(tmp_path, doc, name, "transformers", env)
         assert proc.returncode == 0, proc.stderr
-        outs[name] = (proc.stdout.strip().splitlines()[-1], _report(tmp_path, name)["checks"], tmp_path / f"out-{name}")
+        outs[name] = (proc.stdout.strip().splitlines()[-1], _report(tmp_path, name)["checks"], export)
     assert outs["beside"][:2] == ("[]", {"beside": True, "overruled": []})  # no meta model in the build's own process
     assert outs["here"][:2] == ("['transformers']", {})
     ours, theirs = outs["beside"][2], outs["here"][2]

@@ -51,7 +51,8 @@ class Graph:
     # Preflight checks (adapter shapes, quantization support) of nodes not yet cached, as
     # (node key, check). They import torch/transformers (seconds): `build` shows the plan first.
     checks: list[tuple[str, Callable[[], None]]] = field(default_factory=list)
-    # For a node whose checks can be guessed ahead (a merge's plans, without transformers or PEFT):
+    # For a node whose checks can be guessed ahead (a merge's or a base's bnb 4-bit plan, without
+    # transformers or PEFT):
     # (guess, confirm). guess() -> whether its units may run on the guess while the checks run
     # beside them (pipeline/check_process.py); confirm(), once they passed -> whether they agree.
     guesses: dict[str, tuple[Callable[[], bool], Callable[[], bool]]] = field(default_factory=dict)

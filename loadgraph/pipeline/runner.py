@@ -293,7 +293,7 @@ def _build_node(node: Node, cache: Cache, executor: Executor, reporter: Reporter
                 if todo:
                     executor.run_units(cache.location, desc, todo, on_result, on_progress)
                 if beside is None or beside.confirm(node.key):
-                    break  # else merged on a guess the checks overruled: planned again, on theirs
+                    break  # else built on a guess the checks overruled: planned again, on theirs
             # Localizing, linking (or copying), finishing and publishing read and write every byte
             # of the node: a job on a worker under Ray, while this process keeps the lock.
             job = {"location": cache.location, "desc": desc, "labels": node.labels, "units": [unit_dict(u) for u in units],

@@ -157,7 +157,7 @@ class MergeStage(Stage):
         return _layout(shard_bytes(ctx), tuple(planned))
 
     def units(self, ctx: NodeContext) -> list[Unit]:
-        return placed_units(self.layout(ctx), gpu=merge_device(ctx) == "cuda", workers=unit_workers(ctx), tag=plans_fingerprint(self._plans(ctx)))
+        return placed_units(self.layout(ctx), gpu=merge_device(ctx) == "cuda", workers=unit_workers(ctx), tag=plans_fingerprint(self._plans(ctx))[:8])
 
     def _plans(self, ctx: NodeContext) -> list:
         return artifact_plans(ctx.input(), self._adapter_dirs(ctx), ctx.params["scales"], ctx.params["allow_pickle"], ctx.cache.root)

@@ -66,6 +66,12 @@ def _base_parts(names_parts: list | None, headers: dict) -> list[bytes | str] | 
     return None if names_parts is None else [*names_parts, json.dumps({n: [d, list(s)] for n, (d, s) in sorted(headers.items())})]
 
 
+def _merge_base(base_dir: Path, tensors: dict[str, dict]) -> tuple[dict, list[bytes | str] | None]:
+    """The base's headers as plan_merge takes them, and its share of a merge plan's key."""
+    headers = base_headers(tensors)
+    return headers, _base_parts(_names_parts(Path(base_dir), tensors), headers)
+
+
 def _plan_parts(base_parts: list | None, adapter_dir: Path, scale: float) -> list[bytes | str] | None:
     """An adapter's merge plan's key: the base's parts, the adapter, the scale."""
     adapter_parts = _adapter_parts(adapter_dir)
@@ -140,8 +146,7 @@ def guess_plans(base_dir: Path, tensors: dict[str, dict], adapter_dirs: list[Pat
     from loadgraph.formats.lora import LoraAdapter
     from loadgraph.formats.lora_plan import plan_merge
 
-    headers = base_headers(tensors)
-    base_parts = _base_parts(_names_parts(Path(base_dir), tensors), headers)
+    headers, base_parts = _merge_base(base_dir, tensors)
     guesses = {}
     for path, scale in zip(map(Path, adapter_dirs), scales):
         parts = _plan_parts(base_parts, path, scale)
@@ -160,19 +165,19 @@ def confirm_plans(base_dir: Path, tensors: dict[str, dict], adapter_dirs: list[P
                   memo_root: Path | None = None) -> bool:
     """After the checks passed: whether every guessed plan equals the one they derived (memoised
     by them in `memo_root`, else derived here). The guesses are dropped either way."""
-    headers = base_headers(tensors)
-    base_parts = _base_parts(_names_parts(Path(base_dir), tensors), headers)
+    _, base_parts = _merge_base(base_dir, tensors)
     guessed = [_withdraw("merge-plan", _plan_parts(base_parts, Path(p), s)) for p, s in zip(adapter_dirs, scales)]
     derived = plan_adapters(base_dir, tensors, adapter_dirs, scales, allow_pickle, memo_root)
     return all(g is not None and plans_fingerprint([g]) == plans_fingerprint([d]) for g, d in zip(guessed, derived))
 
 
 def plans_fingerprint(plans: list) -> str:
-    """What the merge does with each tensor, by value (targets, ranks, scales, order; no paths): a
-    merge's unit ids carry it, so units merged on a plan never pass for another plan's."""
+    """What the merge does with each tensor, by value (targets, ranks, scales, order; no paths),
+    as a BLAKE3: a guess is confirmed on it, and a merge's unit ids carry a prefix of it, so units
+    merged on a plan never pass for another plan's."""
     from loadgraph.formats.digest import digest_bytes
 
-    return digest_bytes(repr([(plan.scale_multiplier, sorted(plan.ops.items())) for _, plan in plans]).encode())[:8]
+    return digest_bytes(repr([(plan.scale_multiplier, sorted(plan.ops.items())) for _, plan in plans]).encode())
 
 
 def _quant_parts(base_dir: Path, settings) -> list[bytes | str] | None:
@@ -234,5 +239,5 @@ def plans_memoised(spec, memo_root: Path) -> bool:
         tensors = {n: {"dtype": e.dtype, "shape": list(e.shape)} for n, (_, e) in scan_checkpoint(base_dir).tensors.items()}
     except Exception:  # noqa: BLE001 - compile reports it
         return False
-    base_parts = _base_parts(_names_parts(base_dir, tensors), base_headers(tensors))
+    _, base_parts = _merge_base(base_dir, tensors)
     return all(is_memoised(memo_root, "merge-plan", _plan_parts(base_parts, Path(a.path), a.scale)) for a in spec.adapters)

@@ -53,7 +53,7 @@ def placed_units(layout: Layout, gpu: bool = False, size: int | None = None, wor
 
 def tensor_units(layout: Layout, groups: list[list[str]], nbytes, gpu: bool, tag: str = "") -> list[Unit]:
     """Units of the tensor groups. An id names the layout (its headers' fingerprint), what the
-    units compute beyond their params (`tag`: a merge's plan) and its group's tensors, so a build
+    units compute beyond their params (`tag`: a merge's or a quantization's plan) and its group's tensors, so a build
     resumed with another layout, plan or grouping (other workers, another LOADGRAPH_UNIT_BYTES)
     never takes a finished unit for one it is not."""
     fingerprint = digest_bytes(b"".join(layout.headers.values()) + tag.encode())[:8]

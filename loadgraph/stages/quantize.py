@@ -139,12 +139,12 @@ class QuantizeStage(Stage):
 
     def units(self, ctx: NodeContext) -> list[Unit]:
         """Input tensor groups of about UNIT_BYTES (checkpoint order), as placed_units groups them."""
+        from loadgraph.formats.quant_guess import unit_fingerprint
+
         tensors = ctx.input().tensors
 
         def nbytes(name: str) -> int:
             return tensors[name]["end"] - tensors[name]["begin"]
-
-        from loadgraph.formats.quant_guess import unit_fingerprint
 
         groups = tensor_groups(list(tensors), nbytes, unit_bytes(), unit_workers(ctx))
         # The ids carry the plan: units quantized on a guessed one never pass for another's.
