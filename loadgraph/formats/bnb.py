@@ -14,6 +14,7 @@ from collections.abc import Mapping
 
 import torch
 
+from . import bnb_blocks
 from .quant_settings import QuantizeError, QuantSettings
 
 _4BIT_STATE_PREFIX = ".quant_state.bitsandbytes__"
@@ -24,13 +25,12 @@ def quantize_tensor_4bit(name: str, weight: torch.Tensor, settings: QuantSetting
 
     Gives `{name, name.absmax, name.quant_map, [name.nested_absmax, name.nested_quant_map],
     name.quant_state.bitsandbytes__<nf4|fp4>}`, as `Linear4bit._save_to_state_dict` writes them.
+    bitsandbytes' own function, on the CPU in groups of blocks (bnb_blocks).
     """
-    import bitsandbytes.functional as bnbf
-
     if not settings.is_4bit:
         raise QuantizeError(f"{name}: quantize_tensor_4bit called with method {settings.method!r}")
     _check_weight(name, weight)
-    packed, state = bnbf.quantize_4bit(
+    packed, state = bnb_blocks.quantize_4bit(
         weight.contiguous(),  # Params4bit._quantize quantizes `self.data.contiguous()`
         blocksize=settings.blocksize,
         compress_statistics=settings.double_quant,

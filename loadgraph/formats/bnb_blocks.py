@@ -1,0 +1,78 @@
+"""bitsandbytes' 4-bit quantization on the CPU, computed in cache-sized groups of blocks.
+
+bitsandbytes 0.50.2 has no native CPU kernel for `quantize_4bit`: its "default" kernel runs six
+whole-tensor torch passes (float cast, abs-max, scale, clamp, bucketize, pack), each through a
+float32 temporary of the whole weight. Measured on the 2-core box (5632x2048 bf16): 0.44-0.49 s
+there, 0.14 s here, because each group's temporaries stay in the cache.
+
+The bytes are the kernel's own: every step is elementwise or a per-block max (exact), done with
+the same torch ops on the same dtypes in the same order, so a group of blocks gives what the whole
+tensor gives. The double quant then runs as `bitsandbytes.functional.quantize_4bit` runs it, on
+the whole absmax vector (its mean depends on torch's thread count, so it must not be split).
+Anything else (another bitsandbytes version, a device, a size that leaves a partial block or an
+odd element count) goes to bitsandbytes itself.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# The bitsandbytes versions whose default quantize_4bit kernel this reproduces (read and compared
+# against it in tests/test_bnb_blocks.py).
+KERNEL_VERSIONS = ("0.50.2",)
+# 4096 blocks of 64: 1 MiB of float32 per temporary, inside a core's L2 share.
+GROUP_ELEMENTS = 4096 * 64
+
+
+def reproduces(A: torch.Tensor, blocksize: int, quant_type: str) -> bool:
+    """Whether `quantize_4bit` below gives bitsandbytes' bytes for `A` (else bitsandbytes runs, and
+    refuses what it refuses)."""
+    import bitsandbytes
+
+    n = A.numel()
+    return (bitsandbytes.__version__ in KERNEL_VERSIONS and A.device.type == "cpu"
+            and A.dtype in (torch.bfloat16, torch.float16, torch.float32) and quant_type in ("nf4", "fp4")
+            and blocksize in (32, 64, 128, 256, 512, 1024, 2048, 4096)
+            and n > 0 and n % blocksize == 0 and n % 2 == 0)
+
+
+def quantize_4bit(A: torch.Tensor, blocksize: int, compress_statistics: bool, quant_type: str,
+                  quant_storage: torch.dtype):
+    """What `bitsandbytes.functional.quantize_4bit(A, ...)` returns: (packed, QuantState)."""
+    import bitsandbytes.functional as bnbf
+    from bitsandbytes.backends.default.ops import _get_4bit_quantize_bounds
+
+    if not reproduces(A, blocksize, quant_type):
+        return bnbf.quantize_4bit(A, blocksize=blocksize, compress_statistics=compress_statistics,
+                                  quant_type=quant_type, quant_storage=quant_storage)
+    bounds, order = _get_4bit_quantize_bounds(quant_type, A.device)
+    flat = A.reshape(-1)
+    n = flat.numel()
+    packed = torch.empty(n // 2, dtype=torch.uint8)
+    absmax = torch.empty(n // blocksize, dtype=torch.float32)
+    step = max(blocksize, GROUP_ELEMENTS // blocksize * blocksize)
+    for begin in range(0, n, step):
+        end = min(n, begin + step)
+        group = flat[begin:end].float().reshape(-1, blocksize)
+        group_absmax = group.abs().max(dim=-1)[0]
+        absmax[begin // blocksize:end // blocksize] = group_absmax
+        scaled = torch.clamp(group * (1.0 / group_absmax.clamp(min=1e-38).view(-1, 1)), -1, 1).reshape(-1)
+        q = torch.bucketize(scaled, bounds, out_int32=True)
+        if quant_type != "nf4":
+            q = order[q]
+        q8 = q.to(torch.uint8)
+        torch.bitwise_or(q8[::2] << 4, q8[1::2], out=packed[begin // 2:end // 2])
+    out = packed.unsqueeze(1)
+    if quant_storage != torch.uint8:
+        out = out.squeeze().view(quant_storage).unsqueeze(1)
+    # From here as bitsandbytes.functional.quantize_4bit does it.
+    code = bnbf.get_4bit_type(quant_type, device=A.device)
+    if compress_statistics:
+        offset = absmax.mean()
+        qabsmax, state2 = bnbf.quantize_blockwise(absmax - offset, blocksize=256)
+        state = bnbf.QuantState(absmax=qabsmax, shape=A.shape, dtype=A.dtype, blocksize=blocksize, code=code,
+                                quant_type=quant_type, offset=offset, state2=state2)
+    else:
+        state = bnbf.QuantState(absmax=absmax, shape=A.shape, dtype=A.dtype, blocksize=blocksize, code=code,
+                                quant_type=quant_type)
+    return out, state

@@ -1,0 +1,62 @@
+"""formats/bnb_blocks.py against bitsandbytes' own quantize_4bit: the same bytes, tensor by tensor."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+bnbf = pytest.importorskip("bitsandbytes.functional")
+
+from loadgraph.formats import bnb_blocks
+
+
+def _state_bytes(packed: torch.Tensor, state) -> dict[str, bytes]:
+    out = {"packed": packed.contiguous().view(torch.uint8).numpy().tobytes()}
+    for key, value in state.as_dict(packed=True).items():
+        out[key] = value.contiguous().view(torch.uint8).numpy().tobytes()
+    return out
+
+
+def _weight(rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(rows * 31 + cols)
+    weight = torch.randn(rows, cols, generator=generator) * 0.02
+    weight[0, :64] = 0.0  # an all-zero block: absmax clamped, not a division by zero
+    weight[-1, -1] = 3.0  # an outlier that sets its block's absmax
+    return weight.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_same_bytes_as_bitsandbytes(monkeypatch, dtype, quant_type, double_quant):
+    # Small groups, so these tensors cross several group boundaries, one group partial.
+    monkeypatch.setattr(bnb_blocks, "GROUP_ELEMENTS", 64 * 7)
+    for rows, cols in [(48, 128), (5, 64), (33, 192)]:
+        weight = _weight(rows, cols, dtype)
+        assert bnb_blocks.reproduces(weight, 64, quant_type)
+        ours = bnb_blocks.quantize_4bit(weight, 64, double_quant, quant_type, torch.uint8)
+        theirs = bnbf.quantize_4bit(weight, blocksize=64, compress_statistics=double_quant, quant_type=quant_type,
+                                    quant_storage=torch.uint8)
+        assert _state_bytes(*ours) == _state_bytes(*theirs), (rows, cols)
+
+
+@pytest.mark.parametrize("storage", [torch.bfloat16, torch.float32])
+def test_quant_storage_and_blocksize(storage):
+    weight = _weight(64, 256, torch.bfloat16)
+    for blocksize in (32, 128, 4096):
+        ours = bnb_blocks.quantize_4bit(weight, blocksize, True, "nf4", storage)
+        theirs = bnbf.quantize_4bit(weight, blocksize=blocksize, compress_statistics=True, quant_type="nf4",
+                                    quant_storage=storage)
+        assert ours[0].dtype == theirs[0].dtype == storage
+        assert ours[0].shape == theirs[0].shape
+        assert _state_bytes(*ours) == _state_bytes(*theirs), blocksize
+
+
+def test_partial_blocks_and_bad_input_go_to_bitsandbytes():
+    odd = _weight(3, 50, torch.bfloat16)  # 150 elements: a partial block of 22
+    assert not bnb_blocks.reproduces(odd, 64, "nf4")
+    ours = bnb_blocks.quantize_4bit(odd, 64, True, "nf4", torch.uint8)
+    theirs = bnbf.quantize_4bit(odd, blocksize=64, compress_statistics=True, quant_type="nf4", quant_storage=torch.uint8)
+    assert _state_bytes(*ours) == _state_bytes(*theirs)
+    with pytest.raises(ValueError, match="blocksize"):
+        bnb_blocks.quantize_4bit(_weight(4, 64, torch.bfloat16), 48, False, "nf4", torch.uint8)
