@@ -60,3 +60,34 @@ def test_partial_blocks_and_bad_input_go_to_bitsandbytes():
     assert _state_bytes(*ours) == _state_bytes(*theirs)
     with pytest.raises(ValueError, match="blocksize"):
         bnb_blocks.quantize_4bit(_weight(4, 64, torch.bfloat16), 48, False, "nf4", torch.uint8)
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_code_index_is_bucketize(quant_type):
+    from bitsandbytes.backends.default.ops import _get_4bit_quantize_bounds
+
+    bounds = _get_4bit_quantize_bounds(quant_type, torch.device("cpu"))[0]
+    table = bnb_blocks._cell_table(quant_type)
+    assert table is not None
+    cells = table[0]
+    # Every bound and cell edge, and the floats a few ulps either side of each, plus a sweep.
+    anchors = torch.cat([bounds, torch.arange(2 * cells + 1, dtype=torch.float32) / cells - 1,
+                         torch.tensor([-1.0, -0.0, 0.0, 1.0])])
+    near = [anchors]
+    up, down = anchors.clone(), anchors.clone()
+    for _ in range(6):
+        up, down = torch.nextafter(up, torch.tensor(2.0)), torch.nextafter(down, torch.tensor(-2.0))
+        near += [up, down]
+    generator = torch.Generator().manual_seed(7)
+    values = torch.cat(near + [torch.rand(2_000_000, generator=generator) * 2 - 1]).clamp(-1, 1)
+    ours = bnb_blocks._code_index(values, bounds, quant_type, True)
+    assert torch.equal(ours.int(), torch.bucketize(values, bounds, out_int32=True))
+
+
+def test_blocks_with_nan_or_infinity():
+    weight = _weight(8, 128, torch.float32)
+    weight[1, 3] = float("nan")
+    weight[5, 70] = float("inf")
+    ours = bnb_blocks.quantize_4bit(weight, 64, False, "nf4", torch.uint8)
+    theirs = bnbf.quantize_4bit(weight, blocksize=64, compress_statistics=False, quant_type="nf4", quant_storage=torch.uint8)
+    assert _state_bytes(*ours) == _state_bytes(*theirs)
