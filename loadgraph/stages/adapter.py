@@ -107,10 +107,14 @@ def _lora_target(plan, name: str) -> bool:
 
 
 def nf4_roundtrip(weight):
-    """The weight a QLoRA adapter was trained against: NF4-quantized then dequantized (bnb defaults)."""
+    """The weight a QLoRA adapter was trained against: NF4-quantized then dequantized (bnb defaults;
+    bitsandbytes' bytes, on the CPU in groups of blocks)."""
     import bitsandbytes.functional as bnbf
+    import torch
 
-    packed, state = bnbf.quantize_4bit(weight, blocksize=64, quant_type="nf4", quant_storage=__import__("torch").uint8)
+    from loadgraph.formats import bnb_blocks
+
+    packed, state = bnb_blocks.quantize_4bit(weight, 64, False, "nf4", torch.uint8)
     return bnbf.dequantize_4bit(packed, state).to(weight.dtype)
 
 
