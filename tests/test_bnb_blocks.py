@@ -91,3 +91,56 @@ def test_blocks_with_nan_or_infinity():
     ours = bnb_blocks.quantize_4bit(weight, 64, False, "nf4", torch.uint8)
     theirs = bnbf.quantize_4bit(weight, blocksize=64, compress_statistics=False, quant_type="nf4", quant_storage=torch.uint8)
     assert _state_bytes(*ours) == _state_bytes(*theirs)
+
+
+def test_torch_mean_at_a_stated_thread_count():
+    generator = torch.Generator().manual_seed(3)
+    before = torch.get_num_threads()
+    try:
+        for n in (1000, 32768, 100_000, 262_144, 12_345 * 7):
+            x = torch.rand(n, generator=generator) * 0.05
+            for threads in (1, 2, 3, 4, 8, 16):
+                torch.set_num_threads(threads)
+                theirs = x.mean()
+                torch.set_num_threads(1 if threads > 1 else 2)  # ours runs at another count
+                ours = bnb_blocks.torch_mean(x, threads)
+                assert ours.item() == theirs.item(), (n, threads)
+                assert torch.get_num_threads() == (1 if threads > 1 else 2)  # put back
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_double_quant_offset_follows_the_stated_threads_not_this_process():
+    weight = _weight(512, 1024, torch.bfloat16)  # 8192 blocks... and a 2-D weight of 512 Ki
+    weight = torch.cat([weight] * 8)  # 65536 blocks: the absmax mean is split across threads
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 4):
+            torch.set_num_threads(threads)
+            theirs = bnbf.quantize_4bit(weight, blocksize=64, compress_statistics=True, quant_type="nf4", quant_storage=torch.uint8)
+            torch.set_num_threads(3)
+            ours = bnb_blocks.quantize_4bit(weight, 64, True, "nf4", torch.uint8, offset_threads=threads)
+            assert _state_bytes(*ours) == _state_bytes(*theirs), threads
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("env,prefix", [({}, []), ({"OMP_NUM_THREADS": "1"}, []), ({"OMP_NUM_THREADS": "64"}, []),
+                                        ({"OMP_NUM_THREADS": "64", "MKL_NUM_THREADS": "1"}, []), ({}, ["taskset", "-c", "0"])])
+def test_default_threads_told_without_torch_are_torch_s(env, prefix):
+    import shutil
+
+    import os
+    import subprocess
+    import sys
+
+    from loadgraph.stages.quantize import torch_default_threads
+
+    clean = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")} | env
+    script = "import sys, torch; from loadgraph.stages.quantize import torch_default_threads; " \
+             "assert 'torch' in sys.modules; print(torch.get_num_threads(), torch_default_threads())"
+    if prefix and shutil.which(prefix[0]) is None:
+        pytest.skip(f"no {prefix[0]} here")
+    torch_says, we_say = subprocess.run([*prefix, sys.executable, "-c", script], env=clean, capture_output=True, text=True, check=True).stdout.split()
+    assert torch_says == we_say
+    assert torch_default_threads() >= 1

@@ -20,12 +20,14 @@ from .quant_settings import QuantizeError, QuantSettings
 _4BIT_STATE_PREFIX = ".quant_state.bitsandbytes__"
 
 
-def quantize_tensor_4bit(name: str, weight: torch.Tensor, settings: QuantSettings) -> dict[str, torch.Tensor]:
+def quantize_tensor_4bit(name: str, weight: torch.Tensor, settings: QuantSettings,
+                         offset_threads: int | None = None) -> dict[str, torch.Tensor]:
     """`name` (a Linear's weight) -> packed weight plus its quant-state companions.
 
     Gives `{name, name.absmax, name.quant_map, [name.nested_absmax, name.nested_quant_map],
     name.quant_state.bitsandbytes__<nf4|fp4>}`, as `Linear4bit._save_to_state_dict` writes them.
-    bitsandbytes' own function, on the CPU in groups of blocks (bnb_blocks).
+    bitsandbytes' own function, on the CPU in groups of blocks, its double quant's offset as torch
+    rounds it at `offset_threads` threads (bnb_blocks; None: this process's count).
     """
     if not settings.is_4bit:
         raise QuantizeError(f"{name}: quantize_tensor_4bit called with method {settings.method!r}")
@@ -36,6 +38,7 @@ def quantize_tensor_4bit(name: str, weight: torch.Tensor, settings: QuantSetting
         compress_statistics=settings.double_quant,
         quant_type=settings.method.removeprefix("bnb-"),
         quant_storage=getattr(torch, settings.quant_storage),
+        offset_threads=offset_threads,
     )
     out = {name: packed}
     for key, value in state.as_dict(packed=True).items():

@@ -10,8 +10,14 @@ elements): bitsandbytes 1.0-1.5 s; in groups of blocks 0.75 s, of which bucketiz
 The bytes are the kernel's own: every step is elementwise or a per-block max (exact), done with
 the same torch ops on the same dtypes in the same order, so a group of blocks gives what the whole
 tensor gives; the code index is found by a table and one exact comparison (`_code_index`), which
-gives what bucketize gives for every finite value. The double quant then runs as `bitsandbytes.functional.quantize_4bit` runs it, on
-the whole absmax vector (its mean depends on torch's thread count, so it must not be split).
+gives what bucketize gives for every finite value.
+
+The double quant then runs as `bitsandbytes.functional.quantize_4bit` runs it, on the whole absmax
+vector, except its offset: bitsandbytes takes `absmax.mean()`, whose float32 rounding follows
+torch's intra-op thread count (measured: half of the 1.2B model's projections get another offset
+at 1 thread than at 2). `torch_mean` gives torch's mean at a stated thread count whatever this
+process's count is, so the bytes follow the quantize node's key (stages/quantize.py puts the count
+of the machine that plans the build there: transformers' count on that machine), not the worker.
 Anything else (another bitsandbytes version, a device, a size that leaves a partial block or an
 odd element count) goes to bitsandbytes itself.
 """
@@ -42,14 +48,61 @@ def reproduces(A: torch.Tensor, blocksize: int, quant_type: str) -> bool:
 
 
 def quantize_4bit(A: torch.Tensor, blocksize: int, compress_statistics: bool, quant_type: str,
-                  quant_storage: torch.dtype):
-    """What `bitsandbytes.functional.quantize_4bit(A, ...)` returns: (packed, QuantState)."""
+                  quant_storage: torch.dtype, offset_threads: int | None = None):
+    """What `bitsandbytes.functional.quantize_4bit(A, ...)` returns, (packed, QuantState), in a
+    process whose torch runs `offset_threads` intra-op threads (None: this process's count)."""
     import bitsandbytes.functional as bnbf
-    from bitsandbytes.backends.default.ops import _get_4bit_quantize_bounds
 
-    if not reproduces(A, blocksize, quant_type):
+    if A.device.type != "cpu":  # another device's kernels and reductions: bitsandbytes' own
         return bnbf.quantize_4bit(A, blocksize=blocksize, compress_statistics=compress_statistics,
                                   quant_type=quant_type, quant_storage=quant_storage)
+    if reproduces(A, blocksize, quant_type):
+        out, absmax = _packed_and_absmax(A, blocksize, quant_type, quant_storage)
+    else:
+        out, state = bnbf.quantize_4bit(A, blocksize=blocksize, quant_type=quant_type, quant_storage=quant_storage)
+        absmax = state.absmax
+    # From here as bitsandbytes.functional.quantize_4bit does it, the offset at the stated count.
+    code = bnbf.get_4bit_type(quant_type, device=A.device)
+    if compress_statistics:
+        offset = torch_mean(absmax, offset_threads or torch.get_num_threads())
+        qabsmax, state2 = bnbf.quantize_blockwise(absmax - offset, blocksize=256)
+        state = bnbf.QuantState(absmax=qabsmax, shape=A.shape, dtype=A.dtype, blocksize=blocksize, code=code,
+                                quant_type=quant_type, offset=offset, state2=state2)
+    else:
+        state = bnbf.QuantState(absmax=absmax, shape=A.shape, dtype=A.dtype, blocksize=blocksize, code=code,
+                                quant_type=quant_type)
+    return out, state
+
+
+# at::internal::GRAIN_SIZE: torch runs a reduction over fewer elements on one thread.
+_TORCH_GRAIN = 32768
+
+
+def torch_mean(x: torch.Tensor, threads: int) -> torch.Tensor:
+    """`x.mean()` of a 1-D float32 tensor (a float32 scalar) as torch computes it with `threads`
+    intra-op threads (OpenMP): at::parallel_for splits it into min(threads, n / grain) equal
+    chunks, each summed on its own thread, the partial sums added in chunk order, then divided
+    by n. Each chunk is summed here on one thread; set_num_threads is per OpenMP thread, so
+    this thread's count is put back and other threads' are untouched."""
+    n = x.numel()
+    parts = 1 if n < _TORCH_GRAIN else min(threads, -(-n // _TORCH_GRAIN))
+    chunk = -(-n // parts)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        sums = [x[begin:begin + chunk].sum() for begin in range(0, n, chunk)]
+    finally:
+        torch.set_num_threads(before)
+    total = sums[0]
+    for part in sums[1:]:
+        total = total + part
+    return total / n
+
+
+def _packed_and_absmax(A: torch.Tensor, blocksize: int, quant_type: str, quant_storage: torch.dtype):
+    """The default kernel's (packed, absmax), in groups of blocks."""
+    from bitsandbytes.backends.default.ops import _get_4bit_quantize_bounds
+
     bounds, order = _get_4bit_quantize_bounds(quant_type, A.device)
     flat = A.reshape(-1)
     n = flat.numel()
@@ -70,17 +123,7 @@ def quantize_4bit(A: torch.Tensor, blocksize: int, compress_statistics: bool, qu
     out = packed.unsqueeze(1)
     if quant_storage != torch.uint8:
         out = out.squeeze().view(quant_storage).unsqueeze(1)
-    # From here as bitsandbytes.functional.quantize_4bit does it.
-    code = bnbf.get_4bit_type(quant_type, device=A.device)
-    if compress_statistics:
-        offset = absmax.mean()
-        qabsmax, state2 = bnbf.quantize_blockwise(absmax - offset, blocksize=256)
-        state = bnbf.QuantState(absmax=qabsmax, shape=A.shape, dtype=A.dtype, blocksize=blocksize, code=code,
-                                quant_type=quant_type, offset=offset, state2=state2)
-    else:
-        state = bnbf.QuantState(absmax=absmax, shape=A.shape, dtype=A.dtype, blocksize=blocksize, code=code,
-                                quant_type=quant_type)
-    return out, state
+    return out, absmax
 
 
 def _code_index(scaled: torch.Tensor, bounds: torch.Tensor, quant_type: str, finite: bool) -> torch.Tensor:

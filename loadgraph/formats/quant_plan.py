@@ -94,11 +94,14 @@ class QuantPlan:
     def dropped_names(self) -> set[str]:
         return {n for n, t in self.tensors.items() if t.kind == "drop"}
 
-    def convert(self, name: str, tensor: torch.Tensor, *, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    def convert(self, name: str, tensor: torch.Tensor, *, device: str | torch.device = "cpu",
+                offset_threads: int | None = None) -> dict[str, torch.Tensor]:
         """Output tensors (final on-disk names -> CPU tensors) for one base tensor.
 
         `device` is where the quantization kernel runs ("cpu" or "cuda"): bitsandbytes gives
-        different bytes on CPU and CUDA, so it belongs in the unit's cache key.
+        different bytes on CPU and CUDA, so it belongs in the unit's cache key. So does
+        `offset_threads`, the torch thread count whose rounding a CPU double quant follows
+        (formats/bnb_blocks.py).
         """
         plan = self.tensors.get(name)
         if plan is None:
@@ -111,7 +114,7 @@ class QuantPlan:
             return {plan.rename[plan.memory_name]: value.cpu().contiguous()}
         if plan.transpose:
             value = value.T
-        produced = _quantize(plan.memory_name, value, self.settings)
+        produced = _quantize(plan.memory_name, value, self.settings, offset_threads)
         return {plan.rename[k]: v.cpu().contiguous() for k, v in produced.items()}
 
     def output_config(self) -> dict[str, Any]:
@@ -131,12 +134,12 @@ class QuantPlan:
         return sorted(self.config_files)
 
 
-def _quantize(name: str, value: torch.Tensor, settings: QuantSettings) -> dict[str, torch.Tensor]:
+def _quantize(name: str, value: torch.Tensor, settings: QuantSettings, offset_threads: int | None = None) -> dict[str, torch.Tensor]:
     if settings.method == "fp8":
         return quantize_tensor_fp8(name, value, settings.fp8_block_size)
     if settings.method == "bnb-int8":
         return quantize_tensor_int8(name, value, settings)
-    return quantize_tensor_4bit(name, value, settings)
+    return quantize_tensor_4bit(name, value, settings, offset_threads)
 
 
 # --------------------------------------------------------------------------------------------

@@ -153,9 +153,10 @@ def _compile_target(graph: Graph, spec: BuildSpec, cache: Cache) -> Target:
             if base_hub is None:
                 graph.guesses[current.key] = (partial(_guess_adapters, *args), partial(_confirm_adapters, *args))
     if spec.quantize is not None:
-        from loadgraph.stages.quantize import resolve_backend, settings_params
+        from loadgraph.stages.quantize import offset_threads, resolve_backend, settings_params
 
         qparams = {"settings": settings_params(spec.quantize, spec.dtype), "backend": resolve_backend(spec.quantize.backend)}
+        qparams |= offset_threads(qparams["settings"], qparams["backend"])
         of_base = current is inspected
         current = stages["quantize"] = graph.add("quantize", qparams, {"model": current.key}, f"{spec.name}: quantize {spec.quantize.method}")
         cast_done = True

@@ -86,6 +86,44 @@ def resolve_backend(requested: str) -> str:
     return "cuda" if any(lib.glob("libtorch_cuda*.so")) or any(lib.glob("libtorch_hip*.so")) else "cpu"
 
 
+def offset_threads(settings: dict, backend: str) -> dict:
+    """{"offset_threads": n} for a CPU double quant (a quantize node's param, so part of its key),
+    else {}. bitsandbytes' offset is a float32 mean that torch rounds by its intra-op thread count
+    (formats/bnb_blocks.py): n is the count torch defaults to on the machine that plans the build,
+    so the units (Ray workers at their task's CPU count included) write the bytes transformers
+    writes on that machine, whatever thread count they run. Told without importing torch."""
+    if backend != "cpu" or not settings["double_quant"] or settings["method"] not in ("bnb-nf4", "bnb-fp4"):
+        return {}
+    return {"offset_threads": torch_default_threads()}
+
+
+def torch_default_threads() -> int:
+    """torch's default intra-op thread count in this process, told without importing it (measured
+    with torch 2.13 on the 2-core box, tests/test_bnb_blocks.py): OMP_NUM_THREADS, overridden by
+    MKL_NUM_THREADS, capped at the machine's cores; else the physical cores this process may run
+    on (taskset to one CPU: one thread)."""
+    import os
+
+    def physical(cpus) -> int:
+        cores = set()
+        for cpu in cpus:
+            topology = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
+            try:
+                cores.add(((topology / "physical_package_id").read_text().strip(), (topology / "core_id").read_text().strip()))
+            except OSError:
+                cores.add(("cpu", str(cpu)))  # no topology: count it as a core
+        return len(cores)
+
+    asked = 0
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        value = os.environ.get(var, "").strip()
+        if value.isdigit() and int(value) > 0:
+            asked = int(value)
+    if asked:
+        return min(asked, physical(range(os.cpu_count() or 1)))
+    return max(1, physical(os.sched_getaffinity(0)))
+
+
 def _st(dtype) -> str:
     return TORCH_TO_ST[str(dtype).removeprefix("torch.")]
 
@@ -212,6 +250,7 @@ class _UnitQuantizer:
 
     def __init__(self, ctx: NodeContext, unit: Unit, plan, layout: Layout):
         self.unit, self.plan, self.layout, self.backend = unit, plan, layout, ctx.params["backend"]
+        self.offset_threads = ctx.params.get("offset_threads")
         self.src = ctx.input().tensors
         # Progress counts bytes written, about half of those read for a 16-bit model quantized to 4 bits
         # (most bytes are kept embeddings); a guess is enough for a progress bar.
@@ -244,7 +283,7 @@ class _UnitQuantizer:
     def take(self, name: str, tensor) -> None:
         if self.drops(name):
             return
-        for out_name, value in self.plan.convert(name, tensor, device=self.backend).items():
+        for out_name, value in self.plan.convert(name, tensor, device=self.backend, offset_threads=self.offset_threads).items():
             if out_name in self.layout.tensors:
                 self.writer.write_tensor(out_name, value)
             else:
