@@ -214,3 +214,46 @@ def test_untileable_fp8_shape_is_refused_at_plan_time(models, tmp_path, cache_di
     spec = write_spec(tmp_path / "s.yaml", {"source": {"model": str(models("llama"))}, "quantize": {"method": "fp8"}, "export": {"path": str(tmp_path / "out")}})
     assert "FP8 block" in one_line(build(spec, cache_dir, expect=2))
     assert not (cache_dir / "objects").exists() or not any((cache_dir / "objects").iterdir())
+
+
+def test_double_quant_on_ray_workers_equals_transformers_at_the_planned_threads(tmp_path, cache_dir):
+    """A weight of 4 Mi elements has 64 Ki absmax blocks, so the double quant's offset (a float32
+    mean) is split across torch's threads: Ray workers at their task's CPU count must still write
+    the bytes transformers writes at the count the build was planned with (stages/quantize.py)."""
+    import bitsandbytes.functional as bnbf
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from loadgraph.stages.quantize import torch_default_threads
+
+    threads = torch_default_threads()
+    if threads < 2:
+        pytest.skip("one torch thread here: the offset is the same at every count")
+    base = tmp_path / "base"
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=2, num_attention_heads=8,
+                                 num_key_value_heads=8, vocab_size=256)).save_pretrained(base)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        transformers_quantized(base, "llama", tmp_path / "ref", "bnb-nf4", True, "bfloat16")
+        mlp = [w.to(torch.bfloat16) for n, w in tensors_of(base).items() if ".mlp." in n]
+        offsets = {}
+        for count in (1, threads):  # the test can tell: some offsets differ between the counts
+            torch.set_num_threads(count)
+            offsets[count] = [bnbf.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")[1].offset.item() for w in mlp]
+        assert offsets[1] != offsets[threads]
+    finally:
+        torch.set_num_threads(before)
+    spec = write_spec(tmp_path / "s.yaml", {"source": {"model": str(base)}, "dtype": "bfloat16", "verify": False,
+                                            "quantize": {"method": "bnb-nf4", "double_quant": True, "backend": "cpu"},
+                                            "export": {"path": str(tmp_path / "out")}})
+    proc = run_cli("build", spec, "--cache", cache_dir, "--executor", "ray", "--json", tmp_path / "r.json",
+                   env={"LOADGRAPH_UNIT_BYTES": str(4 << 20)})  # several units: tasks of one CPU each
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((tmp_path / "r.json").read_text())
+    quantize = next(n for n in report["nodes"] if n["stage"] == "quantize")
+    assert quantize["units_total"] >= 2
+    ours, ref = tensors_of(tmp_path / "out"), tensors_of(tmp_path / "ref")
+    assert ours.keys() == ref.keys()
+    differ = [k for k in ref if ours[k].dtype != ref[k].dtype or not torch.equal(ours[k].view(torch.uint8), ref[k].view(torch.uint8))]
+    assert not differ, differ[:5]
