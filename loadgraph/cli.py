@@ -39,7 +39,7 @@ def _local_warmup(targets: list, memo_root: Path, beside) -> list[str]:
 
     wanted, modules = warmup_plan(targets, memo_root)
     if wanted:
-        beside.start(partial(import_for_checks, any(t.quantize for t in targets)))
+        beside.start(partial(import_for_checks, any(t.quantize for t in targets), any(t.adapters for t in targets)))
     return modules
 
 

@@ -28,10 +28,9 @@ def warmup_plan(targets: list[BuildSpec], memo_root: Path | None) -> tuple[bool,
 
     Imports: none for a re-shard or an export alone; no transformers when every plan is in
     `memo_root`'s memo or the child derives them. The child (pipeline/check_process.py) is worth it
-    when every target, from a base on disk, only merges adapters or only quantizes to bnb 4-bit
-    with the default skips (what the guesses cover: no attachment, conversion, QLoRA round trip
-    or quantization of a merge) and some plan is not memoised (else the checks take milliseconds
-    here). LOADGRAPH_CHECKS_BESIDE=0 keeps the checks in this process, before any unit."""
+    when every target, from a base on disk, merges adapters, quantizes to bnb 4-bit with the
+    default skips, or both (what the guesses cover: no attachment, conversion or QLoRA round trip)
+    and some plan is not memoised (else the checks take milliseconds here). LOADGRAPH_CHECKS_BESIDE=0 keeps the checks in this process, before any unit."""
     if not any(t.adapters or t.quantize or (t.convert and t.convert.base_adapters) for t in targets):
         return False, []
     import os
@@ -40,7 +39,7 @@ def warmup_plan(targets: list[BuildSpec], memo_root: Path | None) -> tuple[bool,
     from loadgraph.stages.derived_plans import plans_memoised
 
     memoised = memo_root is not None and all(plans_memoised(t, memo_root) for t in targets)
-    guessable = all(not t.convert and Path(t.source.model).is_dir() and (_merges_only(t) or _quantizes_only(t)) for t in targets)
+    guessable = all(not t.convert and Path(t.source.model).is_dir() and _guessable(t) for t in targets)
     beside = guessable and not memoised and memo_root is not None and enabled() and os.environ.get("LOADGRAPH_CHECKS_BESIDE") != "0"
     quantizes = any(t.quantize for t in targets)
     return beside, ["torch"] + (["transformers.modeling_utils"] if not (beside or memoised) else []) + (["bitsandbytes"] if quantizes else [])
@@ -51,23 +50,24 @@ def local_weight_bytes(targets: list[BuildSpec]) -> int:
     return sum(p.stat().st_size for t in targets if Path(t.source.model).is_dir() for p in Path(t.source.model).glob("*.safetensors"))
 
 
-def _merges_only(t: BuildSpec) -> bool:
-    return bool(t.adapters) and not t.quantize and t.merge.base_roundtrip == "none" and all(a.mode == "merge" for a in t.adapters)
+def _guessable(t: BuildSpec) -> bool:
+    """Adapters merged (none attached, no QLoRA round trip), then or only a bitsandbytes 4-bit
+    quantization with the default skips (formats/quant_guess.py)."""
+    merges = t.merge.base_roundtrip == "none" and all(a.mode == "merge" for a in t.adapters)
+    quantizes = t.quantize is not None and t.quantize.method.lower() in ("bnb-nf4", "bnb-fp4") and not t.quantize.skip_modules
+    return (bool(t.adapters) or t.quantize is not None) and (not t.adapters or merges) and (t.quantize is None or quantizes)
 
 
-def _quantizes_only(t: BuildSpec) -> bool:
-    """A bitsandbytes 4-bit quantization of the base with the default skips (formats/quant_guess.py)."""
-    return not t.adapters and t.quantize is not None and t.quantize.method.lower() in ("bnb-nf4", "bnb-fp4") and not t.quantize.skip_modules
-
-
-def import_for_checks(quantizes: bool) -> None:
-    """The checks' imports, in their child: bitsandbytes for a quantization's meta model, else
-    PEFT without it (a merge-only graph: peft_import.py)."""
+def import_for_checks(quantizes: bool, merges: bool = True) -> None:
+    """The checks' imports, in their child: bitsandbytes for a quantization's meta model, PEFT for
+    a merge's checks (without bitsandbytes in a merge-only graph: peft_import.py)."""
     import transformers.modeling_utils  # noqa: F401
 
     if quantizes:
         import bitsandbytes  # noqa: F401
 
+        if merges:
+            import peft  # noqa: F401
         return
     from loadgraph.peft_import import import_peft, without_bitsandbytes
 

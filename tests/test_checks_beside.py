@@ -39,12 +39,12 @@ if os.environ.get("FAULT") == "overrule":
 """ + BUILD_THEN_MODULES
 
 
-def _run(tmp_path: Path, doc: dict, name: str, watched: str, env: dict | None = None) -> tuple[subprocess.CompletedProcess, Path, Path]:
-    """A cold local build of `doc` exporting to out-NAME, its report in NAME.json; (the process,
-    its export, its cache)."""
+def _run(tmp_path: Path, doc: dict, name: str, watched: str, env: dict | None = None, script: str = BUILD) -> tuple[subprocess.CompletedProcess, Path, Path]:
+    """A cold local build of `doc` by `script` exporting to out-NAME, its report in NAME.json;
+    (the process, its export, its cache)."""
     export, cache = tmp_path / f"out-{name}", tmp_path / f"cache-{name}"
     spec = write_spec(tmp_path / f"{name}.yaml", {**doc, "verify": False, "export": {"path": str(export)}})
-    proc = subprocess.run([sys.executable, "-c", BUILD, str(spec), "--executor", "local", "--cache", str(cache), "--json", str(tmp_path / f"{name}.json")],
+    proc = subprocess.run([sys.executable, "-c", script, str(spec), "--executor", "local", "--cache", str(cache), "--json", str(tmp_path / f"{name}.json")],
                           capture_output=True, text=True, timeout=300,
                           env={**os.environ, "LOADGRAPH_HASH_PROCESS_MIN": "0", "WATCHED": watched, **(env or {})})
     return proc, export, cache

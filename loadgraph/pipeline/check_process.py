@@ -27,7 +27,7 @@ Checks = list[tuple[str, Callable[[], None], Path | None]]  # Graph.take_checks
 
 
 def _serve(conn, prepare: Callable[[], None]) -> None:
-    """The child: import, then run the checks it is sent and answer how they went."""
+    """The child: import, then run each batch of checks it is sent and answer how it went."""
     from loadgraph.pipeline.graph import run_checks
 
     try:
@@ -35,39 +35,36 @@ def _serve(conn, prepare: Callable[[], None]) -> None:
     except Exception:  # noqa: BLE001 - the checks import again and report the error there
         pass
     faults.checks_child_ready()
-    try:
-        checks = conn.recv()
-    except (EOFError, OSError):
-        return  # nothing to check: the build needed none, or ended
-    try:
-        run_checks(checks)
-        conn.send(("passed", None))
-    except LoadgraphError as exc:
-        conn.send(("refused", exc))
-    except BaseException as exc:  # noqa: BLE001 - judged again in the parent, where it is reported
-        conn.send(("crashed", f"{type(exc).__name__}: {exc}"))
+    while True:
+        try:
+            checks = conn.recv()
+        except (EOFError, OSError):
+            return  # nothing more to check: the build needed none, or ended
+        try:
+            run_checks(checks)
+            conn.send(("passed", None))
+        except LoadgraphError as exc:
+            conn.send(("refused", exc))
+        except BaseException as exc:  # noqa: BLE001 - judged again in the parent, where it is reported
+            conn.send(("crashed", f"{type(exc).__name__}: {exc}"))
 
 
 class ChecksBeside:
-    """`start(prepare)` spawns the child (idempotent); `begin` hands it a build's pending checks."""
+    """`start(prepare)` spawns the child (idempotent); `begin` hands it a build's pending checks,
+    `extend` more of them (a plan guessed once its artifact's files exist: a merge's output)."""
 
     def __init__(self) -> None:
         self._proc = None
         self._conn = None
-        self._pending: Checks = []
-        self._outcome: tuple | None = None
+        self._sent: list[Checks] = []  # the batches handed to the child, answered in order
+        self._outcomes: list[tuple] = []
         self._confirms: dict[str, Callable[[], bool]] = {}
-        self._lock = threading.Lock()  # one reader of the child's answer (nodes may confirm from threads)
+        self._lock = threading.Lock()  # one reader of the child's answers (nodes may confirm from threads)
         self.overruled: list[str] = []  # keys built again on the checks' plans
 
     @property
     def started(self) -> bool:
         return self._proc is not None
-
-    @property
-    def keys(self) -> set[str]:
-        """Nodes running on guesses not yet confirmed."""
-        return set(self._confirms)
 
     def start(self, prepare: Callable[[], None]) -> None:
         """`prepare`: the child's imports (pickled to it: a module-level function or its partial)."""
@@ -88,13 +85,13 @@ class ChecksBeside:
         guessed: list[str] = []
         if self._proc is not None and gated and all(key in graph.guesses for key in gated):
             for key in gated:
-                if not graph.guesses[key][0]():
+                if not graph.guesses[key][0](send=self.extend):
                     break
                 guessed.append(key)
         if pending and len(guessed) == len(gated):
             try:
                 self._conn.send(pending)
-                self._pending, self._confirms = pending, {key: graph.guesses[key][1] for key in gated}
+                self._sent, self._confirms = [pending], {key: graph.guesses[key][1] for key in gated}
                 return
             except OSError:
                 pass  # the child is gone (killed, out of memory): the checks run here
@@ -108,21 +105,38 @@ class ChecksBeside:
                     pass  # the checks' own error is the one raised
             self.close()
 
+    def extend(self, checks: Checks) -> None:
+        """More checks for the child, answered before any guessed node is confirmed (here, if it is gone)."""
+        from loadgraph.pipeline.graph import run_checks
+
+        with self._lock:
+            if any(outcome[0] == "refused" for outcome in self._outcomes):
+                return  # the build fails on that error at its next unit
+            if self._proc is not None:
+                try:
+                    self._conn.send(checks)
+                    self._sent.append(checks)
+                    return
+                except OSError:
+                    pass
+        run_checks(checks)
+
     def raise_if_refused(self) -> None:
         """The checks' error, as soon as the child has reported one (a unit just finished)."""
         with self._lock:
-            if self._outcome is None and self._confirms and self._conn.poll():
+            while self._confirms and len(self._outcomes) < len(self._sent) and self._conn.poll():
                 self._receive()
-        if self._outcome and self._outcome[0] == "refused":
-            raise self._outcome[1]
+        for outcome in self._outcomes:
+            if outcome[0] == "refused":
+                raise outcome[1]
 
     def confirm(self, key: str) -> bool:
-        """For a node built on a guess: waits for the checks (raises their error), then whether
-        their plans are the guessed ones. True for any other node."""
+        """For a node built on a guess: waits for every check sent so far (raises their error),
+        then whether their plans are the guessed ones. True for any other node."""
         if key not in self._confirms:
             return True
         with self._lock:
-            if self._outcome is None:
+            while len(self._outcomes) < len(self._sent):
                 self._receive()
         self.raise_if_refused()
         agreed = self._confirms.pop(key)()
@@ -134,17 +148,21 @@ class ChecksBeside:
         from loadgraph.pipeline.graph import run_checks
 
         try:
-            self._outcome = self._conn.recv()
+            outcome = self._conn.recv()
         except (EOFError, OSError):
-            self._outcome = ("crashed", "the checks' process ended")
-        if self._outcome[0] == "crashed":  # killed, out of memory, a library's own failure: judged here
-            run_checks(self._pending)
-            self._outcome = ("passed", None)
+            outcome = ("crashed", "the checks' process ended")
+        if outcome[0] == "crashed":  # killed, out of memory, a library's own failure: judged here
+            run_checks(self._sent[len(self._outcomes)])
+            outcome = ("passed", None)
+        self._outcomes.append(outcome)
 
     def close(self) -> None:
+        from loadgraph.stages.derived_plans import forget_guesses
+
         if self._proc is not None:
             if self._proc.is_alive():
                 self._proc.kill()  # mid-import or mid-check: its memo files are written whole or not at all
             self._proc.join()
             self._conn.close()
             self._proc = None
+        forget_guesses()

@@ -53,9 +53,10 @@ class Graph:
     checks: list[tuple[str, Callable[[], None]]] = field(default_factory=list)
     # For a node whose checks can be guessed ahead (a merge's or a base's bnb 4-bit plan, without
     # transformers or PEFT):
-    # (guess, confirm). guess() -> whether its units may run on the guess while the checks run
-    # beside them (pipeline/check_process.py); confirm(), once they passed -> whether they agree.
-    guesses: dict[str, tuple[Callable[[], bool], Callable[[], bool]]] = field(default_factory=dict)
+    # (guess, confirm). guess(send=) -> whether its units may run on the guess while the checks run
+    # beside them (pipeline/check_process.py; `send` hands them more checks, for a plan guessed
+    # later); confirm(), once they passed -> whether they agree.
+    guesses: dict[str, tuple[Callable[..., bool], Callable[[], bool]]] = field(default_factory=dict)
 
     # Where passed checks are remembered: a check is a pure function of its node's key (content
     # addressed) and the versions of the libraries that judge it, so a later plan skips it.
@@ -162,9 +163,12 @@ def _compile_target(graph: Graph, spec: BuildSpec, cache: Cache) -> Target:
         cast_done = True
         if cache.lookup(current.key) is None:
             graph.checks.append((current.key, partial(_preflight_quantize, qparams["settings"], None if base_hub else checked_dir, cache.root)))
-            if of_base and checked_dir and not base_hub:  # the units plan from the base's own files (a merge's are its output's)
+            if of_base and checked_dir and not base_hub:  # the units plan from the base's own files
                 args = (qparams["settings"], checked_dir, cache.root)
                 graph.guesses[current.key] = (partial(_guess_quantize, *args), partial(_confirm_quantize, *args))
+            elif current.inputs["model"] in graph.guesses:  # a guessed merge's output: planned once its files exist
+                args = (qparams["settings"], current.key, str(cache.object_dir(current.inputs["model"])), cache.root)
+                graph.guesses[current.key] = (partial(_guess_quantize_later, *args), partial(_confirm_quantize_later, *args))
     if attached:
         params = {"scales": [a.scale for a, _ in attached], "allow_pickle": spec.source.allow_pickle}
         inputs = {"model": current.key, **{f"adapter{i}": n.key for i, (_, n) in enumerate(attached)}}
@@ -317,7 +321,7 @@ def _preflight_quantize(settings_params: dict, checked_dir: str | None, memo_roo
         quant_plan(checked_dir, settings, memo_root)
 
 
-def _guess_quantize(settings_params: dict, checked_dir: str, memo_root: Path | None = None) -> bool:
+def _guess_quantize(settings_params: dict, checked_dir: str, memo_root: Path | None = None, send=None) -> bool:
     """_preflight_quantize's plan guessed without transformers (formats/quant_guess.py)."""
     from loadgraph.stages.derived_plans import guess_quant
     from loadgraph.stages.quantize import make_settings
@@ -332,6 +336,23 @@ def _confirm_quantize(settings_params: dict, checked_dir: str, memo_root: Path |
     from loadgraph.stages.quantize import make_settings
 
     return confirm_quant(Path(checked_dir), make_settings(settings_params), memo_root)
+
+
+def _guess_quantize_later(settings_params: dict, key: str, merged_dir: str, memo_root: Path, send) -> bool:
+    """A merge's quantization, guessed when its plan is first asked for (the merge's prospect, or
+    its output): the checks' child is then sent _preflight_quantize of those files."""
+    from loadgraph.stages.derived_plans import guess_quant_later
+    from loadgraph.stages.quantize import make_settings
+
+    return guess_quant_later(make_settings(settings_params), lambda d: send([(key, partial(_preflight_quantize, settings_params, str(d), memo_root), None)]))
+
+
+def _confirm_quantize_later(settings_params: dict, key: str, merged_dir: str, memo_root: Path) -> bool:
+    """Whether the guess for the merge's published output writes what the checks' plan writes."""
+    from loadgraph.stages.derived_plans import confirm_quant_later
+    from loadgraph.stages.quantize import make_settings
+
+    return confirm_quant_later(Path(merged_dir), make_settings(settings_params), memo_root)
 
 
 def _preflight_adapters(base_dir: str, adapters: list[Node], scales: list[float], allow_pickle: bool,
@@ -361,7 +382,7 @@ def _local_tensors(base_dir: str, allow_pickle: bool) -> dict[str, dict] | None:
     return {n: {"dtype": e.dtype, "shape": list(e.shape)} for n, (_, e) in ckpt.tensors.items()} if ckpt.headers else None
 
 
-def _guess_adapters(base_dir: str, adapters: list[Node], scales: list[float], allow_pickle: bool, *_) -> bool:
+def _guess_adapters(base_dir: str, adapters: list[Node], scales: list[float], allow_pickle: bool, *_, send=None) -> bool:
     """_preflight_adapters' plans guessed without transformers or PEFT (stages/derived_plans.guess_plans)."""
     from loadgraph.stages.derived_plans import guess_plans
 

@@ -155,8 +155,9 @@ def _build_graph(graph: Graph, cache: Cache, executor_factory, reporter: Reporte
         concurrency = getattr(runner, "node_concurrency", 1)
         shown = SerialReporter(reporter) if concurrency > 1 else reporter
         built: set[str] = set()  # nodes this build produced: their digests were computed as they were written
-        # A node on a guessed plan feeds no consumer: were it built again, its consumer's units would not be.
-        fuse = {key: node for key, node in consumers_to_fuse(graph, todo, cache).items() if beside is None or key not in beside.keys}
+        # A node on a guessed plan feeds its consumer too: the consumer's unit ids carry the
+        # producer's plan, so those fed by an overruled guess are never taken for the rebuild's.
+        fuse = consumers_to_fuse(graph, todo, cache)
         fed: dict[str, list[str]] = {}  # consumer key -> its units the producer's units ran (fusion)
 
         def build_one(node: Node) -> NodeReport:

@@ -251,12 +251,14 @@ class MergeStage(Stage):
         for rel in layout.headers:
             (out / rel).symlink_to(ctx.staging / rel)
         write_index(out, {"all": {"tensors": tensors}})
-        return {"tensors": tensors, "files": {rel: {"size": (out / rel).stat().st_size} for rel in ctx.input().files if (out / rel).is_file()}}
+        return {"tensors": tensors, "files": {rel: {"size": (out / rel).stat().st_size} for rel in ctx.input().files if (out / rel).is_file()},
+                "merge_plans": plans_fingerprint(self._plans(ctx))}
 
     def finalize(self, ctx: NodeContext, results: dict[str, dict], out: Path) -> dict:
         copy_aux(ctx.input(), out, ctx.params["dtype"])
         write_index(out, results)
-        return {"merged_adapters": [str(p) for p in self._adapter_dirs(ctx)]}
+        # What the tensors were merged on, as the prospect said: a fused consumer's unit ids carry it.
+        return {"merged_adapters": [str(p) for p in self._adapter_dirs(ctx)], "merge_plans": plans_fingerprint(self._plans(ctx))}
 
 
 def _merge_on_gpu(name: str, t: dict, out_bytes: int, out_dtype, plans, reader: ArtifactReader, writer: PlacedWriter,

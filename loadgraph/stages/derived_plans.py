@@ -10,21 +10,23 @@ through pipeline/derived.py's memo. What each plan is a function of (its memo ke
 A memoised plan names the paths it was derived at; they are replaced by the caller's, so the
 merge reads the adapter at hand (an adapter whose config and header are unchanged, retrained in
 place or elsewhere, reuses the plan; its tensors are read from where it is now).
-A plan may also be guessed without transformers or PEFT (guess_plans, guess_quant) while the
-checks derive it in a child (pipeline/check_process.py): until confirmed or withdrawn, a guess is
-what plan_adapters and quant_plan return for its key.
+A plan may also be guessed without transformers or PEFT (guess_plans, guess_quant; for a merge's
+output, on first demand: guess_quant_later) while the checks derive it in a child
+(pipeline/check_process.py): until confirmed or withdrawn, a guess is what plan_adapters and
+quant_plan return for its key.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
 from loadgraph.errors import InputError
 from loadgraph.formats.checkpoint import INDEX_NAME
 from loadgraph.formats.safetensors import read_header
-from loadgraph.pipeline.derived import memo_key, memoised
+from loadgraph.pipeline.derived import is_memoised, memo_key, memoised
 
 CONFIG = "config.json"
 GENERATION_CONFIG = "generation_config.json"
@@ -180,26 +182,85 @@ def plans_fingerprint(plans: list) -> str:
     return digest_bytes(repr([(plan.scale_multiplier, sorted(plan.ops.items())) for _, plan in plans]).encode())
 
 
-def _quant_parts(base_dir: Path, settings) -> list[bytes | str] | None:
-    config = _read(base_dir / CONFIG)
+def _weight_headers(base_dir: Path) -> dict[str, dict[str, list]] | None:
+    """file -> tensor -> [dtype, shape], from the headers of the files the index names (a merge's
+    prospect links its files from staging: no confinement check here, plan_quantization's reads them)."""
     index = _read(base_dir / INDEX_NAME)
     try:
         files = sorted(set(json.loads(index)["weight_map"].values())) if index is not None else ["model.safetensors"]
-        table = {f: {n: [e.dtype, list(e.shape)] for n, e in read_header(base_dir / f).tensors.items()} for f in files}
+        return {f: {n: [e.dtype, list(e.shape)] for n, e in read_header(base_dir / f).tensors.items()} for f in files}
     except (InputError, ValueError, KeyError, TypeError):
         return None  # plan_quantization reports it
-    if config is None:
+
+
+def _quant_parts(base_dir: Path, settings) -> list[bytes | str] | None:
+    config, table = _read(base_dir / CONFIG), _weight_headers(base_dir)
+    if config is None or table is None:
         return None
     return [config, _read(base_dir / GENERATION_CONFIG) or b"", json.dumps(table, sort_keys=True), repr(settings)]
 
 
 def quant_plan(base_dir: str, settings, memo_root: Path | None = None):
-    """formats/quant_plan.plan_quantization of `base_dir`, memoised; its base_dir is the caller's."""
+    """formats/quant_plan.plan_quantization of `base_dir`, memoised; its base_dir is the caller's.
+    Guessed on first demand where guess_quant_later armed these settings and the memo lacks it."""
     from loadgraph.formats.quant_plan import plan_quantization
 
     parts = _quant_parts(Path(base_dir), settings)
-    plan = _guessed("quant-plan", parts) or memoised(memo_root, "quant-plan", parts, lambda: plan_quantization(base_dir, settings))
+    plan = _guessed("quant-plan", parts)
+    if plan is None and parts is not None and settings in _LATER and not is_memoised(memo_root, "quant-plan", parts) \
+            and _guess_later(Path(base_dir), settings, parts):
+        plan = _guessed("quant-plan", parts)
+    plan = plan or memoised(memo_root, "quant-plan", parts, lambda: plan_quantization(base_dir, settings))
     return replace(plan, base_dir=str(base_dir))
+
+
+# Quantizations of an artifact that does not exist when the checks start (a merge's output):
+# settings -> send(dir), which hands the derivation of that dir's plan to the checks' child.
+# quant_plan guesses the plan when it is first asked for (the fused merge's prospect, else the
+# published merge), once per memo key: _LATER_GUESSES keeps each guess for confirm_quant_later.
+_LATER: dict[object, Callable[[Path], None]] = {}
+_LATER_GUESSES: dict[str, object] = {}
+
+
+def guess_quant_later(settings, send: Callable[[Path], None]) -> bool:
+    """Arm the guess of formats/quant_guess.py for the artifacts quantized with `settings`; False
+    where it cannot guess any (not bnb 4-bit with the default skips)."""
+    if not settings.is_4bit or settings.skip_modules:
+        return False
+    _LATER[settings] = send
+    return True
+
+
+def _guess_later(base_dir: Path, settings, parts: list) -> bool:
+    if memo_key(parts) in _LATER_GUESSES:
+        return False  # guessed once already: confirmed or withdrawn since
+    tensors = {n: {"dtype": d, "shape": shape} for table in (_weight_headers(base_dir) or {}).values() for n, (d, shape) in table.items()}
+    if not tensors or not guess_quant(base_dir, tensors, settings):
+        return False
+    _LATER_GUESSES[memo_key(parts)] = _guessed("quant-plan", parts)
+    _LATER[settings](base_dir)
+    return True
+
+
+def confirm_quant_later(base_dir: Path, settings, memo_root: Path | None = None) -> bool:
+    """Whether the plan guessed for `base_dir` (if any: else the units used the memoised one)
+    writes what the checks' plan does. The same answer for every artifact of the same parts."""
+    from loadgraph.formats.quant_guess import unit_fingerprint
+
+    parts = _quant_parts(Path(base_dir), settings)
+    guessed = _LATER_GUESSES.get(memo_key(parts)) if parts is not None else None
+    if guessed is None:
+        return True
+    _withdraw("quant-plan", parts)
+    return unit_fingerprint(guessed) == unit_fingerprint(quant_plan(str(base_dir), settings, memo_root))
+
+
+def forget_guesses() -> None:
+    """Drop every guess and armed guess (the build that made them ended)."""
+    _GUESSED.clear()
+    _LATER.clear()
+    _LATER_GUESSES.clear()
+    _EPOCH[0] += 1
 
 
 def guess_quant(base_dir: Path, tensors: dict[str, dict], settings) -> bool:
@@ -227,7 +288,6 @@ def plans_memoised(spec, memo_root: Path) -> bool:
     where that cannot be told from the spec alone: a hub or converted base, attached adapters, a
     quantization of a merge (its input's config is written by the merge)."""
     from loadgraph.formats.checkpoint import scan_checkpoint
-    from loadgraph.pipeline.derived import is_memoised
     from loadgraph.stages.quantize import make_settings, settings_params
 
     base_dir = Path(spec.source.model)

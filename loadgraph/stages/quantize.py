@@ -185,8 +185,10 @@ class QuantizeStage(Stage):
             return tensors[name]["end"] - tensors[name]["begin"]
 
         groups = tensor_groups(list(tensors), nbytes, unit_bytes(), unit_workers(ctx))
-        # The ids carry the plan: units quantized on a guessed one never pass for another's.
-        return tensor_units(self.layout(ctx), groups, nbytes, ctx.params["backend"] == "cuda", unit_fingerprint(self._plan(ctx))[:8])
+        # The ids carry the plan, and a merged input's (its prospect's while fused): units quantized
+        # on a guessed plan, or fed by a merge on one, never pass for another's.
+        tag = unit_fingerprint(self._plan(ctx))[:8] + ctx.input().manifest.get("merge_plans", "")[:8]
+        return tensor_units(self.layout(ctx), groups, nbytes, ctx.params["backend"] == "cuda", tag)
 
     def thread_safe(self, ctx: NodeContext) -> bool:
         # bitsandbytes' CPU double quant subtracts the absmax's mean, which torch rounds by its
