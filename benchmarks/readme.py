@@ -6,6 +6,7 @@ from pathlib import Path
 
 ORDER = [
     ("fast-1b-cpu.md", "Fast data path on the 2-core box (issue 13; merge + export, merge + nf4 + export, nf4)"),
+    ("device/fast-7b-cuda-merged.md", "Fast data path, 7B on one H100 with merge + bnb 4-bit beside its checks (issue 13; merge on the CPU, bnb on CUDA)"),
     ("device/fast-7b-cuda-beside.md", "Fast data path, 7B on one H200 with the checks beside the units, which run on guessed plans (issue 13; merge on the CPU, bnb on CUDA)"),
     ("device/fast-7b-cuda-memo.md", "Fast data path, 7B on one H200 with the plans memoised, at most 8 GPU units at once and glibc's large blocks reused (issue 13; merge on the CPU, bnb on CUDA)"),
     ("device/fast-7b-cuda-gpu-threads.md", "GPU units at once in the local executor: time and peak RSS of 7B nf4 builds (issue 13)"),

@@ -23,6 +23,7 @@ def main(argv: list[str]) -> None:
         log.flush()
 
     import loadgraph.cli as cli
+    import loadgraph.import_warmup as import_warmup
     import loadgraph.pipeline.check_process as check_process
     import loadgraph.pipeline.graph as graph
     import loadgraph.pipeline.runner as runner
@@ -42,7 +43,8 @@ def main(argv: list[str]) -> None:
         setattr(owner, name, marked)
 
     for owner, name in ((graph.Graph, "run_checks"), (cli, "_compile"), (runner, "_build_node"), (runner, "build"), (runner, "run_jobs"),
-                        (check_process.ChecksBeside, "begin"), (check_process.ChecksBeside, "confirm")):
+                        (check_process.ChecksBeside, "begin"), (check_process.ChecksBeside, "confirm"), (check_process.ChecksBeside, "extend"),
+                        (import_warmup.ImportWarmup, "_run")):
         wrap(owner, name)
     sys.argv = ["loadgraph", *argv[1:]]
     cli.main()

@@ -118,7 +118,10 @@ def build(
             if graph.checks:
                 if executor == "local" and worth_a_child(local_weight_bytes(targets)):
                     warmup.start()  # a built base hashed nothing big (a new adapter on it): the checks' child starts now
-                warmup.wait()  # the checks import on this thread next: not beside a half-done import
+                if not beside.started:
+                    warmup.wait()  # the checks import on this thread next: not beside a half-done import
+                # Else the units start while the warm-up still imports (bitsandbytes: seconds on a GPU
+                # host): a unit that needs a module mid-import waits on its import lock.
             if not graph.loads_bitsandbytes():
                 from loadgraph.peft_import import without_bitsandbytes
 
